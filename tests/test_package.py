@@ -1,0 +1,48 @@
+"""The package installs, imports, and its CLIs answer --help without torch."""
+import subprocess
+import sys
+
+import pytest
+
+CLIS = ["vlm-export", "vlm-run", "vlm-bench", "vlm-eval"]
+
+
+def _bin(name):
+    from pathlib import Path
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_cli_help(cli):
+    r = subprocess.run([_bin(cli), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout and len(r.stdout) > 200
+
+
+def test_import_packages():
+    import vlmedge
+    import vlmedge.benchmarks
+    import vlmedge.calibration
+    import vlmedge.demo
+    import vlmedge.export
+    import vlmedge.runtime
+    assert vlmedge.__version__
+
+
+def test_runtime_import_leaves_torch_out():
+    code = ("import sys, vlmedge.runtime, vlmedge.runtime.preprocess, vlmedge.runtime.cli; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_c_extension_is_built():
+    from vlmedge.runtime import preprocess
+    assert preprocess.has_c_extension(), "the C extension should be built by pip install"
+
+
+def test_demo_model_is_package_data(demo_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json",
+                 "processor_config.json", "generation_config.json"):
+        assert (demo_dir / name).is_file(), name
