@@ -35,7 +35,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"small": 6, "large": 11}  # half-width in pixels
+SIZES = {"small": 7, "large": 11}  # half-width in pixels
 NUMBER_WORDS = ("zero", "one", "two", "three")
 
 # Seeds: training uses [0, 10^7), evaluation [10^9, ...): disjoint by construction.

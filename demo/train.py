@@ -13,6 +13,21 @@ image give several answers of supervision per vision forward; the first turn
 is exactly the single-question format that evaluation and the runtime use.
 Scenes come from the training seed range, disjoint from evaluation's.
 
+An auxiliary loss (training only, not part of the shipped model) supervises
+the projected image features directly: a linear probe on each of the 16
+image tokens predicts the colour, shape and size in that grid cell. Without
+it the decoder sat on a "blind" plateau (answering from language priors,
+loss ~0.71) for the whole 15-minute budget: it must learn to read the image
+and to route attention to the right cell at once. With dense per-cell labels
+the features become separable within a few hundred steps.
+
+A second auxiliary loss supervises routing: at the <assistant> token that
+ends each question, a linear probe on the decoder's layer-2 hidden state
+predicts which grid cell holds the object the question names. Without it
+the decoder still answered colour/size/position questions at chance after
+1,000 steps (it had not learned to attend from "the red circle" to the red
+circle's image token); the probe's gradient teaches exactly that attention.
+
 Runs on a 2-core CPU in about 15 minutes with the defaults.
 """
 from __future__ import annotations
@@ -38,42 +53,93 @@ def pixel_values(image) -> np.ndarray:
     return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
 
 
-def encode_turns(tokenizer, turns: list[scenes.Question]) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where no loss) for an image + `turns`,
-    matching the processor's expansion of <image> into 64 image tokens."""
+def encode_turns(tokenizer, turns: list["Turn"]) -> tuple[list[int], list[int], list[int], list]:
+    """Token ids, labels (-100 where no loss) and the question kind index of
+    each label (-1 elsewhere) for an image + `turns`, matching the
+    processor's expansion of <image> into NUM_IMAGE_TOKENS image tokens."""
     v = build.vocab()
     ids = [v["<s>"], v["<user>"]] + [v[build.IMAGE_TOKEN]] * build.NUM_IMAGE_TOKENS
     labels = [-100] * len(ids)
+    kinds = [-1] * len(ids)
+    routes = []  # (index of the <assistant> token, target cell) per turn that names an object
     for i, q in enumerate(turns):
         prefix = ([] if i == 0 else [v["<user>"]])
         prefix += tokenizer(q.question, add_special_tokens=False)["input_ids"]
         prefix += [v["<end>"], v["<assistant>"]]
+        if q.cell >= 0:
+            routes.append((len(ids) + len(prefix) - 1, q.cell))
         answer = tokenizer(q.answer, add_special_tokens=False)["input_ids"] + [v["<end>"]]
         ids += prefix + answer
         labels += [-100] * len(prefix) + answer
-    return ids, labels
+        kinds += [-1] * len(prefix) + [scenes.QUESTION_KINDS.index(q.kind)] * len(answer)
+    return ids, labels, kinds, routes
 
 
 def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int):
     import torch
 
-    seqs, pix = [], []
+    seqs, pix, cells = [], [], []
     for _ in range(batch):
         scene = scenes.make_scene(int(rng.integers(len(scenes.TRAIN_SEEDS))))
+        cells.append(cell_targets(scene))
         qs = scenes.questions(scene, rng)
         order = rng.permutation(len(qs))[: int(rng.integers(1, turns + 1))]
-        seqs.append(encode_turns(tokenizer, [qs[i] for i in order]))
+        seqs.append(encode_turns(tokenizer, [Turn.of(scene, qs[i]) for i in order]))
         pix.append(pixel_values(scene.image))
     T = max(len(s[0]) for s in seqs)
     pad = build.vocab()["<pad>"]
     ids = torch.full((batch, T), pad, dtype=torch.long)
     labels = torch.full((batch, T), -100, dtype=torch.long)
     mask = torch.zeros((batch, T), dtype=torch.long)
-    for b, (i, l) in enumerate(seqs):
+    kinds = torch.full((batch, T), -1, dtype=torch.long)
+    routes = torch.tensor([(b, pos, cell) for b, s in enumerate(seqs) for pos, cell in s[3]],
+                          dtype=torch.long).reshape(-1, 3)
+    for b, (i, l, k, _) in enumerate(seqs):
         ids[b, : len(i)] = torch.tensor(i)
         labels[b, : len(l)] = torch.tensor(l)
+        kinds[b, : len(k)] = torch.tensor(k)
         mask[b, : len(i)] = 1
-    return ids, mask, labels, torch.from_numpy(np.stack(pix))
+    return (ids, mask, labels, torch.from_numpy(np.stack(pix)), torch.from_numpy(np.stack(cells)),
+            kinds, routes)
+
+
+class Turn:
+    """A question with the grid cell of the object it names (-1: none)."""
+
+    def __init__(self, q: scenes.Question, cell: int):
+        self.kind, self.question, self.answer, self.cell = q.kind, q.question, q.answer, cell
+
+    @classmethod
+    def of(cls, scene: scenes.Scene, q: scenes.Question) -> "Turn":
+        words = set(q.question.rstrip("?").split())
+        cell = -1
+        if q.kind in ("color", "shape", "size", "position", "yesno"):
+            for o in scene.objects:
+                named = {o.color, o.shape} if q.kind in ("size", "position", "yesno") else \
+                    ({o.shape} if q.kind == "color" else {o.color})
+                if named <= words:
+                    cell = o.row * scenes.GRID + o.col
+        return cls(q, cell)
+
+
+def cell_targets(scene: scenes.Scene) -> np.ndarray:
+    """(16, 5) int64 classes per grid cell (row-major, as CLIP orders its
+    patches): colour (0 = empty, 1.. = COLORS), shape (0 = empty, 1.. =
+    SHAPES), size (0 = empty, 1 small, 2 large), and the cell's row and
+    column (so each image token also carries where it is)."""
+    t = np.zeros((scenes.GRID * scenes.GRID, 5), np.int64)
+    t[:, 3] = np.arange(scenes.GRID * scenes.GRID) // scenes.GRID
+    t[:, 4] = np.arange(scenes.GRID * scenes.GRID) % scenes.GRID
+    colors, sizes = list(scenes.COLORS), list(scenes.SIZES)
+    for o in scene.objects:
+        t[o.row * scenes.GRID + o.col, :3] = (colors.index(o.color) + 1,
+                                              scenes.SHAPES.index(o.shape) + 1,
+                                              sizes.index(o.size) + 1)
+    return t
+
+
+AUX_CLASSES = (len(scenes.COLORS) + 1, len(scenes.SHAPES) + 1, len(scenes.SIZES) + 1,
+               scenes.GRID, scenes.GRID)
 
 
 def train(args) -> Path:
@@ -86,11 +152,19 @@ def train(args) -> Path:
         torch.set_num_threads(args.threads)
     model = LlavaForConditionalGeneration(build.make_config(args.size))
     tokenizer = build.make_tokenizer()
+    # Auxiliary per-cell probe on the projector's output (B, 16, D) (see module doc).
+    feats = {}
+    model.model.multi_modal_projector.register_forward_hook(
+        lambda mod, inp, out: feats.__setitem__("image", out))
+    aux = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_CLASSES))
+    route = torch.nn.Linear(model.config.text_config.hidden_size, scenes.GRID * scenes.GRID)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, {args.steps} steps of batch {args.batch}",
           flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    params = (list(model.named_parameters()) + list(aux.named_parameters())
+              + list(route.named_parameters()))
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
@@ -105,21 +179,50 @@ def train(args) -> Path:
     model.train()
     start = time.time()
     ema = None
+    acc: dict[int, float] = {}
+    racc = 0.0
     for step in range(args.steps):
-        ids, mask, labels, pix = make_batch(tokenizer, rng, args.batch, args.turns)
+        ids, mask, labels, pix, cells, kinds, routes = make_batch(tokenizer, rng, args.batch,
+                                                                  args.turns)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels,
+                    output_hidden_states=args.route_weight > 0)
+        lm_loss = out.loss
+        with torch.no_grad():  # teacher-forced token accuracy per question kind
+            hit = (out.logits[:, :-1].argmax(-1) == labels[:, 1:])
+            for k in range(len(scenes.QUESTION_KINDS)):
+                sel = kinds[:, 1:] == k
+                if sel.any():
+                    acc[k] = 0.9 * acc.get(k, 0.0) + 0.1 * hit[sel].float().mean().item()
+        logits = aux(feats["image"]).split(AUX_CLASSES, dim=-1)  # each (B, 16, classes)
+        # Shape and size are learned only where an object is: over all 16 cells the
+        # "empty" class dominates and shape accuracy sat at chance (measured).
+        occupied = cells[..., 1] > 0
+        aux_loss = sum(
+            torch.nn.functional.cross_entropy(lg[occupied], cells[..., i][occupied]) if i in (1, 2)
+            else torch.nn.functional.cross_entropy(lg.flatten(0, 1), cells[..., i].flatten())
+            for i, lg in enumerate(logits))
+        loss = lm_loss + args.aux_weight * aux_loss
+        if args.route_weight > 0 and len(routes):
+            h = out.hidden_states[min(2, len(out.hidden_states) - 1)]  # (B, T, D) after layer 2
+            route_logits = route(h[routes[:, 0], routes[:, 1]])  # (R, 16)
+            route_loss = torch.nn.functional.cross_entropy(route_logits, routes[:, 2])
+            loss = loss + args.route_weight * route_loss
+            with torch.no_grad():
+                racc = 0.9 * racc + 0.1 * (route_logits.argmax(-1) == routes[:, 2]).float().mean().item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
             el = time.time() - start
             eta = el / (step + 1) * (args.steps - step - 1)
             print(f"step {step:5d}/{args.steps}  loss {ema:.4f}  lr {lr_at(step):.2e}  "
-                  f"{el:6.0f}s elapsed, eta {eta:4.0f}s", flush=True)
+                  f"{el:6.0f}s elapsed, eta {eta:4.0f}s  route {racc:.2f}  token acc " +
+                  " ".join(f"{scenes.QUESTION_KINDS[k]}={v:.2f}" for k, v in sorted(acc.items())),
+                  flush=True)
     model.eval()
     out = Path(args.out)
     build.save_model_dir(model, out)
@@ -138,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=3, help="max question turns per image")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the per-cell auxiliary probe loss (0 disables)")
+    p.add_argument("--route-weight", type=float, default=0.5,
+                   help="weight of the routing probe loss (0 disables)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)

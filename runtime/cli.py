@@ -1,17 +1,85 @@
-"""vlm-run: answer questions about an image with an exported artifact (placeholder)."""
+"""vlm-run: answer questions about an image with an exported artifact."""
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from vlmedge.errors import VlmedgeError, cli_errors
+from vlmedge.errors import UserInputError, cli_errors
 from vlmedge.runtime.cli_common import make_app
 
-app = make_app("Answer questions about an image with an artifact from vlm-export.")
+app = make_app(
+    "Answer questions about an image with an artifact directory from vlm-export, through "
+    "the lean runtime (onnxruntime + C preprocessing; no torch). Streams the answer by "
+    "default.\n\n"
+    "Examples:\n\n"
+    "  vlm-run demo-onnx-fp32                      # bundled scene image, default question\n\n"
+    "  vlm-run ART --image frame.jpg --prompt 'what color is the circle?' --prompt 'describe the image.'\n\n"
+    "  vlm-run ART --image frame.jpg --json        # text + per-stage timings")
+
+DEFAULT_QUESTION = "describe the image."
+
+
+def _demo_image() -> Path:
+    from vlmedge.demo import show
+    return show.ASSET
 
 
 @app.command()
-def main(artifact_dir: Path = typer.Argument(...)) -> None:
+def main(
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory written by vlm-export."),
+    image: Optional[Path] = typer.Option(
+        None, "--image", "-i", help="Image file (JPEG/PNG/...); default: the bundled demo scene."),
+    prompt: Optional[List[str]] = typer.Option(
+        None, "--prompt", "-p", help="Question; repeat for several (image encoded once)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Makes sampling repeatable."),
+    provider: str = typer.Option("auto", "--provider", help="auto | cpu | cuda | trt"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads per graph (0: default)."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + timings)."),
+) -> None:
     with cli_errors("vlm-run"):
-        raise VlmedgeError("vlm-run is not implemented yet")
+        from vlmedge.runtime import VLMSession
+
+        if image is None:
+            image = _demo_image()
+        elif not image.is_file():
+            raise UserInputError(f"image {image} does not exist or is not a file")
+        questions = prompt or [DEFAULT_QUESTION]
+        session = VLMSession(artifact_dir, provider=provider, threads=threads or None,
+                             allow_fallback=provider == "auto")
+        opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, seed=seed)
+        if as_json:
+            results = [session.generate(image, q, **opts).to_dict() for q in questions]
+            for q, r in zip(questions, results):
+                r["prompt"] = q
+            print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
+            return
+        for q in questions:
+            if len(questions) > 1:
+                print(f"Q: {q}")
+            if stream:
+                for piece in session.stream(image, q, **opts):
+                    print(piece, end="", flush=True)
+                print()
+                t = session.last_timings
+            else:
+                r = session.generate(image, q, **opts)
+                print(r.text)
+                t = r.timings
+            print(_timing_line(t), file=sys.stderr)
+
+
+def _timing_line(t: dict) -> str:
+    parts = [f"{k.replace('_ms', '')} {t[k]:.1f} ms" for k in
+             ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms") if k in t]
+    parts.append(f"decode {t.get('tokens_per_s', 0):.1f} tok/s over {len(t.get('decode_ms', []))}")
+    return "[" + ", ".join(parts) + "]"

@@ -1,15 +1,31 @@
 """Image preprocessing for the runtime: the C extension, with the numpy
-reference as a fallback when the extension is not built."""
+reference as a fallback when the extension is not built.
+
+Pixel layout everywhere: images in are uint8 (H, W, C) interleaved (HWC), RGB
+unless stated; model inputs out are float32 planar (3, H, W) (CHW), batched as
+(1, 3, H, W) `pixel_values`. The numbers equal those of the Hugging Face image
+processors on their Pillow backend (transformers 5.x): the resize is Pillow's
+Image.resize, bit for bit, and rescale/normalize round as HF's do.
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
+from vlmedge.errors import UserInputError
+
 from . import preprocess_ref
+from .image_io import load_image
 
 try:
     from . import _cpreprocess
 except ImportError:  # source tree without a built extension
     _cpreprocess = None
+
+# Pillow's filter numbers (PIL.Image.Resampling). NEAREST (0) is not provided.
+RESAMPLE = {"lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
 
 
 def has_c_extension() -> bool:
@@ -38,3 +54,420 @@ def normalize_to_chw(hwc: np.ndarray, scale: float, mean, std,
     _cpreprocess.normalize_to_chw(np.ascontiguousarray(hwc), h, w, ch, out, float(scale),
                                   tuple(map(float, mean)), tuple(map(float, std)))
     return out
+
+
+# --- resize and crop ----------------------------------------------------------
+
+def resample_id(resample) -> int:
+    """'bicubic' | 'bilinear' | 'lanczos' | 'box' | 'hamming' or Pillow's
+    number (1..5) -> Pillow's number."""
+    if isinstance(resample, str) and resample.lower() in RESAMPLE:
+        return RESAMPLE[resample.lower()]
+    if isinstance(resample, (int, np.integer)) and int(resample) in _RESAMPLE_NAMES:
+        return int(resample)
+    nearest = resample in (0, "nearest")
+    raise UserInputError("unsupported resample filter",
+                         expected=f"one of {sorted(RESAMPLE)} or Pillow's 1..5",
+                         got=repr(resample), hint="NEAREST (0) is not supported" if nearest else None)
+
+
+def _check_pixels(hwc: np.ndarray, fn: str) -> np.ndarray:
+    if not isinstance(hwc, np.ndarray) or hwc.dtype != np.uint8 or hwc.ndim != 3 \
+            or not 1 <= hwc.shape[2] <= 4:
+        got = f"{hwc.dtype} {hwc.shape}" if isinstance(hwc, np.ndarray) else type(hwc).__name__
+        raise UserInputError(f"{fn}: bad pixels", expected="uint8 (H, W, C) with C in 1..4",
+                             got=got)
+    if hwc.shape[0] == 0 or hwc.shape[1] == 0:
+        raise UserInputError(f"{fn}: empty image", expected="height and width >= 1",
+                             got=f"{hwc.shape[0]}x{hwc.shape[1]} (HxW)")
+    return np.ascontiguousarray(hwc)
+
+
+def resize_region(hwc: np.ndarray, out_h: int, out_w: int, region, resample="bicubic",
+                  out: np.ndarray | None = None, order: int = 0) -> np.ndarray:
+    """Rows [y0, y0+rh) and columns [x0, x0+rw) of the (out_h, out_w) resize of
+    uint8 (H, W, C) pixels, region = (y0, x0, rh, rw) -> uint8 (rh, rw, C).
+
+    Equals np.asarray(Image.fromarray(hwc).resize((out_w, out_h), resample))
+    [y0:y0+rh, x0:x0+rw] for 8-bit bands (Pillow 13's pass order; order=1 for
+    Pillow <= 12), computing only the region (a fused resize + crop). `out`, if
+    given, is a C-contiguous uint8 (rh, rw, C) array that is filled and returned."""
+    hwc = _check_pixels(hwc, "resize")
+    h, w, ch = hwc.shape
+    y0, x0, rh, rw = (int(v) for v in region)
+    if min(out_h, out_w) < 1 or y0 < 0 or x0 < 0 or rh < 1 or rw < 1 \
+            or y0 + rh > out_h or x0 + rw > out_w:
+        raise UserInputError("resize: region outside the output",
+                             expected=f"rows and columns inside {out_h}x{out_w} (HxW)",
+                             got=f"rows {y0}..{y0 + rh}, columns {x0}..{x0 + rw}")
+    f = resample_id(resample)
+    if out is None:
+        out = np.empty((rh, rw, ch), np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (rh, rw, ch) or not out.flags.c_contiguous:
+        raise UserInputError("resize: bad out buffer",
+                             expected=f"C-contiguous uint8 {(rh, rw, ch)}",
+                             got=f"{out.dtype} {out.shape}")
+    if _cpreprocess is None:
+        out[...] = preprocess_ref.resize_region(hwc, out_h, out_w, f, y0, x0, rh, rw, order)
+    else:
+        _cpreprocess.resize_region(hwc, h, w, ch, out, out_h, out_w, f, y0, x0, rh, rw, order)
+    return out
+
+
+def resize(hwc: np.ndarray, out_h: int, out_w: int, resample="bicubic",
+           out: np.ndarray | None = None, order: int = 0) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (out_h, out_w, C), equal to Pillow's
+    Image.resize((out_w, out_h), resample) (reducing_gap=None) per band.
+    C channels are resized independently: pass RGB, not RGBA (Pillow
+    premultiplies alpha)."""
+    return resize_region(hwc, out_h, out_w, (0, 0, out_h, out_w), resample, out, order)
+
+
+def crop_offsets(h: int, w: int, crop_h: int, crop_w: int) -> tuple[int, int]:
+    """HF's center-crop corner (top, left) for an h x w image; negative when
+    the crop is larger (the image is then zero-padded). Floor division, so an
+    odd margin puts the extra pixel at the bottom/right (see
+    transformers.image_transforms.center_crop)."""
+    return (h - crop_h) // 2, (w - crop_w) // 2
+
+
+def center_crop(hwc: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (crop_h, crop_w, C), as HF's center_crop:
+    the centered window, with zeros where it extends past the image (the image
+    sits at ceil(margin / 2) from the top/left)."""
+    hwc = _check_pixels(hwc, "center_crop")
+    if crop_h < 1 or crop_w < 1:
+        raise UserInputError("center_crop: bad crop size", expected="height and width >= 1",
+                             got=f"{crop_h}x{crop_w}")
+    h, w, ch = hwc.shape
+    top, left = crop_offsets(h, w, crop_h, crop_w)
+    if top >= 0 and left >= 0:
+        return np.ascontiguousarray(hwc[top:top + crop_h, left:left + crop_w])
+    out = np.zeros((crop_h, crop_w, ch), np.uint8)
+    (sy, sx, rh, rw), (dy, dx) = _crop_overlap(h, w, crop_h, crop_w)
+    out[dy:dy + rh, dx:dx + rw] = hwc[sy:sy + rh, sx:sx + rw]
+    return out
+
+
+def _crop_overlap(h, w, crop_h, crop_w):
+    """((y0, x0, rh, rw) of the h x w image inside the centered crop window,
+    (dy, dx) where that part lands in the crop)."""
+    top, left = crop_offsets(h, w, crop_h, crop_w)
+    y0, x0 = max(top, 0), max(left, 0)
+    rh, rw = min(h, top + crop_h) - y0, min(w, left + crop_w) - x0
+    return (y0, x0, rh, rw), (y0 - top, x0 - left)
+
+
+# --- output sizes, as transformers computes them --------------------------------
+
+def shortest_edge_size(h: int, w: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """(out_h, out_w) with the shorter side `size`, the longer int()-truncated,
+    as transformers' get_resize_output_image_size(default_to_square=False);
+    with max_size (HF size {"shortest_edge", "longest_edge"}) as its
+    get_size_with_aspect_ratio."""
+    if max_size is not None:
+        return _size_with_aspect_ratio(h, w, size, max_size)
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def _size_with_aspect_ratio(h, w, size, max_size):
+    raw_size = None
+    lo, hi = float(min(h, w)), float(max(h, w))
+    if hi / lo * size > max_size:
+        raw_size = max_size * lo / hi
+        size = int(round(raw_size))
+    if (h <= w and h == size) or (w <= h and w == size):
+        return h, w
+    scale = raw_size if raw_size is not None else size
+    if w < h:
+        return int(scale * h / w), size
+    return size, int(scale * w / h)
+
+
+# --- the pipeline -----------------------------------------------------------
+
+_DEFAULTS = {"resize": "shortest_edge", "size": 224, "max_size": None, "crop": None,
+             "resample": "bicubic", "rescale": 1 / 255, "mean": None, "std": None,
+             "convert_rgb": True, "tiling": None, "processor": None}
+_RESIZE_RULES = ("shortest_edge", "exact", "none")
+
+
+class ImagePreprocessor:
+    """An HF-style image processor for one model, driven by a plain dict (the
+    artifact manifest's "preprocess" entry). Image in (path, bytes, PIL image, or
+    uint8 HWC array in `layout` order) -> float32 (1, 3, H, W) pixel_values (CHW).
+
+    Config keys (missing keys take the default in brackets):
+      resize      "shortest_edge" | "exact" | "none" ["shortest_edge"]: scale so
+                  the short side is `size` (HF size {"shortest_edge"}), or to
+                  exactly (height, width) (HF {"height", "width"}), or not at all
+      size        int for shortest_edge; [height, width] (or an int) for exact [224]
+      max_size    int | None: cap on the long side with shortest_edge (HF
+                  size["longest_edge"]) [None]
+      crop        [height, width] | None: HF center crop, zero padding where
+                  the crop is larger than the resized image [None]
+      resample    "bicubic" | "bilinear" | "lanczos" | "box" | "hamming" ["bicubic"]
+      rescale     float | None: pixel scale (HF rescale_factor; None when
+                  do_rescale is false) [1/255]
+      mean, std   3 floats | None: per-channel normalization (None when
+                  do_normalize is false) [None]
+      convert_rgb bool: composite transparency over white as HF's
+                  convert_to_rgb (False: Pillow's plain convert, alpha dropped) [True]
+      tiling      None (image splitting is not done by this pipeline) [None]
+      processor   str: the HF class it came from, for the record only [None]
+
+    The returned array is reused by the next call with the same output shape
+    (no allocation per frame): copy it to keep it. One instance per thread.
+    """
+
+    def __init__(self, config: dict):
+        self.config = _check_config(config)
+        c = self.config
+        self._filter = resample_id(c["resample"])
+        self._scale = 1.0 if c["rescale"] is None else float(c["rescale"])
+        self._mean = (0.0, 0.0, 0.0) if c["mean"] is None else tuple(map(float, c["mean"]))
+        self._std = (1.0, 1.0, 1.0) if c["std"] is None else tuple(map(float, c["std"]))
+        self._u8: np.ndarray | None = None    # (H, W, 3) resized + cropped pixels
+        self._out: np.ndarray | None = None   # (1, 3, H, W) pixel_values
+
+    @classmethod
+    def from_hf_processor_config(cls, hf: dict) -> "ImagePreprocessor":
+        """From an HF preprocessor_config.json dict, or a processor_config.json
+        holding one under "image_processor" (CLIPImageProcessor style)."""
+        return cls(config_from_hf(hf))
+
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) after the resize step, for an h x w image."""
+        c = self.config
+        if c["resize"] == "shortest_edge":
+            return shortest_edge_size(h, w, c["size"], c["max_size"])
+        if c["resize"] == "exact":
+            return tuple(c["size"])
+        return h, w
+
+    def __call__(self, image, layout: str = "RGB") -> np.ndarray:
+        """Image -> float32 (1, 3, H, W) pixel_values (RGB, CHW)."""
+        rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)
+        u8 = self._resize_and_crop(rgb)                                             # (H, W, 3)
+        out = self._buffer("_out", (1, 3) + u8.shape[:2], np.float32)
+        normalize_to_chw(u8, self._scale, self._mean, self._std, out=out[0])
+        return out
+
+    def _resize_and_crop(self, rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        oh, ow = self.resized_size(h, w)
+        crop_h, crop_w = self.config["crop"] or (oh, ow)
+        u8 = self._buffer("_u8", (crop_h, crop_w, 3), np.uint8)
+        (y0, x0, rh, rw), (dy, dx) = _crop_overlap(oh, ow, crop_h, crop_w)
+        if (rh, rw) == (crop_h, crop_w):  # the usual case: resize straight into the crop
+            return resize_region(rgb, oh, ow, (y0, x0, rh, rw), self._filter, out=u8)
+        u8.fill(0)  # HF pads with zeros before rescale/normalize
+        u8[dy:dy + rh, dx:dx + rw] = resize_region(rgb, oh, ow, (y0, x0, rh, rw), self._filter)
+        return u8
+
+    def _buffer(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        buf = getattr(self, name)
+        if buf is None or buf.shape != shape:
+            buf = np.empty(shape, dtype)
+            setattr(self, name, buf)
+        return buf
+
+
+def _check_config(config: dict) -> dict:
+    unknown = set(config) - set(_DEFAULTS)
+    if unknown:
+        raise UserInputError("ImagePreprocessor: unknown config keys",
+                             expected=f"a subset of {sorted(_DEFAULTS)}", got=sorted(unknown))
+    c = {**_DEFAULTS, **config}
+    if c["resize"] is None:
+        c["resize"] = "none"
+    if c["resize"] not in _RESIZE_RULES:
+        raise UserInputError("ImagePreprocessor: bad resize rule",
+                             expected=" | ".join(map(repr, _RESIZE_RULES)), got=repr(c["resize"]))
+    if c["tiling"] is not None:
+        raise UserInputError("ImagePreprocessor: tiling (image splitting) is not supported here",
+                             expected="tiling None", got=repr(c["tiling"]))
+    if c["resize"] == "shortest_edge" and not (isinstance(c["size"], int) and c["size"] > 0):
+        raise UserInputError("ImagePreprocessor: shortest_edge needs an int size > 0",
+                             got=repr(c["size"]))
+    if c["resize"] == "exact":
+        c["size"] = _pair(c["size"], "size")
+    if c["crop"] is not None:
+        c["crop"] = _pair(c["crop"], "crop")
+    for key in ("mean", "std"):
+        if c[key] is not None:
+            if len(c[key]) != 3:
+                raise UserInputError(f"ImagePreprocessor: {key} needs 3 values (RGB)",
+                                     got=repr(c[key]))
+            c[key] = [float(v) for v in c[key]]
+    if c["std"] is not None and 0.0 in c["std"]:
+        raise UserInputError("ImagePreprocessor: std must be non-zero", got=repr(c["std"]))
+    resample_id(c["resample"])
+    return c
+
+
+def _pair(v, name: str) -> list[int]:
+    if isinstance(v, int):
+        v = [v, v]
+    if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
+        raise UserInputError(f"ImagePreprocessor: bad {name}", expected="[height, width] > 0",
+                             got=repr(v))
+    return [int(v[0]), int(v[1])]
+
+
+def config_from_hf(hf: dict) -> dict:
+    """HF image processor config (CLIPImageProcessor style) -> ImagePreprocessor
+    config. Accepts preprocessor_config.json or processor_config.json (its
+    "image_processor" entry). Refuses settings this pipeline does not do
+    (padding, image splitting, ...) rather than silently ignoring them."""
+    hf = hf.get("image_processor", hf)
+    for key in ("do_pad", "do_image_splitting", "image_grid_pinpoints"):
+        if hf.get(key):
+            raise UserInputError(f"config_from_hf: {key} is not supported by ImagePreprocessor",
+                                 got=f"{key}={hf[key]!r}",
+                                 hint="use the model family's own preprocessing")
+    cfg: dict = {"resample": _RESAMPLE_NAMES.get(hf.get("resample", 3), hf.get("resample")),
+                 "processor": hf.get("image_processor_type")}
+    cfg.update(_hf_resize(hf))
+    crop = hf.get("crop_size")
+    if hf.get("do_center_crop", crop is not None) and crop is not None:
+        cfg["crop"] = [crop, crop] if isinstance(crop, int) else [crop["height"], crop["width"]]
+    cfg["rescale"] = float(hf.get("rescale_factor", 1 / 255)) if hf.get("do_rescale", True) \
+        else None
+    if hf.get("do_normalize", True) and hf.get("image_mean") is not None:
+        cfg["mean"], cfg["std"] = _per_channel(hf["image_mean"]), _per_channel(hf["image_std"])
+    cfg["convert_rgb"] = bool(hf.get("do_convert_rgb", True))
+    return cfg
+
+
+def _hf_resize(hf: dict) -> dict:
+    if not hf.get("do_resize", True):
+        return {"resize": "none"}
+    size = hf.get("size")
+    if isinstance(size, int):  # old configs; HF reads an int as the shortest edge here
+        return {"resize": "shortest_edge", "size": size}
+    if isinstance(size, dict) and "shortest_edge" in size:
+        return {"resize": "shortest_edge", "size": int(size["shortest_edge"]),
+                "max_size": size.get("longest_edge")}
+    if isinstance(size, dict) and {"height", "width"} <= set(size):
+        return {"resize": "exact", "size": [int(size["height"]), int(size["width"])]}
+    raise UserInputError("config_from_hf: unsupported size",
+                         expected='{"shortest_edge": N[, "longest_edge": M]}, '
+                                  '{"height": H, "width": W} or an int',
+                         got=repr(size))
+
+
+def _per_channel(v) -> list[float]:
+    return [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
+
+
+
+# --- model families with their own image layout ---------------------------------
+# Pure functions: HWC RGB uint8 in, float32 out, equal to the HF image processors
+# (Pillow backend) of Idefics3 / SmolVLM and Qwen2-VL.
+
+IDEFICS3_MAX_SIDE = 4096  # transformers' MAX_IMAGE_SIZE for Idefics3
+
+
+def idefics3_resized_size(h: int, w: int, longest_edge: int) -> tuple[int, int]:
+    """Idefics3's first resize: the long side to `longest_edge` (up or down),
+    the other by aspect ratio rounded up to even, then capped at 4096."""
+    aspect = w / h
+    if w >= h:
+        w, h = longest_edge, int(longest_edge / aspect)
+        h += h % 2
+    else:
+        h, w = longest_edge, int(longest_edge * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > IDEFICS3_MAX_SIDE:
+        w, h = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+    elif h > w and h > IDEFICS3_MAX_SIDE:
+        h, w = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE * aspect)
+    return max(h, 1), max(w, 1)
+
+
+def idefics3_encoder_size(h: int, w: int, tile: int) -> tuple[int, int]:
+    """Idefics3's second resize: both sides up to multiples of `tile`."""
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
+    return h, w
+
+
+def idefics3_frames(rgb: np.ndarray, longest_edge: int = 4 * 364, tile: int = 364,
+                    resample="lanczos", splitting: bool = True):
+    """uint8 (H, W, 3) RGB -> (frames uint8 (N, tile, tile, 3), rows, cols), as
+    transformers' Idefics3ImageProcessor: resize the long side to longest_edge,
+    then (splitting) to multiples of `tile`, cut rows x cols tiles row-major
+    and append the whole image resized to tile x tile as the last frame;
+    without splitting, one frame: the image resized to tile x tile. Each resize
+    starts from the previous one's pixels, as HF's does."""
+    img = resize(rgb, *idefics3_resized_size(*rgb.shape[:2], longest_edge), resample)
+    if not splitting:
+        return resize(img, tile, tile, resample)[None], 0, 0
+    img = resize(img, *idefics3_encoder_size(*img.shape[:2], tile), resample)
+    h, w = img.shape[:2]
+    if h <= tile and w <= tile:
+        return img[None], 0, 0
+    rows, cols = (h - tile) // tile + 1, (w - tile) // tile + 1
+    frames = np.empty((rows * cols + 1, tile, tile, 3), np.uint8)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        frames[i] = img[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+    resize(img, tile, tile, resample, out=frames[-1])  # the global view
+    return frames, rows, cols
+
+
+def frames_to_pixel_values(frames: np.ndarray, scale: float, mean, std) -> np.ndarray:
+    """uint8 (N, H, W, 3) frames -> float32 (1, N, 3, H, W) pixel_values."""
+    out = np.empty((1, frames.shape[0], 3) + frames.shape[1:3], np.float32)
+    for i, frame in enumerate(frames):
+        normalize_to_chw(frame, scale, mean, std, out=out[0, i])
+    return out
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's output size: both sides multiples of `factor`, the area within
+    [min_pixels, max_pixels], the aspect ratio kept as well as it can be
+    (transformers' qwen2_vl smart_resize; Python's round() included)."""
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        raise UserInputError("smart_resize: image too elongated for Qwen2-VL",
+                             expected="aspect ratio <= 200", got=f"{height}x{width} ({ratio:.0f})")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qwen2_vl_patches(rgb: np.ndarray, scale: float, mean, std, *, patch_size: int = 14,
+                     merge_size: int = 2, temporal_patch_size: int = 2,
+                     min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+                     resample="bicubic") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (H, W, 3) RGB -> (pixel_values float32 (gh * gw, 3 * T * P * P),
+    image_grid_thw int64 (1, 3) = [[1, gh, gw]]), as transformers'
+    Qwen2VLImageProcessor: smart_resize, rescale + normalize, then patches in
+    merge-window order, each repeated T times along time (a still image)."""
+    h, w = smart_resize(*rgb.shape[:2], patch_size * merge_size, min_pixels, max_pixels)
+    chw = normalize_to_chw(resize(rgb, h, w, resample), scale, mean, std)   # (3, h, w)
+    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+    x = chw.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    # (gh/m, gw/m, m, m, C, P, P) -> add time, repeat T: (..., C, T, P, P)
+    x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (temporal_patch_size, p, p))
+    flat = np.ascontiguousarray(x).reshape(gh * gw, 3 * temporal_patch_size * p * p)
+    return flat, np.array([[1, gh, gw]], np.int64)

@@ -30,3 +30,31 @@ def pytest_collection_modifyitems(config, items):
 def demo_dir():
     from vlmedge.models import demo_model_dir
     return demo_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny random-weight LLaVA (demo tokenizer/processor) saved as an HF dir.
+    initializer_range 0.2 so greedy output is not a flat-logit cycle."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmedge.demo import build
+
+    torch.manual_seed(0)
+    cfg = build.make_config("tiny")
+    cfg.text_config.initializer_range = 0.2
+    out = tmp_path_factory.mktemp("tiny_llava")
+    build.save_model_dir(LlavaForConditionalGeneration(cfg).eval(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_artifact(tiny_llava_dir, tmp_path_factory):
+    """(artifact dir, export summary) for the tiny LLaVA, exported once."""
+    from vlmedge.export import exporter
+
+    out = tmp_path_factory.mktemp("arts") / "tiny-llava-onnx-fp32"
+    summary = exporter.run_export(exporter.ExportOptions(model_dir=tiny_llava_dir, output=out),
+                                  log=lambda s: None)
+    return out, summary

@@ -1,6 +1,8 @@
-"""The C preprocessing functions equal their numpy reference."""
+"""The C preprocessing functions equal their numpy reference, and the resize
+equals Pillow's Image.resize bit for bit."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlmedge.runtime import preprocess, preprocess_ref
 
@@ -45,3 +47,130 @@ def test_short_output_buffer_is_refused():
     with pytest.raises(ValueError, match="dst too short"):
         _cpreprocess.normalize_to_chw(np.zeros(48, np.uint8), 4, 4, 3,
                                       np.zeros(10, np.float32), 1 / 255, MEAN, STD)
+
+
+# --- resize: C == numpy reference == Pillow -----------------------------------
+
+
+BICUBIC, BILINEAR = 3, 2
+
+
+def _pixels(h, w, ch=3, seed=0):
+    return np.random.default_rng(seed + h * 7 + w).integers(0, 256, (h, w, ch), dtype=np.uint8)
+
+
+def _c_resize(src, oh, ow, f, order=0):
+    out = np.empty((oh, ow, src.shape[2]), np.uint8)
+    from vlmedge.runtime import _cpreprocess
+    _cpreprocess.resize(src, *src.shape, out, oh, ow, f, order)
+    return out
+
+
+def _pil_resize(src, oh, ow, f):
+    im = Image.fromarray(src[..., 0] if src.shape[2] == 1 else src)
+    out = np.asarray(im.resize((ow, oh), resample=f))
+    return out.reshape(oh, ow, src.shape[2])
+
+
+# (h, w) -> (out_h, out_w): identity, tiny, up, down, mixed, extreme aspect,
+# and the shapes where Pillow 13 runs the vertical pass first.
+SIZES = [
+    ((1, 1), (1, 1)), ((1, 1), (5, 7)), ((2, 3), (7, 5)), ((3, 2), (1, 1)),
+    ((7, 5), (128, 91)), ((64, 48), (64, 17)), ((48, 64), (13, 64)),
+    ((33, 65), (100, 20)), ((120, 90), (37, 41)), ((90, 120), (41, 37)),
+    ((1, 4000), (1, 128)), ((4000, 1), (128, 1)), ((1, 400), (128, 512)),
+    ((400, 1), (512, 128)), ((178, 133), (22, 65)), ((631, 192), (79, 19)),
+    ((187, 139), (115, 103)),  # the order rule's boundary: h shrinks by exactly 2x the width's
+]
+
+
+@pytest.mark.parametrize("f", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("size_in,size_out", SIZES)
+def test_resize_equals_reference_and_pillow(size_in, size_out, f):
+    src = _pixels(*size_in)
+    got = _c_resize(src, *size_out, f)
+    np.testing.assert_array_equal(got, preprocess_ref.resize(src, *size_out, f))
+    np.testing.assert_array_equal(got, _pil_resize(src, *size_out, f))
+
+
+@pytest.mark.parametrize("ch", [1, 2, 4])
+def test_resize_any_channel_count_equals_reference(ch):
+    src = _pixels(37, 53, ch)
+    for oh, ow in [(11, 90), (90, 11), (20, 20)]:
+        np.testing.assert_array_equal(_c_resize(src, oh, ow, BICUBIC),
+                                      preprocess_ref.resize(src, oh, ow, BICUBIC))
+    if ch == 1:  # Pillow mode L resizes one band the same way
+        np.testing.assert_array_equal(_c_resize(src, 11, 90, BICUBIC),
+                                      _pil_resize(src, 11, 90, BICUBIC))
+
+
+def test_resize_random_shapes_equal_pillow():
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 160, 4))
+        f = int(rng.choice([BILINEAR, BICUBIC]))
+        src = _pixels(h, w, seed=int(rng.integers(1000)))
+        np.testing.assert_array_equal(_c_resize(src, oh, ow, f), _pil_resize(src, oh, ow, f),
+                                      err_msg=f"{h}x{w} -> {oh}x{ow} filter {f}")
+
+
+def test_horizontal_first_order_equals_two_pillow_passes():
+    """order=1 is Pillow <= 12: a horizontal pass, then a vertical one."""
+    src = _pixels(178, 133)
+    two_pass = _pil_resize(_pil_resize(src, 178, 65, BICUBIC), 22, 65, BICUBIC)
+    np.testing.assert_array_equal(_c_resize(src, 22, 65, BICUBIC, order=1), two_pass)
+    np.testing.assert_array_equal(preprocess_ref.resize(src, 22, 65, BICUBIC, order=1), two_pass)
+    assert not np.array_equal(_c_resize(src, 22, 65, BICUBIC, order=0), two_pass)
+
+
+@pytest.mark.parametrize("short", [128, 336, 384])
+def test_4k_frame_down_to_model_sizes(short):
+    src = _pixels(2160, 3840)
+    oh, ow = short, int(short * 3840 / 2160)
+    got = _c_resize(src, oh, ow, BICUBIC)
+    np.testing.assert_array_equal(got, _pil_resize(src, oh, ow, BICUBIC))
+    # the reference is slow: compare it on the centre crop only
+    x0 = (ow - short) // 2
+    region = np.empty((short, short, 3), np.uint8)
+    preprocess.resize_region(src, oh, ow, (0, x0, short, short), BICUBIC, out=region)
+    np.testing.assert_array_equal(region, got[:, x0:x0 + short])
+    np.testing.assert_array_equal(
+        region, preprocess_ref.resize_region(src, oh, ow, BICUBIC, 0, x0, short, short))
+
+
+@pytest.mark.parametrize("region", [(0, 0, 1, 1), (3, 5, 10, 7), (0, 40, 64, 24), (63, 63, 1, 1)])
+def test_resize_region_is_a_slice_of_the_full_resize(region):
+    src = _pixels(150, 200)
+    full = _c_resize(src, 64, 64, BICUBIC)
+    y0, x0, rh, rw = region
+    got = preprocess.resize_region(src, 64, 64, region, "bicubic")
+    np.testing.assert_array_equal(got, full[y0:y0 + rh, x0:x0 + rw])
+    np.testing.assert_array_equal(
+        got, preprocess_ref.resize_region(src, 64, 64, BICUBIC, y0, x0, rh, rw))
+
+
+@pytest.mark.parametrize("args,match", [
+    ((np.zeros(10, np.uint8), 4, 4, 3, np.zeros(48, np.uint8), 4, 4, 3), "src too short"),
+    ((np.zeros(48, np.uint8), 4, 4, 3, np.zeros(10, np.uint8), 4, 4, 3), "dst too short"),
+    ((np.zeros(48, np.uint8), 0, 4, 3, np.zeros(48, np.uint8), 4, 4, 3), "sizes must be positive"),
+    ((np.zeros(48, np.uint8), 4, 4, 3, np.zeros(48, np.uint8), 0, 0, 3), "sizes must be positive"),
+    ((np.zeros(48, np.uint8), 4, 4, 5, np.zeros(48, np.uint8), 4, 4, 3), "channels"),
+    ((np.zeros(48, np.uint8), 4, 4, 3, np.zeros(48, np.uint8), 4, 4, 0), "filter"),
+    ((np.zeros(48, np.uint8), 4, 4, 3, np.zeros(48, np.uint8), 4, 4, 3, 2), "order"),
+    ((np.zeros((8, 8, 3), np.uint8)[:, ::2], 8, 4, 3, np.zeros(48, np.uint8), 4, 4, 3),
+     "C-contiguous"),
+    ((np.zeros(48, np.float32), 4, 4, 3, np.zeros(48, np.uint8), 4, 4, 3), "uint8"),
+])
+def test_resize_degenerate_input_is_a_clear_value_error(args, match):
+    from vlmedge.runtime import _cpreprocess
+    with pytest.raises(ValueError, match=match):
+        _cpreprocess.resize(*args)
+
+
+def test_resize_region_outside_the_output_is_refused():
+    from vlmedge.runtime import _cpreprocess
+    with pytest.raises(ValueError, match="region"):
+        _cpreprocess.resize_region(np.zeros(48, np.uint8), 4, 4, 3, np.zeros(48, np.uint8),
+                                   4, 4, 3, 2, 2, 4, 4)
+    with pytest.raises(ValueError, match="region"):
+        preprocess.resize_region(np.zeros((4, 4, 3), np.uint8), 4, 4, (0, 0, 5, 1))

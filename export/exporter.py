@@ -1,0 +1,237 @@
+"""HF model directory -> artifact directory, stage by stage.
+
+Stages: load, vision, embedding, decoder, (fp16), validate, write. Each
+prints its elapsed time; the result is a summary dict (also the --json
+output). See vlmedge/manifest.py for what the manifest holds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from vlmedge import __version__, manifest
+from vlmedge.errors import UserInputError, ValidationError
+
+from . import artifact, loading
+from .onnx_export import export_graph
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+TARGETS = ("onnx", "trt")
+
+
+@dataclass
+class ExportOptions:
+    model_dir: Path
+    output: Path
+    target: str = "onnx"
+    precision: str = "fp32"
+    validate: bool = True
+    random_weights: bool = False
+    max_context: int | None = None
+    force: bool = False
+    keep_failed: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+def check_options(o: ExportOptions) -> None:
+    if o.target not in TARGETS:
+        raise UserInputError(f"unknown --target {o.target!r}", expected=" | ".join(TARGETS))
+    if o.precision not in PRECISIONS:
+        raise UserInputError(f"unknown --precision {o.precision!r}", expected=" | ".join(PRECISIONS))
+    if o.target == "trt":
+        raise UserInputError("--target trt is not available in this version",
+                             hint="export --target onnx --precision fp16 and build engines with "
+                                  "trtexec on the device")
+    if o.precision in ("int8", "int8-dynamic"):
+        raise UserInputError(f"--precision {o.precision} is not available in this version",
+                             hint="use fp32 (CPU) or fp16 (GPU)")
+    if o.max_context is not None and o.max_context < 2:
+        raise UserInputError("--max-context must be >= 2", got=str(o.max_context))
+
+
+def _tokenizer_facts(loaded: loading.LoadedModel, out: Path) -> dict[str, Any]:
+    proc = loaded.processor
+    tok = proc.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    if backend is None:
+        raise UserInputError("only fast (tokenizers-library) tokenizers can be exported",
+                             got=type(tok).__name__)
+    backend.save(str(out / "tokenizer.json"))
+    template = getattr(proc, "chat_template", None) or getattr(tok, "chat_template", None)
+    if not template:
+        raise UserInputError("the model has no chat template",
+                             hint="add chat_template to its processor or tokenizer config")
+    gen = getattr(loaded.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = tok.eos_token_id
+    stop = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])})
+    return {"file": "tokenizer.json", "chat_template": template,
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "stop_token_ids": stop}
+
+
+def _add_special_tokens(loaded, tok_facts, image_facts, out: Path) -> bool:
+    """Whether the runtime must add special tokens to match the processor's ids."""
+    from vlmedge.runtime.chat import ChatTokenizer
+
+    fam = loaded.family
+    ref = fam.hf_inputs(loaded.processor, fam.sample_image(), "describe the image.")
+    ref_ids = ref["input_ids"][0].tolist()
+    for add in (False, True):
+        chat = ChatTokenizer(out, {**tok_facts, "add_special_tokens": add}, image_facts)
+        if chat.prompt_ids("describe the image.") == ref_ids:
+            return add
+    return False  # validation will report prompt_ids_match = false
+
+
+def _io(model_path: Path) -> dict[str, Any]:
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    elem = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 3: "int8", 2: "uint8"}
+
+    def spec(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": elem.get(t.elem_type, str(t.elem_type)),
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+    return {"inputs": [spec(v) for v in m.graph.input], "outputs": [spec(v) for v in m.graph.output]}
+
+
+def convert_fp16(path: Path) -> None:
+    """fp32 ONNX -> fp16 in place (weights and activations; I/O fp16 too,
+    ids/masks stay int64). Uses onnxruntime's converter."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = onnx.load(str(path))
+    m16 = convert_float_to_float16(m, keep_io_types=False, disable_shape_infer=True)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(m16, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    check_options(o)
+    artifact.check_output(o.output, o.force)
+    times: dict[str, float] = {}
+
+    def stage(name):
+        class _S:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                log(f"[{name}] ...")
+
+            def __exit__(self, *exc):
+                times[name] = round(time.perf_counter() - self.t, 2)
+                if exc[0] is None:
+                    log(f"[{name}] done in {times[name]:.1f}s")
+        return _S()
+
+    with stage("load"):
+        loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code, o.allow_pickle)
+    fam, model, proc = loaded.family, loaded.model, loaded.processor
+    limit = fam.max_context(model)
+    context = min(o.max_context or limit, limit)
+    summary: dict[str, Any] = {}
+    with artifact.staging(o.output, o.force, o.keep_failed) as tmp:
+        graphs = {"vision": fam.vision_graph(model, proc), "embed": fam.embed_graph(model),
+                  "decoder": fam.decoder_graph(model)}
+        for stage_name, key in (("vision", "vision"), ("embedding", "embed"), ("decoder", "decoder")):
+            with stage(stage_name):
+                export_graph(graphs[key], tmp / f"{key}.onnx")
+        if o.precision == "fp16":
+            with stage("fp16"):
+                for key in graphs:
+                    convert_fp16(tmp / f"{key}.onnx")
+        with stage("write"):
+            tok_facts = _tokenizer_facts(loaded, tmp)
+            image_facts = fam.image_facts(model, proc)
+            tok_facts["add_special_tokens"] = _add_special_tokens(loaded, tok_facts, image_facts, tmp)
+            files = {}
+            for p in sorted(tmp.iterdir()):
+                files[p.name] = manifest.file_entry(p)
+            m = {
+                "schema_version": manifest.SCHEMA_VERSION,
+                "vlmedge_version": __version__,
+                "family": fam.name,
+                "target": o.target,
+                "precision": o.precision,
+                "source": {"path": str(o.model_dir), "architecture": type(model).__name__,
+                           "content_hash": loaded.content_hash,
+                           "random_weights": loaded.random_weights},
+                "files": files,
+                "components": {k: {"file": f"{k}.onnx", "data_file": f"{k}.onnx.data",
+                                   "precision": o.precision, **_io(tmp / f"{k}.onnx")}
+                               for k in graphs},
+                "decoder": fam.decoder_facts(model, context),
+                "image": image_facts,
+                "preprocess": fam.preprocess_config(proc),
+                "tokenizer": tok_facts,
+                "quantization": None,
+                "validation": None,
+                "trt": None,
+            }
+            manifest.write(tmp, m)
+        validation = None
+        if o.validate:
+            with stage("validate"):
+                validation = _validate(loaded, tmp, o.precision)
+            m["validation"] = validation
+            manifest.write(tmp, m)
+            if not validation.get("passed", True):
+                summary = _summary(o, tmp, m, times)
+                raise ValidationError(
+                    "exported model does not match PyTorch: " + _figures(validation),
+                    hint="see the per-prompt figures with --json; --keep-failed keeps the artifact")
+        summary = _summary(o, o.output, m, times)
+    return summary
+
+
+def _validate(loaded, tmp: Path, precision: str) -> dict[str, Any]:
+    from . import validate
+
+    if precision == "fp16":
+        import onnxruntime as ort
+        try:  # onnxruntime's CPU provider lacks fp16 kernels for several ops
+            ort.InferenceSession(str(tmp / "decoder.onnx"), providers=["CPUExecutionProvider"])
+            return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision)
+        except Exception as e:  # onnxruntime's own error types are not exported
+            return {"skipped": True, "passed": True, "tokens_match": None,
+                    "max_abs_diff_logits": None, "max_abs_diff_image_features": None,
+                    "reason": f"onnxruntime CPU cannot run the fp16 graphs "
+                              f"({str(e).splitlines()[0][:160]}); validate on the GPU with "
+                              f"vlm-eval ARTIFACT --provider cuda"}
+    return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision)
+
+
+def _figures(v: dict) -> str:
+    return (f"tokens_match={v.get('tokens_match')}, prompt_ids_match={v.get('prompt_ids_match')}, "
+            f"max_abs_diff_logits={v.get('max_abs_diff_logits'):.3g} "
+            f"(tol {v['tolerances']['logits']:g}), max_abs_diff_image_features="
+            f"{v.get('max_abs_diff_image_features'):.3g} (tol {v['tolerances']['image_features']:g}), "
+            f"cached_vs_recompute={v.get('cached_vs_recompute_max_abs_diff'):.3g}")
+
+
+def _summary(o: ExportOptions, out: Path, m: dict, times: dict) -> dict[str, Any]:
+    v = m.get("validation") or {}
+    return {
+        "output": str(out),
+        "family": m["family"],
+        "target": m["target"],
+        "precision": m["precision"],
+        "random_weights": m["source"]["random_weights"],
+        "files": {name: e["bytes"] for name, e in m["files"].items()},
+        "total_bytes": sum(e["bytes"] for e in m["files"].values()),
+        "validation": {k: v.get(k) for k in ("passed", "skipped", "reason", "tokens_match",
+                                             "prompt_ids_match", "max_abs_diff_logits",
+                                             "max_abs_diff_image_features",
+                                             "cached_vs_recompute_max_abs_diff") if k in v}
+        if v else None,
+        "stage_seconds": times,
+    }

@@ -1,0 +1,204 @@
+"""What every architecture family shares, and the hooks a family overrides.
+
+The three graphs of an artifact (DESIGN.md, "The artifact directory"):
+
+    vision   pixel_values (family-specific layout) -> image_features (N, T_img, D)
+    embed    input_ids (batch, sequence_length) -> inputs_embeds (batch, sequence_length, D)
+    decoder  inputs_embeds (batch, sequence_length, D), attention_mask (batch,
+             total_sequence_length), position_ids (batch, sequence_length) [or
+             (3, batch, sequence_length) for mrope], past_key_values.{i}.key|value
+             (batch, kv_heads, past_sequence_length, head_dim)
+             -> logits (batch, 1, vocab) for the LAST position only,
+                present.{i}.key|value (batch, kv_heads, total_sequence_length, head_dim)
+
+Only the last position's logits leave the decoder: generation needs nothing
+else, and computing the LM head over a 1,000-token prompt would cost as much
+as a decoder layer for nothing (vocab 49k x hidden 576 x 1000 ~ 28 GFLOP).
+
+A family declares what differs: how to load, the vision wrapper and its
+sample input, the preprocessing config, the image token, tolerances.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmedge.lazy import require
+
+torch = require("torch", "exporting a model")
+nn = torch.nn
+
+
+@dataclass
+class GraphSpec:
+    """One ONNX graph to export: module, sample args and the I/O contract."""
+    name: str  # "vision" | "embed" | "decoder"
+    module: Any  # torch.nn.Module
+    args: tuple  # sample positional args (dynamic dims traced with sizes >= 2)
+    input_names: list[str]
+    output_names: list[str]
+    # {input name: {axis: dim name}} for dynamic axes; outputs likewise.
+    input_dims: dict[str, dict[int, str]] = field(default_factory=dict)
+    output_dims: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+class EmbedWrapper(nn.Module):
+    """input_ids (B, S) int64 -> inputs_embeds (B, S, D)."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids)
+
+
+class DecoderWrapper(nn.Module):
+    """A flat-tensor interface over an HF decoder with a DynamicCache.
+
+    forward(inputs_embeds, attention_mask, position_ids, past) where `past`
+    is a list [k0, v0, k1, v1, ...] of (B, kv_heads, past_len, head_dim);
+    returns (logits (B, 1, V), present list of (B, kv_heads, past_len + S, head_dim))."""
+
+    def __init__(self, language_model, lm_head, config):
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.config = config
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        cache = DynamicCache(pairs, config=self.config)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1:, :]  # (B, 1, D): last position only
+        logits = self.lm_head(hidden)
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return logits, present
+
+
+def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
+    """The manifest's `decoder` section for a Llama/Qwen2-style decoder."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return {
+        "num_layers": text_config.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_kv_heads": getattr(text_config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "hidden_size": text_config.hidden_size,
+        "vocab_size": text_config.vocab_size,
+        "context_length": context_length,
+        "past_key": "past_key_values.{i}.key",
+        "past_value": "past_key_values.{i}.value",
+        "present_key": "present.{i}.key",
+        "present_value": "present.{i}.value",
+        "logits": "last",
+        "position_ids": "1d",
+    }
+
+
+class Family:
+    """Base of the registered families. Subclasses set the class attributes
+    and implement `vision_graph`, `preprocess_config` and `image_facts`."""
+
+    name: str = ""
+    architectures: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
+    # Per-output absolute tolerances for fp32 validation against PyTorch.
+    tolerances = {"image_features": 1e-4, "logits": 1e-4}
+    # fp16 graphs (GPU) against the fp32 PyTorch model: rounding of 11-bit mantissas.
+    tolerances_fp16 = {"image_features": 5e-2, "logits": 1e-1}
+
+    # -- loading ---------------------------------------------------------
+    def text_config(self, config):
+        return config.text_config
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def lm_head(self, model):
+        return model.lm_head
+
+    # -- graphs ----------------------------------------------------------
+    def embed_graph(self, model) -> GraphSpec:
+        ids = torch.randint(0, self.text_config(model.config).vocab_size, (2, 5))
+        return GraphSpec("embed", EmbedWrapper(model.get_input_embeddings()), (ids,),
+                         ["input_ids"], ["inputs_embeds"],
+                         {"input_ids": {0: "batch", 1: "sequence_length"}},
+                         {"inputs_embeds": {0: "batch", 1: "sequence_length"}})
+
+    def position_ids_sample(self, batch: int, seq: int, past: int):
+        return (torch.arange(past, past + seq)[None, :]).expand(batch, seq).contiguous()
+
+    def decoder_graph(self, model) -> GraphSpec:
+        tc = self.text_config(model.config)
+        facts = decoder_facts(tc, 0)
+        # Trace with batch 2, sequence 3, past 4: 0 and 1 get specialised away.
+        b, s, p = 2, 3, 4
+        embeds = torch.randn(b, s, tc.hidden_size)
+        mask = torch.ones(b, p + s, dtype=torch.long)
+        pos = self.position_ids_sample(b, s, p)
+        past, in_names, in_dims, out_names, out_dims = [], [], {}, ["logits"], {}
+        out_dims["logits"] = {0: "batch"}
+        for i in range(facts["num_layers"]):
+            for kind in ("key", "value"):
+                past.append(torch.randn(b, facts["num_kv_heads"], p, facts["head_dim"]))
+                name = f"past_key_values.{i}.{kind}"
+                in_names.append(name)
+                in_dims[name] = {0: "batch", 2: "past_sequence_length"}
+                out = f"present.{i}.{kind}"
+                out_names.append(out)
+                out_dims[out] = {0: "batch", 2: "total_sequence_length"}
+        pos_dims = {0: "batch", 1: "sequence_length"} if pos.dim() == 2 else \
+            {1: "batch", 2: "sequence_length"}
+        return GraphSpec(
+            "decoder", DecoderWrapper(self.language_model(model), self.lm_head(model), tc),
+            (embeds, mask, pos, past),
+            ["inputs_embeds", "attention_mask", "position_ids"] + in_names, out_names,
+            {"inputs_embeds": {0: "batch", 1: "sequence_length"},
+             "attention_mask": {0: "batch", 1: "total_sequence_length"},
+             "position_ids": pos_dims, **in_dims},
+            out_dims)
+
+    def vision_graph(self, model, processor) -> GraphSpec:
+        raise NotImplementedError
+
+    # -- manifest facts ----------------------------------------------------
+    def decoder_facts(self, model, context_length: int) -> dict[str, Any]:
+        return decoder_facts(self.text_config(model.config), context_length)
+
+    def preprocess_config(self, processor) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def image_facts(self, model, processor) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def max_context(self, model) -> int:
+        return int(getattr(self.text_config(model.config), "max_position_embeddings", 2048))
+
+    # -- validation inputs ---------------------------------------------------
+    def sample_image(self):
+        """A fixed, real-looking image for validation: a demo scene."""
+        from vlmedge.demo import scenes
+        return scenes.make_scene(scenes.EVAL_SEED_BASE + 777).image
+
+    def hf_inputs(self, processor, image, question: str) -> dict:
+        """Processor output (torch tensors) for one image + question, via the
+        model's own chat template."""
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        return dict(processor(images=image, text=text, return_tensors="pt"))
+
+    def vision_args(self, hf_inputs: dict) -> tuple:
+        """The vision graph's positional inputs taken from the processor output."""
+        return (hf_inputs["pixel_values"],)
+
+    def torch_image_features(self, model, hf_inputs: dict):
+        """PyTorch reference for the vision graph's output, (N, T_img, D)."""
+        raise NotImplementedError

@@ -1,0 +1,98 @@
+"""Execution backends: one small interface, checks in the base, work in a
+few methods (after Polygraphy's runners). No device is touched before
+`open()`; the graphs' I/O contract comes from the manifest.
+
+    backend = open_backend(path, provider="auto", threads=None)
+    outputs = backend.run({"input_ids": ids})   # dict name -> np.ndarray
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from vlmedge.errors import ArtifactError, UserInputError
+from vlmedge.lazy import require
+
+PROVIDERS = ("auto", "cpu", "cuda", "trt")
+_ORT_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+class Backend:
+    """Runs one graph. Subclasses implement `_run`."""
+
+    name = "base"
+
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str]):
+        self.path = path
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:  # a runtime bug, not user input: name what is missing
+            raise KeyError(f"{self.path.name}: missing inputs {missing}")
+        return self._run(feeds)
+
+    def _run(self, feeds):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def resolve_providers(provider: str, allow_fallback: bool = True) -> tuple[list[str], str | None]:
+    """onnxruntime provider list for `provider`, and a note when it falls back.
+
+    "auto" takes TensorRT EP, then CUDA, then CPU, as available; an explicit
+    "cuda"/"trt" that is not available is an error unless allow_fallback, in
+    which case CPU is used and the note says so."""
+    if provider not in PROVIDERS:
+        raise UserInputError(f"unknown provider {provider!r}", expected=" | ".join(PROVIDERS))
+    ort = require("onnxruntime", "running an artifact")
+    available = set(ort.get_available_providers())
+    if provider == "auto":
+        chain = [p for p in ("CUDAExecutionProvider",) if p in available]
+        return chain + ["CPUExecutionProvider"], None
+    wanted = _ORT_NAMES[provider]
+    if wanted in available:
+        return ([wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])), None
+    if not allow_fallback:
+        raise UserInputError(
+            f"provider {provider!r} is not available in this onnxruntime",
+            expected=wanted, got=", ".join(sorted(available)),
+            hint="install onnxruntime-gpu (pip install 'vlmedge[gpu]'), or use --provider cpu")
+    return ["CPUExecutionProvider"], (f"provider {provider!r} ({wanted}) is not available; "
+                                      f"falling back to CPU")
+
+
+class OrtBackend(Backend):
+    """onnxruntime InferenceSession over one ONNX file."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None):
+        ort = require("onnxruntime", "running an artifact")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ArtifactError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0]}",
+                                hint="the file may be corrupt or need a newer onnxruntime") from None
+        super().__init__(path, [i.name for i in self.session.get_inputs()],
+                         [o.name for o in self.session.get_outputs()])
+        self.providers = self.session.get_providers()
+
+    def _run(self, feeds):
+        outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outs))
+
+
+def warn(msg: str) -> None:
+    print(f"vlmedge: warning: {msg}", file=sys.stderr)

@@ -1,0 +1,46 @@
+"""The decoder's KV cache between steps.
+
+The decoder graph takes past_key_values.{i}.key|value (B, kv_heads, past, head_dim)
+and returns present.{i}.key|value (B, kv_heads, past + S, head_dim). The
+present arrays of one step are the past of the next, handed over by
+reference: Python never copies the cache per token (the concatenation
+happens once, inside the graph). A cache is immutable once made, so one
+prefix cache can seed several continuations (`VLMSession.ask`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KVCache:
+    arrays: tuple[np.ndarray, ...]  # k0, v0, k1, v1, ...: (B, kv_heads, length, head_dim)
+    length: int
+
+    @classmethod
+    def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int, batch: int = 1,
+              dtype=np.float32) -> "KVCache":
+        # Zero-length past for the prefill step (onnxruntime accepts 0-sized dims).
+        z = np.zeros((batch, num_kv_heads, 0, head_dim), dtype)
+        return cls(tuple(z for _ in range(2 * num_layers)), 0)
+
+    def feeds(self, past_key: str, past_value: str) -> dict[str, np.ndarray]:
+        out = {}
+        for i in range(len(self.arrays) // 2):
+            out[past_key.format(i=i)] = self.arrays[2 * i]
+            out[past_value.format(i=i)] = self.arrays[2 * i + 1]
+        return out
+
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, np.ndarray], num_layers: int, present_key: str,
+                     present_value: str) -> "KVCache":
+        arrays = []
+        for i in range(num_layers):
+            arrays += [outputs[present_key.format(i=i)], outputs[present_value.format(i=i)]]
+        return cls(tuple(arrays), int(arrays[0].shape[2]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)

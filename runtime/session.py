@@ -1,0 +1,319 @@
+"""VLMSession: load an artifact directory and answer questions about images.
+
+    from vlmedge.runtime import VLMSession
+    s = VLMSession("demo-onnx-fp32")
+    r = s.generate("frame.jpg", "what color is the circle?")
+    r.text, r.token_ids, r.timings["ttft_ms"]
+
+Pipeline per call: image -> pixel_values (C preprocessing) -> vision graph ->
+image_features (N, T_img, D); prompt ids (chat template, <image> expanded
+to T_img tokens) -> embed graph -> inputs_embeds (1, S, D) with the image
+tokens' rows replaced by the image features; decoder prefill with an empty
+cache, then one-token decode steps reusing the KV cache.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from vlmedge import manifest as manifest_mod
+from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
+
+from . import sampling
+from .backends import OrtBackend, resolve_providers, warn
+from .chat import ChatTokenizer, StreamDecoder
+from .kv_cache import KVCache
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    stop_reason: str  # "stop_token" | "stop_string" | "max_new_tokens"
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "stop_reason": self.stop_reason, "timings": self.timings}
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+class VLMSession:
+    """An artifact directory opened for inference.
+
+    provider: "auto" (CUDA if onnxruntime-gpu has it, else CPU), "cpu", "cuda"
+    or "trt" (onnxruntime's TensorRT EP). An unavailable explicit provider is
+    an error unless allow_fallback=True, which uses CPU and warns.
+    threads: intra-op threads per graph (None: onnxruntime's default).
+    verify: check every file's sha256 against the manifest before loading.
+    A session is safe to use from several threads (calls are serialised per
+    session; use one session per thread for parallel throughput)."""
+
+    def __init__(self, artifact_dir: str | Path, provider: str = "auto",
+                 threads: int | None = None, allow_fallback: bool = False, verify: bool = True):
+        self.directory = Path(artifact_dir)
+        self.manifest = manifest_mod.load(self.directory, verify=verify)
+        m = self.manifest
+        if m["source"].get("random_weights"):
+            warn(f"{self.directory} was exported with random weights: answers are "
+                 f"meaningless (use it for latency planning only)")
+        if m["target"] == "trt" and provider in ("auto", "trt") and m.get("trt", {}).get("engines"):
+            pass  # native TensorRT engines: handled by the TensorRT backend when built
+        providers, note = resolve_providers(provider, allow_fallback)
+        if note:
+            warn(note)
+        if m.get("quantization", {}) and m["quantization"].get("cpu_only") and \
+                providers[0] != "CPUExecutionProvider":
+            warn("this artifact is int8-dynamic (CPU-only); running on CPU")
+            providers = ["CPUExecutionProvider"]
+        comps = m["components"]
+        self.vision = OrtBackend(self.directory / comps["vision"]["file"], providers, threads)
+        self.embed = OrtBackend(self.directory / comps["embed"]["file"], providers, threads)
+        self.decoder = OrtBackend(self.directory / comps["decoder"]["file"], providers, threads)
+        self.providers = self.decoder.providers
+        self.facts = m["decoder"]
+        self.image_facts = m["image"]
+        self.chat = ChatTokenizer(self.directory, m["tokenizer"], m["image"])
+        self._preprocessor = None
+        self.context_length = int(self.facts["context_length"])
+        self._lock = threading.Lock()
+        self._dtype = np.float16 if m["precision"] == "fp16" else np.float32
+
+    # -- stages ------------------------------------------------------------
+    @property
+    def preprocessor(self):
+        """The C image preprocessing pipeline for this artifact (made on first use)."""
+        if self._preprocessor is None:
+            from .preprocess import ImagePreprocessor
+            self._preprocessor = ImagePreprocessor(self.manifest["preprocess"])
+        return self._preprocessor
+
+    def pixel_values(self, image, layout: str = "RGB") -> np.ndarray:
+        """Any supported image -> (1, 3, H, W) float32 pixel_values."""
+        from .image_io import load_image
+        return self.preprocessor(load_image(image, layout=layout))
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values (N, 3, H, W) -> image_features (N, T_img, D)."""
+        feeds = {self.vision.input_names[0]: pixel_values.astype(self._dtype, copy=False)}
+        return self.vision.run(feeds)["image_features"]
+
+    def embed_prompt(self, ids: list[int], image_features: np.ndarray | None) -> np.ndarray:
+        """ids (S,) -> inputs_embeds (1, S, D), image token rows replaced by
+        the image features in order (as LlavaModel's masked_scatter does)."""
+        arr = np.asarray(ids, np.int64)[None, :]
+        is_image = arr[0] == self.chat.image_token_id
+        # The image token id can lie outside the embedding table (some checkpoints
+        # add it after training); its rows are overwritten anyway.
+        safe = np.where(arr == self.chat.image_token_id, 0, arr) if is_image.any() else arr
+        embeds = self.embed.run({"input_ids": safe})["inputs_embeds"]
+        if is_image.any():
+            if image_features is None:
+                raise UserInputError("the prompt has image tokens but no image was given")
+            feats = image_features.reshape(-1, image_features.shape[-1])
+            if feats.shape[0] != int(is_image.sum()):
+                raise ArtifactError("image tokens and image features disagree",
+                                    expected=f"{feats.shape[0]} image tokens",
+                                    got=str(int(is_image.sum())))
+            embeds = embeds.copy() if not embeds.flags.writeable else embeds
+            embeds[0, is_image] = feats.astype(embeds.dtype, copy=False)
+        return embeds
+
+    def step(self, inputs_embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """One decoder call: inputs_embeds (1, S, D) after `cache` -> (logits (V,), new cache)."""
+        f = self.facts
+        s = inputs_embeds.shape[1]
+        total = cache.length + s
+        feeds = {
+            "inputs_embeds": inputs_embeds.astype(self._dtype, copy=False),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": self._position_ids(cache.length, s),
+            **cache.feeds(f["past_key"], f["past_value"]),
+        }
+        out = self.decoder.run(feeds)
+        logits = out["logits"][0, -1].astype(np.float32, copy=False)
+        return logits, KVCache.from_outputs(out, f["num_layers"], f["present_key"], f["present_value"])
+
+    def _position_ids(self, past: int, s: int) -> np.ndarray:
+        return np.arange(past, past + s, dtype=np.int64)[None, :]
+
+    def empty_cache(self) -> KVCache:
+        f = self.facts
+        return KVCache.empty(f["num_layers"], f["num_kv_heads"], f["head_dim"], dtype=self._dtype)
+
+    def embed_token(self, token: int) -> np.ndarray:
+        return self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
+
+    # -- generation ----------------------------------------------------------
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.context_length:
+            raise ContextOverflowError(
+                "prompt + image tokens + max_new_tokens exceed the context length",
+                expected=f"<= {self.context_length}",
+                got=f"{prompt_tokens} prompt (incl. image) + {max_new_tokens} new",
+                hint="shorten the prompt, lower max_new_tokens, or re-export with --max-context")
+
+    def _tokens(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start):
+        """Yields tokens until a stop token, stop string or max_new_tokens."""
+        history: list[int] = []
+        decode_ms: list[float] = []
+        stop_ids = set(self.chat.stop_token_ids)
+        for i in range(max_new_tokens):
+            t = time.perf_counter()
+            token = sampling.next_token(logits, history, rng, **opts)
+            if i == 0:
+                timings["ttft_ms"] = _ms(t_start)
+            if token in stop_ids:
+                timings["stop_reason"] = "stop_token"
+                break
+            history.append(token)
+            yield token
+            if i + 1 == max_new_tokens:
+                break
+            if stop and any(s in self.chat.decode(history) for s in stop):
+                timings["stop_reason"] = "stop_string"
+                break
+            logits, cache = self.step(self.embed_token(token), cache)
+            decode_ms.append(_ms(t))
+        timings.setdefault("stop_reason", "max_new_tokens")
+        timings["decode_ms"] = decode_ms
+
+    def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict):
+        if max_new_tokens < 1:
+            raise UserInputError("max_new_tokens must be >= 1", got=str(max_new_tokens))
+        ids = self.chat.prompt_ids(prompt, with_image=image is not None)
+        self._check_context(len(ids), max_new_tokens)  # before any compute
+        t = time.perf_counter()
+        feats = None
+        if image is not None:
+            pixels = self.pixel_values(image, layout)
+            timings["preprocess_ms"] = _ms(t)
+            t = time.perf_counter()
+            feats = self.encode_image(pixels)
+            timings["vision_ms"] = _ms(t)
+        t = time.perf_counter()
+        logits, cache = self.step(self.embed_prompt(ids, feats), self.empty_cache())
+        timings["prefill_ms"] = _ms(t)
+        return ids, logits, cache
+
+    def _run(self, image, prompt, max_new_tokens, temperature, top_k, top_p,
+             repetition_penalty, stop, seed, layout) -> Iterator[tuple[int, dict, list[int]]]:
+        sampling.check(temperature, top_k, top_p, repetition_penalty)
+        timings: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        ids, logits, cache = self._prepare(image, prompt, max_new_tokens, layout, timings)
+        rng = np.random.default_rng(seed)
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+        for token in self._tokens(logits, cache, max_new_tokens, rng, opts, stop, timings, t_start):
+            yield token, timings, ids
+        n = len(timings["decode_ms"])
+        timings["total_ms"] = _ms(t_start)
+        timings["tokens_per_s"] = (n / (sum(timings["decode_ms"]) / 1000.0)) if n else 0.0
+        yield -1, timings, ids
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, stop: list[str] | None = None,
+                 seed: int | None = None, layout: str = "RGB") -> GenerationResult:
+        """Answer `prompt` about `image`.
+
+        image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
+        (H, W, 3) uint8 array whose channel order is `layout` ("RGB", or "BGR"
+        for OpenCV camera frames); None for a text-only prompt.
+        Greedy when temperature == 0; `seed` makes sampling repeatable.
+        Stops at any of the manifest's stop token ids or any `stop` string.
+        Timings (ms): preprocess_ms, vision_ms, prefill_ms, ttft_ms,
+        decode_ms (per token), total_ms; tokens_per_s over the decode steps."""
+        with self._lock:
+            tokens: list[int] = []
+            for token, timings, ids in self._run(image, prompt, max_new_tokens, temperature, top_k,
+                                                 top_p, repetition_penalty, stop, seed, layout):
+                if token >= 0:
+                    tokens.append(token)
+            text = self.chat.decode(tokens)
+            if stop:
+                for s in stop:
+                    if s in text:
+                        text = text[: text.index(s)]
+            reason = timings.pop("stop_reason")
+            return GenerationResult(text, tokens, len(ids), reason, timings)
+
+    def stream(self, image, prompt: str, max_new_tokens: int = 32, **kw) -> Iterator[str]:
+        """Like generate(), yielding text pieces as tokens arrive; every piece
+        is complete UTF-8 (a character split across tokens is held back)."""
+        opts = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=None, stop=None,
+                    seed=None, layout="RGB")
+        unknown = set(kw) - set(opts)
+        if unknown:
+            raise UserInputError(f"unknown option(s) {sorted(unknown)}")
+        opts.update(kw)
+        with self._lock:
+            dec = StreamDecoder(self.chat)
+            for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts):
+                if token >= 0:
+                    piece = dec.push(token)
+                    if piece:
+                        yield piece
+            tail = dec.flush()
+            if tail:
+                yield tail
+            self.last_timings = timings
+
+    def ask(self, image, questions: list[str], max_new_tokens: int = 32,
+            layout: str = "RGB") -> list[GenerationResult]:
+        """Greedy answers to several questions about one image: the image is
+        encoded once, and the prompt prefix shared by all questions (up to and
+        including the image tokens) is prefilled once and its KV cache reused."""
+        if not questions:
+            raise UserInputError("ask() needs at least one question")
+        with self._lock:
+            t0 = time.perf_counter()
+            prompts = [self.chat.prompt_ids(q) for q in questions]
+            for p in prompts:
+                self._check_context(len(p), max_new_tokens)
+            shared = _common_prefix(prompts)
+            shared = min(shared, min(len(p) for p in prompts) - 1)  # each keeps >= 1 own token
+            pixels = self.pixel_values(image, layout)
+            preprocess_ms = _ms(t0)
+            t = time.perf_counter()
+            feats = self.encode_image(pixels)
+            vision_ms = _ms(t)
+            t = time.perf_counter()
+            embeds = self.embed_prompt(prompts[0][:shared], feats) if shared else None
+            _, prefix = self.step(embeds, self.empty_cache()) if shared else (None, self.empty_cache())
+            shared_ms = _ms(t)
+            results = []
+            for p in prompts:
+                timings: dict[str, Any] = {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms,
+                                           "shared_prefix_ms": shared_ms, "shared_tokens": shared}
+                t = time.perf_counter()
+                rest = self.embed_prompt(p[shared:], feats if shared == 0 else None) \
+                    if shared < len(p) else None
+                logits, cache = self.step(rest, prefix)
+                timings["prefill_ms"] = _ms(t)
+                tokens = list(self._tokens(logits, cache, max_new_tokens, np.random.default_rng(0),
+                                           dict(temperature=0.0), None, timings, t))
+                n = len(timings["decode_ms"])
+                timings["tokens_per_s"] = n / (sum(timings["decode_ms"]) / 1000.0) if n else 0.0
+                reason = timings.pop("stop_reason")
+                results.append(GenerationResult(self.chat.decode(tokens), tokens, len(p), reason,
+                                                timings))
+            return results
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n

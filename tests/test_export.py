@@ -1,0 +1,163 @@
+"""vlm-export: tiny random-weight models and the demo model export and
+validate; the manifest round-trips; names and dims are as documented; bad
+input is one clear line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from vlmedge import manifest  # noqa: E402
+
+
+def _run(*args, timeout=600):
+    exe = str(Path(sys.executable).parent / "vlm-export")
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _dims(vi):
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+def test_tiny_llava_exports_and_validates(tiny_llava_artifact):
+    art, summary = tiny_llava_artifact
+    v = summary["validation"]
+    assert v["passed"] and v["tokens_match"] and v["prompt_ids_match"]
+    assert v["max_abs_diff_logits"] <= 1e-4 and v["max_abs_diff_image_features"] <= 1e-4
+    assert v["cached_vs_recompute_max_abs_diff"] <= 1e-4
+    m = manifest.load(art)  # verifies every sha256
+    assert m["family"] == "llava" and m["schema_version"] == manifest.SCHEMA_VERSION
+    assert set(summary["files"]) == set(m["files"])
+    assert all((art / f).is_file() for f in m["files"])
+    assert m["validation"]["tokens_match"] is True
+    # Weights live in external data files.
+    for comp in ("vision", "embed", "decoder"):
+        assert (art / f"{comp}.onnx.data").stat().st_size > 1000
+
+
+def test_names_and_dynamic_dims(tiny_llava_artifact):
+    art, _ = tiny_llava_artifact
+    dec = onnx.load(str(art / "decoder.onnx"), load_external_data=False)
+    ins = {v.name: _dims(v) for v in dec.graph.input}
+    outs = {v.name: _dims(v) for v in dec.graph.output}
+    assert ins["inputs_embeds"][:2] == ["batch", "sequence_length"]
+    assert ins["attention_mask"] == ["batch", "total_sequence_length"]
+    assert ins["position_ids"] == ["batch", "sequence_length"]
+    assert ins["past_key_values.0.key"][0] == "batch"
+    assert ins["past_key_values.0.key"][2] == "past_sequence_length"
+    assert outs["present.0.value"][2] == "total_sequence_length"
+    assert outs["logits"][:2] == ["batch", 1]
+    emb = onnx.load(str(art / "embed.onnx"), load_external_data=False)
+    assert [v.name for v in emb.graph.input] == ["input_ids"]
+    assert [v.name for v in emb.graph.output] == ["inputs_embeds"]
+    vis = onnx.load(str(art / "vision.onnx"), load_external_data=False)
+    assert [v.name for v in vis.graph.input] == ["pixel_values"]
+    assert [v.name for v in vis.graph.output] == ["image_features"]
+    assert _dims(vis.graph.input[0])[0] == "batch"
+
+
+def test_manifest_round_trips_and_detects_tampering(tiny_llava_artifact, tmp_path):
+    import shutil
+
+    from vlmedge.errors import ArtifactError
+
+    art, _ = tiny_llava_artifact
+    copy = tmp_path / "copy"
+    shutil.copytree(art, copy)
+    m = manifest.load(copy)
+    manifest.write(copy, m)
+    assert manifest.load(copy) == m
+    with open(copy / "embed.onnx.data", "r+b") as f:
+        f.seek(10)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactError, match="embed.onnx.data"):
+        manifest.load(copy)
+    m["schema_version"] = manifest.SCHEMA_VERSION + 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="newer"):
+        manifest.load(copy, verify=False)
+
+
+def test_existing_output_needs_force(tiny_llava_artifact, tiny_llava_dir):
+    art, _ = tiny_llava_artifact
+    before = (art / "manifest.json").read_bytes()
+    r = _run("--model", tiny_llava_dir, "--output", art, "--no-validate")
+    assert r.returncode != 0
+    assert "already exists" in r.stderr and "--force" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert (art / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "unsupported", "pickle_only", "bad_precision"])
+def test_bad_input_is_one_clear_line(case, tmp_path, tiny_llava_dir):
+    out = tmp_path / "out"
+    args = ["--output", out]
+    if case == "missing":
+        args += ["--model", tmp_path / "nope"]
+        want = "does not exist"
+    elif case == "no_config":
+        (tmp_path / "m").mkdir()
+        args += ["--model", tmp_path / "m"]
+        want = "no config.json"
+    elif case == "unsupported":
+        d = tmp_path / "bert"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+        args += ["--model", d]
+        want = "unsupported architecture"
+    elif case == "pickle_only":
+        import shutil
+        d = tmp_path / "pk"
+        shutil.copytree(tiny_llava_dir, d)
+        (d / "model.safetensors").rename(d / "pytorch_model.bin")
+        args += ["--model", d]
+        want = "pickle"
+    else:
+        args += ["--precision", "int4"]
+        want = "unknown --precision"
+    r = _run(*args)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("vlm-export")]
+    assert len(lines) == 1 and want in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob("out.partial-*"))
+
+
+def test_unwritable_output_is_refused(tmp_path, tiny_llava_dir):
+    import os
+    if os.geteuid() == 0:
+        target = Path("/proc/vlmedge-cannot-write/out")  # even root cannot create here
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        target = ro / "out"
+    r = _run("--model", tiny_llava_dir, "--output", target, "--no-validate")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "cannot create" in r.stderr or "not writable" in r.stderr
+
+
+def test_failed_validation_keeps_nothing_unless_asked(tmp_path, tiny_llava_dir, monkeypatch):
+    """A family whose tolerance no export can meet: the export must fail and
+    leave no loadable directory; with --keep-failed it is kept as .failed."""
+    from vlmedge.export import exporter
+    from vlmedge.export.families import FAMILIES
+    from vlmedge.errors import ValidationError
+
+    monkeypatch.setattr(FAMILIES["llava"], "tolerances", {"image_features": 0.0, "logits": -1.0})
+    out = tmp_path / "out"
+    opts = exporter.ExportOptions(model_dir=Path(tiny_llava_dir), output=out)
+    with pytest.raises(ValidationError, match="max_abs_diff_logits"):
+        exporter.run_export(opts, log=lambda s: None)
+    assert not out.exists() and not list(tmp_path.glob("out.*"))
+    opts.keep_failed = True
+    with pytest.raises(ValidationError):
+        exporter.run_export(opts, log=lambda s: None)
+    failed = tmp_path / "out.failed"
+    assert failed.is_dir() and not out.exists()
+    m = json.loads((failed / "manifest.json").read_text())
+    assert m["validation"]["passed"] is False
