@@ -24,8 +24,16 @@ $(STAMP): pyproject.toml setup.py runtime/_cpreprocess.c
 
 install: $(STAMP)
 
+DEMO_ART ?= artifacts/demo-onnx-fp32
+
+# Export the demo model (validated against PyTorch), then answer through the
+# lean runtime: the bundled scene image, several questions, timings on stderr.
 demo: $(STAMP)
-	$(PY) -m vlmedge.demo.show
+	@test -f $(DEMO_ART)/manifest.json || $(VENV)/bin/vlm-export --model demo --output $(DEMO_ART)
+	$(VENV)/bin/vlm-run $(DEMO_ART) \
+	  --prompt "describe the image." --prompt "what color is the diamond?" \
+	  --prompt "how many shapes are there?" --prompt "where is the green diamond?" \
+	  --prompt "is there a blue circle?"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -156,12 +156,21 @@ def train(args) -> Path:
     feats = {}
     model.model.multi_modal_projector.register_forward_hook(
         lambda mod, inp, out: feats.__setitem__("image", out))
-    aux = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_CLASSES))
+    # Colour, shape and size are scored against the (tied) word embeddings of
+    # "red", "circle", "small", ... so a cell's image feature lands next to the
+    # words that name it: the decoder's question -> image-token attention is
+    # then a match of like with like. Row and column get a plain linear head.
+    v = build.vocab()
+    word_ids = [torch.tensor([v["<pad>"]] + [v[w] for w in words]) for words in
+                (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES))]
+    aux = torch.nn.Linear(model.config.text_config.hidden_size, 2 * scenes.GRID)
+    aux_scale = torch.nn.Parameter(torch.tensor(10.0))
     route = torch.nn.Linear(model.config.text_config.hidden_size, scenes.GRID * scenes.GRID)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, {args.steps} steps of batch {args.batch}",
           flush=True)
     params = (list(model.named_parameters()) + list(aux.named_parameters())
+              + [("aux_scale", aux_scale)]
               + list(route.named_parameters()))
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
@@ -195,7 +204,10 @@ def train(args) -> Path:
                 sel = kinds[:, 1:] == k
                 if sel.any():
                     acc[k] = 0.9 * acc.get(k, 0.0) + 0.1 * hit[sel].float().mean().item()
-        logits = aux(feats["image"]).split(AUX_CLASSES, dim=-1)  # each (B, 16, classes)
+        f = feats["image"]  # (B, 16, D)
+        emb = model.get_input_embeddings().weight
+        logits = [aux_scale * f @ emb[ids].T for ids in word_ids]  # (B, 16, 1 + words)
+        logits += list(aux(f).split(scenes.GRID, dim=-1))  # row, column: (B, 16, 4) each
         # Shape and size are learned only where an object is: over all 16 cells the
         # "empty" class dominates and shape accuracy sat at chance (measured).
         occupied = cells[..., 1] > 0

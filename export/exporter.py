@@ -79,11 +79,13 @@ def _add_special_tokens(loaded, tok_facts, image_facts, out: Path) -> bool:
     from vlmedge.runtime.chat import ChatTokenizer
 
     fam = loaded.family
-    ref = fam.hf_inputs(loaded.processor, fam.sample_image(), "describe the image.")
+    image = fam.sample_image()
+    ref = fam.hf_inputs(loaded.processor, image, "describe the image.")
     ref_ids = ref["input_ids"][0].tolist()
+    grid = fam.image_grid(loaded.processor, image, ref)
     for add in (False, True):
         chat = ChatTokenizer(out, {**tok_facts, "add_special_tokens": add}, image_facts)
-        if chat.prompt_ids("describe the image.") == ref_ids:
+        if chat.prompt_ids("describe the image.", image_grid=grid) == ref_ids:
             return add
     return False  # validation will report prompt_ids_match = false
 

@@ -65,8 +65,7 @@ def load(path: Path, random_weights: bool = False, trust_remote_code: bool = Fal
                 f"when loaded", expected="*.safetensors",
                 hint="convert to safetensors, or pass --allow-pickle if you trust the source")
     try:
-        processor = transformers.AutoProcessor.from_pretrained(
-            path, trust_remote_code=trust_remote_code)
+        processor = family.load_processor(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise ModelDirError(f"cannot build the processor from {path}: {str(e).splitlines()[0]}",
                             hint="the directory needs its tokenizer and processor configs") from None

@@ -29,9 +29,15 @@ def _torch_greedy(torch, model, hf: dict, n: int) -> tuple[list[int], np.ndarray
     """n greedy tokens by full recompute; returns tokens and first-step logits."""
     ids = hf["input_ids"]
     extra = {k: v for k, v in hf.items() if k not in ("input_ids", "attention_mask")}
+    # Per-token modality types (Qwen2-VL's mrope needs them) grow with the
+    # sequence: a generated token is text (0).
+    types = extra.pop("mm_token_type_ids", None)
     tokens, first = [], None
     with torch.inference_mode():
         for _ in range(n):
+            if types is not None:
+                extra["mm_token_type_ids"] = torch.cat(
+                    [types, types.new_zeros(1, ids.shape[1] - types.shape[1])], dim=1)
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                         **extra)
             last = out.logits[0, -1].float()
@@ -43,8 +49,8 @@ def _torch_greedy(torch, model, hf: dict, n: int) -> tuple[list[int], np.ndarray
     return tokens, first
 
 
-def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int):
-    logits, cache = session.step(session.embed_prompt(ids, feats), session.empty_cache())
+def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int, grid=None):
+    logits, cache = session.prefill(ids, feats, session.empty_cache(), grid)
     first = logits.copy()
     tokens = []
     for _ in range(n):
@@ -52,7 +58,7 @@ def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int):
         tokens.append(t)
         logits, cache = session.step(session.embed_token(t), cache)
     # Full recompute of the same sequence in one prefill: must equal the cache.
-    full, _ = session.step(session.embed_prompt(ids + tokens, feats), session.empty_cache())
+    full, _ = session.prefill(ids + tokens, feats, session.empty_cache(), grid)
     return tokens, first, float(np.abs(full - logits).max())
 
 
@@ -73,14 +79,18 @@ def validate(family, model, processor, artifact_dir: Path, precision: str) -> di
         hf = family.hf_inputs(processor, image, q)
         with torch.inference_mode():
             ref_feats = family.torch_image_features(model, hf).float().numpy()
-        feats = session.encode_image(np.asarray(family.vision_args(hf)[0].numpy(), np.float32))
+        # The image layout (tile grid, patch grid) as the processor saw it: the
+        # runtime computes its prompt and vision/decoder positions from it.
+        grid = family.image_grid(processor, image, hf)
+        feats = session.encode_image(np.asarray(family.vision_args(hf)[0].numpy(), np.float32),
+                                     image_grid=grid)
         d_feat = float(np.abs(feats.astype(np.float32) - ref_feats).max())
         ref_ids = hf["input_ids"][0].tolist()
-        our_ids = session.chat.prompt_ids(q)
+        our_ids = session.chat.prompt_ids(q, image_grid=grid)
         same_ids = our_ids == ref_ids
         ids_match &= same_ids
         ref_tokens, ref_first = _torch_greedy(torch, model, hf, GREEDY_TOKENS)
-        tokens, first, d_cache = _ort_greedy(session, ref_ids, feats, GREEDY_TOKENS)
+        tokens, first, d_cache = _ort_greedy(session, ref_ids, feats, GREEDY_TOKENS, grid)
         d_logit = float(np.abs(first - ref_first).max())
         match = tokens == ref_tokens
         all_match &= match

@@ -257,6 +257,16 @@ static inline uint8_t clip8(int64_t ss) {
     return ss > 255 ? 255 : (uint8_t)ss;
 }
 
+/* On x86-64 Linux with gcc, the hot loops are compiled twice, for AVX2 and for
+ * the baseline (SSE2), and the loader picks one per CPU (an ifunc): a portable
+ * binary that still uses 256-bit registers where the CPU has them. Elsewhere
+ * (aarch64 uses NEON at baseline, clang, other OSes) it is one plain copy. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT_CLONES
+#endif
+
 /* Each 22-bit weight k is split as k = hi * 2048 + lo with lo in 0..2047, so
  * both halves fit int16 and a dot product of int16 pixels with them is an
  * exact 16x16->32 multiply-add, which compilers vectorise (pmaddwd on SSE2,
@@ -275,7 +285,7 @@ static inline uint8_t combine(int32_t sum_hi, int32_t sum_lo) {
 }
 
 /* One row, interleaved uint8 (ncols, ch) -> ch int16 planes of stride plen. */
-static void deinterleave(const uint8_t *restrict row, int ncols, int ch,
+HOT_CLONES static void deinterleave(const uint8_t *restrict row, int ncols, int ch,
                          int16_t *restrict plane, int plen) {
     if (ch == 3) {  /* the common case, written out so the loop has no inner stride */
         int16_t *restrict r = plane, *restrict g = plane + plen, *restrict b = plane + 2 * plen;
@@ -317,7 +327,7 @@ static inline int32_t dot16(const int16_t *restrict a, const int16_t *restrict b
     }
 
 #define DEFINE_HROW3(K)                                                               \
-    static void hrow3_##K(const int16_t *restrict plane, int plen, const int *off,    \
+    HOT_CLONES static void hrow3_##K(const int16_t *restrict plane, int plen, const int *off,    \
                           int count, const int16_t *restrict kh,                      \
                           const int16_t *restrict kl, uint8_t *restrict out) {        \
         HROW3_BODY(K)                                                                 \
@@ -333,7 +343,7 @@ DEFINE_HROW3(64)
 DEFINE_HROW3(72)
 DEFINE_HROW3(80)
 
-static void hrow3_any(const int16_t *restrict plane, int plen, const int *off, int count,
+HOT_CLONES static void hrow3_any(const int16_t *restrict plane, int plen, const int *off, int count,
                       const int16_t *restrict kh, const int16_t *restrict kl,
                       uint8_t *restrict out, int kpad) {
     HROW3_BODY(kpad)
@@ -345,7 +355,7 @@ static const hrow3_fn HROW3[] = {NULL, hrow3_8, hrow3_16, hrow3_24, hrow3_32, hr
                                  hrow3_48, hrow3_56, hrow3_64, hrow3_72, hrow3_80};
 
 /* Any channel count: one pair of dot products per channel. */
-static void hrow_any(const int16_t *plane, int plen, const int *off, int count,
+HOT_CLONES static void hrow_any(const int16_t *plane, int plen, const int *off, int count,
                      const int16_t *kh, const int16_t *kl, uint8_t *out, int kpad, int ch) {
     for (int i = 0; i < count; i++) {
         const int16_t *h = kh + (size_t)i * kpad, *l = kl + (size_t)i * kpad;
@@ -387,7 +397,7 @@ static void hpass(const uint8_t *src, size_t stride, int x_origin, int nrows, in
 /* Vertical pass: the cy output rows from rows of `src` (row stride `stride`
  * bytes; its row 0 is source row y_base), row_len bytes each, into dst
  * (count, row_len). acc is (row_len,) int32 scratch. */
-static void vpass(const uint8_t *src, size_t stride, int y_base, size_t row_len,
+HOT_CLONES static void vpass(const uint8_t *src, size_t stride, int y_base, size_t row_len,
                   const axis_coeffs *cy, int count, int32_t *restrict acc, uint8_t *dst) {
     for (int i = 0; i < count; i++) {
         const int32_t *k = cy->k + (size_t)i * cy->kpad;

@@ -1,17 +1,31 @@
-"""Tokenizer and chat template for the runtime (tokenizers + jinja2, no
+r"""Tokenizer and chat template for the runtime (tokenizers + jinja2, no
 transformers).
 
 The chat template is the model's own (copied into the manifest at export)
 and is rendered the way transformers renders it: a sandboxed jinja2
 environment with trim_blocks and lstrip_blocks. The rendered prompt holds one
-image placeholder, which `prompt_ids` expands into the image's token count.
+image placeholder, which `prompt_ids` expands as the model's HF processor
+does (the manifest's image "expand"):
+
+    repeat    <image> -> tokens_per_image copies of it (LLaVA)
+    idefics3  <image> -> per tile of a rows x cols grid
+              <fake_token_around_image><row_r_col_c> + image_seq_len <image>,
+              "\n" after each row, then "\n" + the global image
+              <fake_token_around_image><global-img> + image_seq_len <image>
+              <fake_token_around_image>; a (0, 0) grid (image not split) is
+              the global image alone. The text is expanded before it is
+              tokenized, so merges (e.g. "\n\n") come out as the processor's.
+    qwen2_vl  <|image_pad|> -> t*h*w / merge_size**2 copies for a (t, h, w)
+              patch grid
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from vlmedge.errors import ArtifactError
+from vlmedge.errors import ArtifactError, UserInputError
+
+from . import mrope
 
 
 def _raise(message: str):
@@ -35,8 +49,14 @@ class ChatTokenizer:
         self.special = {k: facts.get(k) for k in ("bos_token", "eos_token", "pad_token")}
         self.add_special_tokens = bool(facts.get("add_special_tokens", False))
         self.stop_token_ids = [int(t) for t in facts["stop_token_ids"]]
+        self.image = image
         self.image_token_id = int(image["image_token_id"])
         self.tokens_per_image = int(image["tokens_per_image"])
+        self.expand = image.get("expand", "repeat")
+        if self.expand not in ("repeat", "idefics3", "qwen2_vl"):
+            raise ArtifactError(f"unknown image expansion {self.expand!r}",
+                                expected="repeat | idefics3 | qwen2_vl",
+                                hint="upgrade vlmedge or re-export the artifact")
 
     def render(self, question: str, with_image: bool = True) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
@@ -46,17 +66,70 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
 
-    def prompt_ids(self, question: str, with_image: bool = True) -> list[int]:
-        """Token ids of the rendered prompt, the image placeholder expanded
-        to `tokens_per_image` image tokens (as the HF processor does)."""
-        ids = self.encode(self.render(question, with_image))
+    def prompt_ids(self, question: str, with_image: bool = True, image_grid=None) -> list[int]:
+        """Token ids of the rendered prompt, the image placeholder expanded as
+        the HF processor does (module docstring). image_grid: the image's
+        tile grid (rows, cols) for idefics3, as the image processor's
+        rows/cols (None: (0, 0) where the artifact does not split images);
+        its (t, h, w) patch grid for qwen2_vl (image_grid_thw)."""
+        text = self.render(question, with_image)
+        if with_image and self.expand == "idefics3":
+            placeholder = self.image["image_placeholder"]
+            head, sep, tail = text.partition(placeholder)
+            if sep:
+                text = head + idefics3_image_text(self.image, self._tile_grid(image_grid)) + tail
+            return self.encode(text)
+        ids = self.encode(text)
+        count = self.tokens_per_image
+        if with_image and self.expand == "qwen2_vl":
+            if image_grid is None:
+                raise UserInputError("this model's image token count depends on the image's "
+                                     "patch grid, and none was given",
+                                     expected="image_grid=(t, h, w) as the processor's "
+                                              "image_grid_thw")
+            count = mrope.image_token_count(image_grid, int(self.image["merge_size"]))
         out: list[int] = []
         for t in ids:
-            out.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
+            out.extend([t] * count if t == self.image_token_id else [t])
         return out
+
+    def _tile_grid(self, image_grid) -> tuple[int, int]:
+        if image_grid is None:
+            if self.image.get("do_image_splitting", True):
+                raise UserInputError("this model's prompt depends on the image's tile grid, and "
+                                     "none was given", expected="image_grid=(rows, cols)",
+                                     hint="(0, 0) for an image that was not split")
+            return 0, 0
+        try:
+            rows, cols = (int(v) for v in image_grid)
+        except (TypeError, ValueError):
+            raise UserInputError("bad image tile grid", expected="(rows, cols)",
+                                 got=repr(image_grid)) from None
+        if rows < 0 or cols < 0 or (rows == 0) != (cols == 0):
+            raise UserInputError("bad image tile grid",
+                                 expected="(rows, cols) both >= 1, or (0, 0) for no split",
+                                 got=repr(tuple(image_grid)))
+        return rows, cols
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def idefics3_image_text(image: dict, grid: tuple[int, int]) -> str:
+    """The text Idefics3Processor.replace_image_token puts for one image of a
+    (rows, cols) tile grid; `image` is the manifest's image section."""
+    fake, glob = image["fake_image_token"], image["global_image_token"]
+    tokens = image["image_token"] * int(image["image_seq_len"])
+    global_image = fake + glob + tokens + fake
+    rows, cols = grid
+    if rows == 0 and cols == 0:
+        return global_image
+    text = ""
+    for r in range(rows):
+        for c in range(cols):
+            text += fake + image["tile_token"].format(row=r + 1, col=c + 1) + tokens
+        text += "\n"
+    return text + "\n" + global_image
 
 
 class StreamDecoder:

@@ -18,6 +18,9 @@ import numpy as np
 class KVCache:
     arrays: tuple[np.ndarray, ...]  # k0, v0, k1, v1, ...: (B, kv_heads, length, head_dim)
     length: int
+    # Next position = length + position_offset; nonzero only where positions
+    # do not count tokens one by one (mrope: an image takes fewer positions).
+    position_offset: int = 0
 
     @classmethod
     def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int, batch: int = 1,
@@ -35,11 +38,11 @@ class KVCache:
 
     @classmethod
     def from_outputs(cls, outputs: dict[str, np.ndarray], num_layers: int, present_key: str,
-                     present_value: str) -> "KVCache":
+                     present_value: str, position_offset: int = 0) -> "KVCache":
         arrays = []
         for i in range(num_layers):
             arrays += [outputs[present_key.format(i=i)], outputs[present_value.format(i=i)]]
-        return cls(tuple(arrays), int(arrays[0].shape[2]))
+        return cls(tuple(arrays), int(arrays[0].shape[2]), position_offset)
 
     @property
     def nbytes(self) -> int:

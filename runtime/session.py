@@ -24,7 +24,7 @@ import numpy as np
 from vlmedge import manifest as manifest_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
-from . import sampling
+from . import mrope, sampling
 from .backends import OrtBackend, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
 from .kv_cache import KVCache
@@ -83,6 +83,8 @@ class VLMSession:
         self.facts = m["decoder"]
         self.image_facts = m["image"]
         self.chat = ChatTokenizer(self.directory, m["tokenizer"], m["image"])
+        # Decoder positions: 1-D (Llama) or mrope (Qwen2-VL, 3 rows from the image grid).
+        self._positions = mrope.position_strategy(self.facts, self.image_facts)
         self._preprocessor = None
         self.context_length = int(self.facts["context_length"])
         self._lock = threading.Lock()
@@ -102,9 +104,19 @@ class VLMSession:
         from .image_io import load_image
         return self.preprocessor(load_image(image, layout=layout))
 
-    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        """pixel_values (N, 3, H, W) -> image_features (N, T_img, D)."""
+    def encode_image(self, pixel_values: np.ndarray, image_grid=None) -> np.ndarray:
+        """pixel_values -> image_features (N, T_img, D).
+
+        pixel_values is (N, 3, H, W) images or tiles, except for qwen2_vl:
+        (num_patches, 3 * temporal_patch * patch * patch) flattened patches of
+        one image, whose (t, h, w) patch grid `image_grid` gives the patches'
+        coordinates (computed here, on the host)."""
         feeds = {self.vision.input_names[0]: pixel_values.astype(self._dtype, copy=False)}
+        extra = self.vision.input_names[1:]
+        if extra:  # qwen2_vl: patch coordinates etc., from the grid (runtime/mrope.py)
+            vision_io = self.manifest["components"]["vision"]["inputs"]
+            shapes = {i["name"]: i["shape"] for i in vision_io}
+            feeds.update(mrope.vision_inputs(extra, image_grid, self.image_facts, shapes))
         return self.vision.run(feeds)["image_features"]
 
     def embed_prompt(self, ids: list[int], image_features: np.ndarray | None) -> np.ndarray:
@@ -128,23 +140,34 @@ class VLMSession:
             embeds[0, is_image] = feats.astype(embeds.dtype, copy=False)
         return embeds
 
-    def step(self, inputs_embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """One decoder call: inputs_embeds (1, S, D) after `cache` -> (logits (V,), new cache)."""
+    def step(self, inputs_embeds: np.ndarray, cache: KVCache, ids: list[int] | None = None,
+             image_grid=None) -> tuple[np.ndarray, KVCache]:
+        """One decoder call: inputs_embeds (1, S, D) after `cache` -> (logits (V,), new cache).
+
+        ids (the S token ids of inputs_embeds) and image_grid are needed only
+        where positions follow the image layout (mrope) and the chunk holds
+        image tokens; `prefill` passes them."""
         f = self.facts
         s = inputs_embeds.shape[1]
         total = cache.length + s
+        positions, offset = self._positions(cache.length, cache.position_offset, s, ids, image_grid)
         feeds = {
             "inputs_embeds": inputs_embeds.astype(self._dtype, copy=False),
             "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": self._position_ids(cache.length, s),
+            "position_ids": positions,
             **cache.feeds(f["past_key"], f["past_value"]),
         }
         out = self.decoder.run(feeds)
         logits = out["logits"][0, -1].astype(np.float32, copy=False)
-        return logits, KVCache.from_outputs(out, f["num_layers"], f["present_key"], f["present_value"])
+        return logits, KVCache.from_outputs(out, f["num_layers"], f["present_key"],
+                                            f["present_value"], offset)
 
-    def _position_ids(self, past: int, s: int) -> np.ndarray:
-        return np.arange(past, past + s, dtype=np.int64)[None, :]
+    def prefill(self, ids: list[int], image_features: np.ndarray | None, cache: KVCache,
+                image_grid=None) -> tuple[np.ndarray, KVCache]:
+        """Prompt ids (S,) after `cache` -> (logits (V,), new cache): embeds
+        them (image tokens replaced by `image_features`) and runs the decoder.
+        image_grid: the image's grid where the artifact needs it (qwen2_vl)."""
+        return self.step(self.embed_prompt(ids, image_features), cache, ids, image_grid)
 
     def empty_cache(self) -> KVCache:
         f = self.facts
@@ -201,7 +224,7 @@ class VLMSession:
             feats = self.encode_image(pixels)
             timings["vision_ms"] = _ms(t)
         t = time.perf_counter()
-        logits, cache = self.step(self.embed_prompt(ids, feats), self.empty_cache())
+        logits, cache = self.prefill(ids, feats, self.empty_cache())
         timings["prefill_ms"] = _ms(t)
         return ids, logits, cache
 
@@ -289,17 +312,15 @@ class VLMSession:
             feats = self.encode_image(pixels)
             vision_ms = _ms(t)
             t = time.perf_counter()
-            embeds = self.embed_prompt(prompts[0][:shared], feats) if shared else None
-            _, prefix = self.step(embeds, self.empty_cache()) if shared else (None, self.empty_cache())
+            _, prefix = self.prefill(prompts[0][:shared], feats, self.empty_cache()) if shared \
+                else (None, self.empty_cache())
             shared_ms = _ms(t)
             results = []
             for p in prompts:
                 timings: dict[str, Any] = {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms,
                                            "shared_prefix_ms": shared_ms, "shared_tokens": shared}
                 t = time.perf_counter()
-                rest = self.embed_prompt(p[shared:], feats if shared == 0 else None) \
-                    if shared < len(p) else None
-                logits, cache = self.step(rest, prefix)
+                logits, cache = self.prefill(p[shared:], feats if shared == 0 else None, prefix)
                 timings["prefill_ms"] = _ms(t)
                 tokens = list(self._tokens(logits, cache, max_new_tokens, np.random.default_rng(0),
                                            dict(temperature=0.0), None, timings, t))

@@ -75,7 +75,7 @@ def test_image_inputs_agree(tiny_session, tmp_path):
     p = tmp_path / "x.png"
     img.save(p)
     rgb = np.asarray(img)
-    ref = tiny_session.pixel_values(img)
+    ref = tiny_session.pixel_values(img).copy()  # the preprocessor reuses its output buffer
     for src, layout in ((p, "RGB"), (p.read_bytes(), "RGB"), (rgb, "RGB"),
                         (np.ascontiguousarray(rgb[..., ::-1]), "BGR")):
         np.testing.assert_array_equal(tiny_session.pixel_values(src, layout), ref)

@@ -16,8 +16,14 @@ the runtime needs and nothing it must guess:
     decoder          {num_layers, num_kv_heads, head_dim, hidden_size, vocab_size,
                       context_length, past_key/value, present_key/value name
                       templates with "{i}", logits ("last": only the last
-                      position's logits are output), position_ids ("1d"|"mrope")}
-    image            {image_token, image_token_id, tokens_per_image, feature_dim}
+                      position's logits are output), position_ids ("1d"|"mrope"),
+                      mrope_section for mrope}
+    image            {image_token, image_token_id, tokens_per_image, feature_dim,
+                      expand: how the prompt's image placeholder becomes tokens
+                      ("repeat" | "idefics3" | "qwen2_vl", runtime/chat.py) and
+                      what that needs (idefics3: image_seq_len, fake/global/tile
+                      tokens; qwen2_vl: merge_size, patch_size, vision inputs
+                      computed on the host from the patch grid, window facts)}
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling)
     tokenizer        {file, chat_template, bos_token, stop_token_ids: [...]}

@@ -115,6 +115,11 @@ class Family:
     tolerances_fp16 = {"image_features": 5e-2, "logits": 1e-1}
 
     # -- loading ---------------------------------------------------------
+    def load_processor(self, path, trust_remote_code: bool = False):
+        """The HF processor for a model directory (AutoProcessor by default)."""
+        from transformers import AutoProcessor
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
     def text_config(self, config):
         return config.text_config
 
@@ -194,6 +199,12 @@ class Family:
                                                  {"type": "text", "text": question}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         return dict(processor(images=image, text=text, return_tensors="pt"))
+
+    def image_grid(self, processor, image, hf_inputs: dict):
+        """The image layout the runtime needs besides pixel_values (passed as
+        `image_grid` to ChatTokenizer.prompt_ids and VLMSession.encode_image /
+        prefill), as the processor saw it; None where the layout is fixed."""
+        return None
 
     def vision_args(self, hf_inputs: dict) -> tuple:
         """The vision graph's positional inputs taken from the processor output."""

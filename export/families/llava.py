@@ -9,9 +9,6 @@ from .base import Family, GraphSpec, torch
 
 nn = torch.nn
 
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
 class LlavaVision(nn.Module):
     """pixel_values (N, 3, H, W) float32 -> image_features (N, T_img, D_text).
 
@@ -59,29 +56,10 @@ class Llava(Family):
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     def preprocess_config(self, processor) -> dict[str, Any]:
-        ip = processor.image_processor
-        size = ip.size or {}
-        if "shortest_edge" in size:
-            resize, target = "shortest_edge", size["shortest_edge"]
-        else:
-            resize, target = "exact", [size["height"], size["width"]]
-        crop = None
-        if getattr(ip, "do_center_crop", False) and getattr(ip, "crop_size", None):
-            crop = [ip.crop_size["height"], ip.crop_size["width"]]
-        resample = ip.resample
-        resample = _RESAMPLE.get(int(resample), "bicubic") if resample is not None else "bicubic"
-        return {
-            "processor": type(ip).__name__,
-            "resize": resize if getattr(ip, "do_resize", True) else "none",
-            "size": target,
-            "crop": crop,
-            "resample": resample,
-            "rescale": float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0,
-            "mean": [float(x) for x in ip.image_mean] if getattr(ip, "do_normalize", True) else [0.0] * 3,
-            "std": [float(x) for x in ip.image_std] if getattr(ip, "do_normalize", True) else [1.0] * 3,
-            "convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-            "tiling": None,
-        }
+        # The runtime's own reading of the HF image processor config, so export
+        # and deployment cannot disagree about what a key means.
+        from vlmedge.runtime.preprocess import config_from_hf
+        return {**config_from_hf(processor.image_processor.to_dict()), "tiling": None}
 
     def image_facts(self, model, processor) -> dict[str, Any]:
         tok = processor.tokenizer

@@ -1,0 +1,256 @@
+"""Qwen2-VL (Qwen2VLForConditionalGeneration) and Qwen2.5-VL: a ViT over
+flattened temporal x spatial patches with 2-D rotary positions, a 2x2 patch
+merger, and a Qwen2 decoder with multimodal rotary positions (mrope).
+
+Dynamic resolution: the processor resizes an image to multiples of
+patch * merge pixels and flattens it into (t*h*w, C * temporal_patch *
+patch * patch) patches with grid (t, h, w). The vision graph takes those
+patches for ONE image plus what depends on the grid and not on the patch
+count alone, computed on the host by runtime/mrope.py: the patches' (row,
+col) rotary coordinates and cu_seqlens [0, t*h*w] (with t = 1, one
+attention segment; its length is fixed at 2 when traced). The patch count
+is a dynamic dim, so one graph serves every grid of an image. The decoder
+takes mrope position_ids (3, batch, sequence_length), also from the host.
+
+Qwen2.5-VL adds window attention in most vision blocks: the host also
+computes the window order of the merged patches (window_index) and the
+windows' cumulative patch counts (cu_window_seqlens). The number of windows
+is fixed when traced (the tower splits its sequence into a Python list of
+windows), so a Qwen2.5-VL vision graph takes the grids with the window count
+of the grid it was traced and validated with (manifest image.window_count).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlmedge.errors import ModelDirError
+from vlmedge.runtime import mrope
+
+from .base import Family, GraphSpec, decoder_facts, torch
+
+nn = torch.nn
+
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# The grid the vision graph is traced with: (t, h, w) patches, h != w so that
+# rows and columns cannot be confused; 96 patches -> 24 image tokens.
+_TRACE_GRID = (1, 8, 12)
+
+
+class Qwen2VLVision(nn.Module):
+    """pixel_values (num_patches, C*T*P*P), vision_position_ids (num_patches, 2)
+    int64, cu_seqlens (2,) int32 -> image_features (1, num_patches / merge^2, D_text).
+
+    The precomputed position ids and cu_seqlens are handed to the tower the
+    way transformers' vision_utils takes them (popped from kwargs), so the
+    graph never derives them from a grid tensor (.tolist(), loops)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.visual = model.model.visual
+
+    def forward(self, pixel_values, vision_position_ids, cu_seqlens):
+        out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
+                          cu_seqlens=cu_seqlens)
+        return out.pooler_output[None]
+
+
+class Qwen25VLVision(Qwen2VLVision):
+    """Qwen2VLVision plus window_index (num_patches / merge^2,) int64 and
+    cu_window_seqlens (windows + 1,) int32.
+
+    The tower's attention runs eager here and in the PyTorch reference: SDPA's
+    is_causal test (q_length > 1) guards on the window lengths, which are
+    data, and torch.export refuses such a guard; eager attention is the same
+    arithmetic without it."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.visual.config._attn_implementation = "eager"
+
+    def forward(self, pixel_values, vision_position_ids, cu_seqlens, window_index,
+                cu_window_seqlens):
+        out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
+                          cu_seqlens=cu_seqlens, window_index=window_index,
+                          cu_window_seqlens=cu_window_seqlens)
+        return out.pooler_output[None]
+
+
+def _image_only(processor_class):
+    """`processor_class` constructible without a video processor: transformers'
+    video processors need torchvision, which an export machine may lack, and
+    images never reach them."""
+
+    class ImageOnlyProcessor(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnlyProcessor.__name__ = processor_class.__name__
+    return ImageOnlyProcessor
+
+
+def _chat_template(path: Path, tokenizer) -> str | None:
+    """The chat template where ProcessorMixin.from_pretrained looks for it."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
+
+
+class Qwen2VL(Family):
+    name = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    model_types = ("qwen2_vl",)
+    vision_module = Qwen2VLVision
+    # Vision inputs after pixel_values, computed on the host from the grid.
+    grid_inputs = ("vision_position_ids", "cu_seqlens")
+
+    def processor_class(self):
+        from transformers import Qwen2VLProcessor
+        return Qwen2VLProcessor
+
+    def load_processor(self, path, trust_remote_code: bool = False):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        path = Path(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        ip = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return _image_only(self.processor_class())(
+            image_processor=ip, tokenizer=tok, video_processor=None,
+            chat_template=_chat_template(path, tok))
+
+    # -- graphs ----------------------------------------------------------
+    def position_ids_sample(self, batch: int, seq: int, past: int):
+        # (3, B, S): rows differ as they do after an image (t, h, w sections).
+        base = torch.arange(past, past + seq)
+        rows = torch.stack([base, base + 1, base + 2])
+        return rows[:, None, :].expand(3, batch, seq).contiguous()
+
+    def _merge(self, model) -> int:
+        return int(model.config.vision_config.spatial_merge_size)
+
+    def trace_grid(self, model, processor) -> tuple[int, int, int]:
+        return _TRACE_GRID
+
+    def _grid_facts(self, model) -> dict[str, Any]:
+        """What runtime/mrope.py needs to compute the grid inputs."""
+        vc = model.config.vision_config
+        return {"merge_size": self._merge(model), "patch_size": int(vc.patch_size)}
+
+    def vision_graph(self, model, processor) -> GraphSpec:
+        vc = model.config.vision_config
+        grid = self.trace_grid(model, processor)
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        pixels = torch.randn(grid[0] * grid[1] * grid[2], patch_dim)  # (N, C*T*P*P)
+        host = mrope.vision_inputs(self.grid_inputs, grid, self._grid_facts(model))
+        dims = {"pixel_values": {0: "num_patches"}, "vision_position_ids": {0: "num_patches"},
+                "window_index": {0: "num_image_tokens"}}
+        return GraphSpec("vision", self.vision_module(model),
+                         (pixels, *(torch.from_numpy(host[n]) for n in self.grid_inputs)),
+                         ["pixel_values", *self.grid_inputs], ["image_features"],
+                         {n: d for n, d in dims.items()
+                          if n in ("pixel_values",) + self.grid_inputs},
+                         {"image_features": {1: "num_image_tokens"}})
+
+    # -- validation inputs ---------------------------------------------------
+    def image_grid(self, processor, image, hf_inputs: dict):
+        grids = hf_inputs["image_grid_thw"].tolist()
+        if len(grids) != 1:  # one image per vision call (cu_seqlens has 2 entries)
+            raise ValueError(f"expected one image, got grids {grids}")
+        return tuple(int(v) for v in grids[0])
+
+    def torch_image_features(self, model, hf_inputs: dict):
+        out = model.model.get_image_features(hf_inputs["pixel_values"],
+                                             hf_inputs["image_grid_thw"])
+        return torch.stack(list(out.pooler_output))  # (1, T, D)
+
+    # -- manifest facts ----------------------------------------------------
+    def decoder_facts(self, model, context_length: int) -> dict[str, Any]:
+        tc = self.text_config(model.config)
+        facts = decoder_facts(tc, context_length)
+        facts["position_ids"] = "mrope"
+        facts["mrope_section"] = [int(v) for v in tc.rope_parameters["mrope_section"]]
+        return facts
+
+    def preprocess_config(self, processor) -> dict[str, Any]:
+        ip = processor.image_processor
+        resample = _RESAMPLE.get(int(ip.resample), "bicubic") if ip.resample is not None \
+            else "bicubic"
+        return {
+            "processor": type(ip).__name__,
+            # Resizing is part of the patching: both sides to multiples of
+            # patch * merge with the pixel count in [min_pixels, max_pixels].
+            "resize": "none",
+            "resample": resample,
+            "rescale": float(ip.rescale_factor) if ip.do_rescale else None,
+            "mean": [float(x) for x in ip.image_mean] if ip.do_normalize else None,
+            "std": [float(x) for x in ip.image_std] if ip.do_normalize else None,
+            "convert_rgb": bool(ip.do_convert_rgb),
+            "tiling": {
+                "method": "qwen2_vl_patches",
+                "patch_size": int(ip.patch_size),
+                "temporal_patch_size": int(ip.temporal_patch_size),
+                "merge_size": int(ip.merge_size),
+                "min_pixels": int(ip.size["shortest_edge"]),
+                "max_pixels": int(ip.size["longest_edge"]),
+            },
+        }
+
+    def image_facts(self, model, processor) -> dict[str, Any]:
+        vc = model.config.vision_config
+        merge = self._merge(model)
+        if int(processor.image_processor.merge_size) != merge or \
+                int(processor.image_processor.patch_size) != vc.patch_size:
+            raise ModelDirError("the image processor's patch/merge size disagrees with the model",
+                                expected=f"patch_size {vc.patch_size}, merge_size {merge}",
+                                got=f"{processor.image_processor.patch_size}, "
+                                    f"{processor.image_processor.merge_size}")
+        hf = self.hf_inputs(processor, self.sample_image(), "describe the image.")
+        grid = self.image_grid(processor, None, hf)
+        token = processor.image_token
+        return {"image_token": token,
+                "image_token_id": int(model.config.image_token_id),
+                # For the validation image's grid; an image's count is t*h*w / merge^2.
+                "tokens_per_image": grid[0] * grid[1] * grid[2] // merge ** 2,
+                "validated_grid": list(grid),
+                "feature_dim": int(self.text_config(model.config).hidden_size),
+                "image_placeholder": token,
+                "expand": "qwen2_vl",
+                "temporal_patch_size": int(vc.temporal_patch_size),
+                # Vision graph inputs computed on the host from the (t, h, w) grid.
+                "vision_grid_inputs": list(self.grid_inputs),
+                "images_per_vision_call": 1,
+                **self._grid_facts(model)}
+
+
+class Qwen25VL(Qwen2VL):
+    name = "qwen2_5_vl"
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    model_types = ("qwen2_5_vl",)
+    vision_module = Qwen25VLVision
+    grid_inputs = Qwen2VL.grid_inputs + ("window_index", "cu_window_seqlens")
+
+    def processor_class(self):
+        from transformers import Qwen2_5_VLProcessor
+        return Qwen2_5_VLProcessor
+
+    def trace_grid(self, model, processor) -> tuple[int, int, int]:
+        # The validation image's grid: the window count is fixed by the trace.
+        hf = self.hf_inputs(processor, self.sample_image(), "describe the image.")
+        return self.image_grid(processor, None, hf)
+
+    def _grid_facts(self, model) -> dict[str, Any]:
+        vc = model.config.vision_config
+        return {**super()._grid_facts(model), "window_size": int(vc.window_size),
+                "fullatt_block_indexes": [int(i) for i in vc.fullatt_block_indexes]}
+
+    def image_facts(self, model, processor) -> dict[str, Any]:
+        facts = super().image_facts(model, processor)
+        _, cu = mrope.vision_window_index(facts["validated_grid"], facts["merge_size"],
+                                          facts["window_size"], facts["patch_size"])
+        facts["window_count"] = len(cu) - 1  # grids with another count need another export
+        return facts
