@@ -197,7 +197,9 @@ _RESIZE_RULES = ("shortest_edge", "exact", "none")
 class ImagePreprocessor:
     """An HF-style image processor for one model, driven by a plain dict (the
     artifact manifest's "preprocess" entry). Image in (path, bytes, PIL image, or
-    uint8 HWC array in `layout` order) -> float32 (1, 3, H, W) pixel_values (CHW).
+    uint8 HWC array in `layout` order) -> float32 (1, 3, H, W) pixel_values (CHW)
+    by __call__; preprocess() also serves configs that tile or patch the
+    image (Idefics3, Qwen2-VL) and returns the image grid with the pixels.
 
     Config keys (missing keys take the default in brackets):
       resize      "shortest_edge" | "exact" | "none" ["shortest_edge"]: scale so
@@ -215,10 +217,15 @@ class ImagePreprocessor:
                   do_normalize is false) [None]
       convert_rgb bool: composite transparency over white as HF's
                   convert_to_rgb (False: Pillow's plain convert, alpha dropped) [True]
-      tiling      None (image splitting is not done by this pipeline) [None]
+      tiling      None, or the family's own layout, resize included [None]:
+                  {"method": "idefics3", "longest_edge": int | None (None:
+                  no first resize), "tile_size": int, "do_image_splitting": bool}
+                  or {"method": "qwen2_vl_patches", "patch_size",
+                  "temporal_patch_size", "merge_size", "min_pixels",
+                  "max_pixels": int}; `resize`, `size` and `crop` are then unused
       processor   str: the HF class it came from, for the record only [None]
 
-    The returned array is reused by the next call with the same output shape
+    __call__'s array is reused by the next call with the same output shape
     (no allocation per frame): copy it to keep it. One instance per thread.
     """
 
@@ -249,11 +256,48 @@ class ImagePreprocessor:
 
     def __call__(self, image, layout: str = "RGB") -> np.ndarray:
         """Image -> float32 (1, 3, H, W) pixel_values (RGB, CHW)."""
+        if self.config["tiling"] is not None:  # the pixels alone would lose the grid
+            raise UserInputError("ImagePreprocessor: this config tiles images "
+                                 f"({self.config['tiling']['method']})",
+                                 hint="call .preprocess(image) for pixel_values and the grid")
         rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)
         u8 = self._resize_and_crop(rgb)                                             # (H, W, 3)
         out = self._buffer("_out", (1, 3) + u8.shape[:2], np.float32)
         normalize_to_chw(u8, self._scale, self._mean, self._std, out=out[0])
         return out
+
+    def preprocess(self, image, layout: str = "RGB") -> tuple[np.ndarray, tuple | None]:
+        """Image -> (pixel_values float32, image_grid), by the config's tiling:
+
+          None              (1, 3, H, W) (what __call__ returns, buffer reused); grid None
+          idefics3          (N, 3, S, S) tiles: rows x cols row-major, then the
+                            whole image; grid (rows, cols), (0, 0) when not split
+          qwen2_vl_patches  (gh * gw, 3 * T * P * P) flattened patches;
+                            grid (1, gh, gw) in patches (image_grid_thw)
+
+        Equal to the HF image processor's pixel_values for one image (Idefics3's
+        without its padding) and its rows/cols or image_grid_thw."""
+        tiling = self.config["tiling"]
+        if tiling is None:
+            return self(image, layout), None
+        rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)
+        if tiling["method"] == "idefics3":
+            return self._idefics3(rgb, tiling)
+        return self._qwen2_vl(rgb, tiling)
+
+    def _idefics3(self, rgb: np.ndarray, tiling: dict) -> tuple[np.ndarray, tuple[int, int]]:
+        frames, rows, cols = idefics3_frames(rgb, tiling["longest_edge"], tiling["tile_size"],
+                                             self._filter, tiling["do_image_splitting"])
+        pixels = frames_to_pixel_values(frames, self._scale, self._mean, self._std)
+        return pixels[0], (int(rows), int(cols))  # (N, 3, S, S): the one image's tiles
+
+    def _qwen2_vl(self, rgb: np.ndarray, tiling: dict) -> tuple[np.ndarray, tuple[int, int, int]]:
+        patches, grid = qwen2_vl_patches(
+            rgb, self._scale, self._mean, self._std, patch_size=tiling["patch_size"],
+            merge_size=tiling["merge_size"], temporal_patch_size=tiling["temporal_patch_size"],
+            min_pixels=tiling["min_pixels"], max_pixels=tiling["max_pixels"],
+            resample=self._filter)
+        return patches, tuple(int(v) for v in grid[0])  # grid (1, 3) -> (t, h, w)
 
     def _resize_and_crop(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
@@ -287,8 +331,7 @@ def _check_config(config: dict) -> dict:
         raise UserInputError("ImagePreprocessor: bad resize rule",
                              expected=" | ".join(map(repr, _RESIZE_RULES)), got=repr(c["resize"]))
     if c["tiling"] is not None:
-        raise UserInputError("ImagePreprocessor: tiling (image splitting) is not supported here",
-                             expected="tiling None", got=repr(c["tiling"]))
+        c["tiling"] = _check_tiling(c["tiling"])
     if c["resize"] == "shortest_edge" and not (isinstance(c["size"], int) and c["size"] > 0):
         raise UserInputError("ImagePreprocessor: shortest_edge needs an int size > 0",
                              got=repr(c["size"]))
@@ -306,6 +349,37 @@ def _check_config(config: dict) -> dict:
         raise UserInputError("ImagePreprocessor: std must be non-zero", got=repr(c["std"]))
     resample_id(c["resample"])
     return c
+
+
+# The keys each tiling method needs (export/families/*.py write them).
+_TILING_KEYS = {
+    "idefics3": ("longest_edge", "tile_size", "do_image_splitting"),
+    "qwen2_vl_patches": ("patch_size", "temporal_patch_size", "merge_size", "min_pixels",
+                         "max_pixels"),
+}
+
+
+def _check_tiling(tiling) -> dict:
+    method = tiling.get("method") if isinstance(tiling, dict) else None
+    if method not in _TILING_KEYS:
+        raise UserInputError("ImagePreprocessor: unknown tiling method",
+                             expected=" | ".join(map(repr, _TILING_KEYS)) + " or tiling None",
+                             got=repr(method if isinstance(tiling, dict) else tiling),
+                             hint="upgrade vlmedge or re-export the artifact")
+    missing = [k for k in _TILING_KEYS[method] if k not in tiling]
+    if missing:
+        raise UserInputError(f"ImagePreprocessor: {method} tiling lacks {missing}",
+                             expected=f"keys {list(_TILING_KEYS[method])}",
+                             got=repr(sorted(tiling)))
+    for key in _TILING_KEYS[method]:
+        v = tiling[key]
+        ok = isinstance(v, bool) if key == "do_image_splitting" else \
+            (v is None and key == "longest_edge") or (isinstance(v, int) and v > 0)
+        if not ok:
+            raise UserInputError(f"ImagePreprocessor: bad tiling {key}",
+                                 expected="a bool" if key == "do_image_splitting"
+                                 else "an int > 0", got=repr(v))
+    return dict(tiling)
 
 
 def _pair(v, name: str) -> list[int]:
@@ -402,15 +476,17 @@ def idefics3_encoder_size(h: int, w: int, tile: int) -> tuple[int, int]:
     return h, w
 
 
-def idefics3_frames(rgb: np.ndarray, longest_edge: int = 4 * 364, tile: int = 364,
+def idefics3_frames(rgb: np.ndarray, longest_edge: int | None = 4 * 364, tile: int = 364,
                     resample="lanczos", splitting: bool = True):
     """uint8 (H, W, 3) RGB -> (frames uint8 (N, tile, tile, 3), rows, cols), as
-    transformers' Idefics3ImageProcessor: resize the long side to longest_edge,
-    then (splitting) to multiples of `tile`, cut rows x cols tiles row-major
-    and append the whole image resized to tile x tile as the last frame;
+    transformers' Idefics3ImageProcessor: resize the long side to longest_edge
+    (None: not at all, HF's do_resize=False), then (splitting) to multiples of
+    `tile`, cut rows x cols tiles row-major and append the whole image resized
+    to tile x tile as the last frame;
     without splitting, one frame: the image resized to tile x tile. Each resize
     starts from the previous one's pixels, as HF's does."""
-    img = resize(rgb, *idefics3_resized_size(*rgb.shape[:2], longest_edge), resample)
+    img = rgb if longest_edge is None else \
+        resize(rgb, *idefics3_resized_size(*rgb.shape[:2], longest_edge), resample)
     if not splitting:
         return resize(img, tile, tile, resample)[None], 0, 0
     img = resize(img, *idefics3_encoder_size(*img.shape[:2], tile), resample)

@@ -5,11 +5,13 @@
     r = s.generate("frame.jpg", "what color is the circle?")
     r.text, r.token_ids, r.timings["ttft_ms"]
 
-Pipeline per call: image -> pixel_values (C preprocessing) -> vision graph ->
-image_features (N, T_img, D); prompt ids (chat template, <image> expanded
-to T_img tokens) -> embed graph -> inputs_embeds (1, S, D) with the image
-tokens' rows replaced by the image features; decoder prefill with an empty
-cache, then one-token decode steps reusing the KV cache.
+Pipeline per call: image -> pixel_values and image grid (C preprocessing;
+the grid is the tile or patch layout where the family has one) -> vision
+graph -> image_features (N, T_img, D); prompt ids (chat template, <image>
+expanded to the image's tokens, as many as its grid needs) -> embed graph ->
+inputs_embeds (1, S, D) with the image tokens' rows replaced by the image
+features; decoder prefill with an empty cache, then one-token decode steps
+reusing the KV cache.
 """
 from __future__ import annotations
 
@@ -99,10 +101,19 @@ class VLMSession:
             self._preprocessor = ImagePreprocessor(self.manifest["preprocess"])
         return self._preprocessor
 
-    def pixel_values(self, image, layout: str = "RGB") -> np.ndarray:
-        """Any supported image -> (1, 3, H, W) float32 pixel_values."""
+    def preprocess(self, image, layout: str = "RGB") -> tuple[np.ndarray, Any]:
+        """Any supported image -> (pixel_values float32, image_grid), the inputs
+        of encode_image, chat.prompt_ids and prefill for this artifact:
+        (1, 3, H, W) and None (llava); (N, 3, S, S) tiles and (rows, cols)
+        (idefics3); (num_patches, 3*T*P*P) and (t, h, w) patches (qwen2_vl).
+        See ImagePreprocessor.preprocess."""
         from .image_io import load_image
-        return self.preprocessor(load_image(image, layout=layout))
+        return self.preprocessor.preprocess(load_image(image, layout=layout))
+
+    def pixel_values(self, image, layout: str = "RGB") -> np.ndarray:
+        """Any supported image -> float32 pixel_values ((1, 3, H, W) for llava;
+        preprocess() gives the shapes of the other families, and their grid)."""
+        return self.preprocess(image, layout)[0]
 
     def encode_image(self, pixel_values: np.ndarray, image_grid=None) -> np.ndarray:
         """pixel_values -> image_features (N, T_img, D).
@@ -213,18 +224,20 @@ class VLMSession:
     def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict):
         if max_new_tokens < 1:
             raise UserInputError("max_new_tokens must be >= 1", got=str(max_new_tokens))
-        ids = self.chat.prompt_ids(prompt, with_image=image is not None)
-        self._check_context(len(ids), max_new_tokens)  # before any compute
-        t = time.perf_counter()
-        feats = None
+        pixels = grid = feats = None
         if image is not None:
-            pixels = self.pixel_values(image, layout)
-            timings["preprocess_ms"] = _ms(t)
             t = time.perf_counter()
-            feats = self.encode_image(pixels)
+            pixels, grid = self.preprocess(image, layout)
+            timings["preprocess_ms"] = _ms(t)
+        # The image's token count follows its grid (idefics3 tiles, qwen2_vl patches).
+        ids = self.chat.prompt_ids(prompt, with_image=image is not None, image_grid=grid)
+        self._check_context(len(ids), max_new_tokens)  # before the model runs
+        if pixels is not None:
+            t = time.perf_counter()
+            feats = self.encode_image(pixels, grid)
             timings["vision_ms"] = _ms(t)
         t = time.perf_counter()
-        logits, cache = self.prefill(ids, feats, self.empty_cache())
+        logits, cache = self.prefill(ids, feats, self.empty_cache(), grid)
         timings["prefill_ms"] = _ms(t)
         return ids, logits, cache
 
@@ -301,26 +314,28 @@ class VLMSession:
             raise UserInputError("ask() needs at least one question")
         with self._lock:
             t0 = time.perf_counter()
-            prompts = [self.chat.prompt_ids(q) for q in questions]
+            pixels, grid = self.preprocess(image, layout)
+            preprocess_ms = _ms(t0)
+            prompts = [self.chat.prompt_ids(q, image_grid=grid) for q in questions]
             for p in prompts:
                 self._check_context(len(p), max_new_tokens)
             shared = _common_prefix(prompts)
             shared = min(shared, min(len(p) for p in prompts) - 1)  # each keeps >= 1 own token
-            pixels = self.pixel_values(image, layout)
-            preprocess_ms = _ms(t0)
             t = time.perf_counter()
-            feats = self.encode_image(pixels)
+            feats = self.encode_image(pixels, grid)
             vision_ms = _ms(t)
             t = time.perf_counter()
-            _, prefix = self.prefill(prompts[0][:shared], feats, self.empty_cache()) if shared \
-                else (None, self.empty_cache())
+            # The image precedes the question, so the shared prefix holds all its tokens.
+            _, prefix = self.prefill(prompts[0][:shared], feats, self.empty_cache(), grid) \
+                if shared else (None, self.empty_cache())
             shared_ms = _ms(t)
             results = []
             for p in prompts:
                 timings: dict[str, Any] = {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms,
                                            "shared_prefix_ms": shared_ms, "shared_tokens": shared}
                 t = time.perf_counter()
-                logits, cache = self.prefill(p[shared:], feats if shared == 0 else None, prefix)
+                logits, cache = self.prefill(p[shared:], feats if shared == 0 else None, prefix,
+                                             grid)
                 timings["prefill_ms"] = _ms(t)
                 tokens = list(self._tokens(logits, cache, max_new_tokens, np.random.default_rng(0),
                                            dict(temperature=0.0), None, timings, t))

@@ -1,7 +1,8 @@
 """Idefics3 (SmolVLM), Qwen2-VL and Qwen2.5-VL families: tiny random-weight
 models export and validate; names and dims are as DESIGN.md says; the
 runtime's prompt ids, mrope positions and vision inputs equal what
-transformers computes."""
+transformers computes; raw images go through the runtime's own tiling and
+patching to the same pixels, ids and greedy tokens as the HF processor + model."""
 import json
 import subprocess
 import sys
@@ -417,11 +418,128 @@ def test_manifest_image_sections(family_artifacts):
     assert m["image"]["vision_grid_inputs"][-2:] == ["window_index", "cu_window_seqlens"]
 
 
+# -- raw images through the runtime: tiles (Idefics3) and patches (Qwen) ------------
+
+SIZES = [(128, 128), (300, 90), (50, 128), (20, 20)]  # (w, h): square, wide, tall, upscaled
+
+
 @pytest.mark.parametrize("family", sorted(BUILDERS))
-def test_raw_images_are_refused_clearly(family, family_artifacts):
-    """The runtime's image preprocessing does not yet tile (Idefics3) or patch
-    (Qwen): a raw image is a one-line UserInputError, not wrong numbers. The
-    graphs take the HF processor's pixel_values and grid (tests above)."""
+@pytest.mark.parametrize("size", SIZES)
+def test_runtime_preprocessing_equals_processor(family, size, family_artifacts, loaded):
+    """A raw image through the runtime: pixel_values, grid and prompt ids as
+    the HF processor's (Idefics3's pixel_values without the batch dim), bit
+    for bit: the resizes are Pillow's, and rescale/normalize round as HF's."""
+    lm = loaded[family]
     s = _session(family_artifacts[family][0])
-    with pytest.raises(UserInputError, match="tiling"):
-        s.pixel_values(scenes.make_scene(1).image)
+    image = _image(*size)
+    hf = _hf_ids(lm.processor, image)
+    pixels, grid = s.preprocess(image)
+    ref_pixels = hf["pixel_values"].numpy()
+    ref_pixels = ref_pixels[0] if family == "idefics3" else ref_pixels  # (1, N, 3, S, S)
+    assert grid == lm.family.image_grid(lm.processor, image, hf)
+    assert pixels.shape == ref_pixels.shape and pixels.dtype == np.float32
+    np.testing.assert_array_equal(pixels, ref_pixels)
+    assert s.chat.prompt_ids(QUESTION, image_grid=grid) == hf["input_ids"][0].tolist()
+
+
+# (family, (w, h)): square, wide and tall images whose 8 greedy tokens hold no
+# image token (PyTorch's recompute cannot take one) and no early stop token;
+# Qwen2.5-VL's graph takes grids with 4 attention windows only.
+GENERATE_CASES = [("idefics3", (128, 128)), ("idefics3", (300, 90)), ("idefics3", (50, 128)),
+                  ("qwen2_vl", (128, 128)), ("qwen2_vl", (40, 120)), ("qwen2_5_vl", (200, 64))]
+
+
+@pytest.mark.parametrize("family,size", GENERATE_CASES)
+def test_generate_on_raw_image_equals_torch(family, size, family_artifacts, loaded):
+    """session.generate on a raw image = PyTorch greedy (full recompute) on
+    the HF processor's inputs for it, up to the first stop token."""
+    from vlmedge.export.validate import _torch_greedy
+
+    lm = loaded[family]
+    s = _session(family_artifacts[family][0])
+    image = _image(*size)
+    ref, _ = _torch_greedy(torch, lm.model, lm.family.hf_inputs(lm.processor, image, QUESTION), 8)
+    stops = [i for i, t in enumerate(ref) if t in s.chat.stop_token_ids]
+    want = ref[:stops[0]] if stops else ref
+    r = s.generate(image, QUESTION, max_new_tokens=8)
+    assert r.token_ids == want, (r.token_ids, ref)
+    assert r.stop_reason == ("stop_token" if stops else "max_new_tokens")
+    for k in ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms"):
+        assert r.timings[k] > 0, k
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_stream_and_ask_on_raw_image(family, family_artifacts):
+    """stream() joins to generate()'s text; ask() (shared image prefix, for
+    Qwen its mrope offset carried in the cache) answers as generate()."""
+    s = _session(family_artifacts[family][0])
+    image = scenes.make_scene(7).image
+    qs = [QUESTION, "describe the image."]
+    want = [s.generate(image, q, max_new_tokens=6) for q in qs]
+    assert "".join(s.stream(image, qs[0], max_new_tokens=6)) == want[0].text
+    answers = s.ask(image, qs, max_new_tokens=6)
+    assert [a.token_ids for a in answers] == [w.token_ids for w in want]
+    ids = s.chat.prompt_ids(qs[0], image_grid=s.preprocess(image)[1])
+    last_image_token = max(i for i, t in enumerate(ids) if t == s.chat.image_token_id)
+    assert answers[0].timings["shared_tokens"] > last_image_token
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_raw_image_generation_without_torch(family, family_artifacts, tmp_path):
+    """generate() on an image file with torch and transformers blocked from
+    import gives the tokens it gives here."""
+    art = family_artifacts[family][0]
+    path = tmp_path / "wide.png"
+    _image(300, 90).save(path)
+    want = _session(art).generate(str(path), QUESTION, max_new_tokens=8).token_ids
+    code = f"""
+import json, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from vlmedge.runtime import VLMSession
+s = VLMSession({str(art)!r}, provider='cpu', threads=1)
+r = s.generate({str(path)!r}, {QUESTION!r}, max_new_tokens=8)
+assert 'torch' not in sys.modules and 'transformers' not in sys.modules
+print(json.dumps(r.token_ids))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == want
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_vlm_run_on_raw_image(family, family_artifacts, tmp_path):
+    art = family_artifacts[family][0]
+    path = tmp_path / "scene.png"
+    scenes.make_scene(5).image.save(path)
+    want = _session(art).generate(str(path), QUESTION, max_new_tokens=4).token_ids
+    r = subprocess.run([str(Path(sys.executable).parent / "vlm-run"), str(art), "--image",
+                        str(path), "--prompt", QUESTION, "-n", "4", "--json", "--provider", "cpu",
+                        "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["token_ids"] == want and "preprocess_ms" in out["timings"]
+
+
+def test_qwen2_5_vl_raw_image_of_another_window_count_is_a_clear_error(family_artifacts):
+    """A 20x20 image makes a 2x2-patch grid (1 attention window; the graph takes 4)."""
+    s = _session(family_artifacts["qwen2_5_vl"][0])
+    with pytest.raises(UserInputError, match="does not fit this artifact's vision graph"):
+        s.generate(_image(20, 20), QUESTION, max_new_tokens=2)
+
+
+def test_tiling_preprocessor_needs_preprocess_and_a_known_method(family_artifacts):
+    """__call__ would drop the grid: a one-line error pointing to preprocess();
+    an unknown tiling method is refused when the config is read."""
+    from vlmedge.runtime.preprocess import ImagePreprocessor
+
+    m = manifest.load(family_artifacts["idefics3"][0])
+    pp = ImagePreprocessor(m["preprocess"])
+    with pytest.raises(UserInputError, match="preprocess"):
+        pp(np.zeros((8, 8, 3), np.uint8))
+    for bad in ({"method": "llava_next"}, {"method": "idefics3", "tile_size": 64}, "tiles"):
+        with pytest.raises(UserInputError, match="tiling"):
+            ImagePreprocessor({**m["preprocess"], "tiling": bad})

@@ -353,6 +353,19 @@ def test_idefics3_without_splitting_matches_hf():
         hf(Image.fromarray(img), return_tensors="np")["pixel_values"])
 
 
+def test_idefics3_without_first_resize_matches_hf():
+    """do_resize=False (manifest tiling longest_edge None): tiles cut from the
+    image resized only up to multiples of the tile."""
+    hf = transformers.Idefics3ImageProcessor(do_resize=False, max_image_size={"longest_edge": 64})
+    img = _rng_image(90, 150)
+    want = hf(Image.fromarray(img), return_tensors="np", return_row_col_info=True)
+    frames, rows, cols = preprocess.idefics3_frames(img, None, 64, hf.resample)
+    assert (rows, cols) == (want["rows"][0][0], want["cols"][0][0]) == (2, 3)
+    np.testing.assert_array_equal(
+        preprocess.frames_to_pixel_values(frames, hf.rescale_factor, hf.image_mean, hf.image_std),
+        want["pixel_values"])
+
+
 @pytest.mark.parametrize("h,w", [(30, 40), (480, 640), (1080, 1920), (700, 33)])
 def test_qwen2_vl_patches_match_hf(h, w):
     hf = transformers.Qwen2VLImageProcessor()
