@@ -67,7 +67,15 @@ def encode_turns(tokenizer, turns: list["Turn"]) -> tuple[list[int], list[int], 
         prefix += tokenizer(q.question, add_special_tokens=False)["input_ids"]
         prefix += [v["<end>"], v["<assistant>"]]
         if q.cell >= 0:
-            routes.append((len(ids) + len(prefix) - 1, q.cell))
+            # Two routing probes: at the last word naming the object ("circle" in
+            # "what color is the circle?"), and at the <assistant> token that
+            # predicts the answer (see the module docstring).
+            qstart = len(ids) + (0 if i == 0 else 1)
+            qids = prefix[qstart - len(ids):-2]
+            named = [j for j, t in enumerate(qids) if t in q.word_ids]
+            if named:
+                routes.append((qstart + named[-1], q.cell, 0))
+            routes.append((len(ids) + len(prefix) - 1, q.cell, 1))
         answer = tokenizer(q.answer, add_special_tokens=False)["input_ids"] + [v["<end>"]]
         ids += prefix + answer
         labels += [-100] * len(prefix) + answer
@@ -92,8 +100,8 @@ def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int):
     labels = torch.full((batch, T), -100, dtype=torch.long)
     mask = torch.zeros((batch, T), dtype=torch.long)
     kinds = torch.full((batch, T), -1, dtype=torch.long)
-    routes = torch.tensor([(b, pos, cell) for b, s in enumerate(seqs) for pos, cell in s[3]],
-                          dtype=torch.long).reshape(-1, 3)
+    routes = torch.tensor([(b, pos, cell, probe) for b, s in enumerate(seqs)
+                           for pos, cell, probe in s[3]], dtype=torch.long).reshape(-1, 4)
     for b, (i, l, k, _) in enumerate(seqs):
         ids[b, : len(i)] = torch.tensor(i)
         labels[b, : len(l)] = torch.tensor(l)
@@ -106,19 +114,21 @@ def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int):
 class Turn:
     """A question with the grid cell of the object it names (-1: none)."""
 
-    def __init__(self, q: scenes.Question, cell: int):
+    def __init__(self, q: scenes.Question, cell: int, words: set[str] = frozenset()):
         self.kind, self.question, self.answer, self.cell = q.kind, q.question, q.answer, cell
+        v = build.vocab()
+        self.word_ids = {v[w] for w in words}  # the question's words naming the object
 
     @classmethod
     def of(cls, scene: scenes.Scene, q: scenes.Question) -> "Turn":
         words = set(q.question.rstrip("?").split())
-        cell = -1
+        cell, named = -1, set()
         if q.kind in ("color", "shape", "size", "position", "yesno"):
             for o in scene.objects:
                 named = {o.color, o.shape} if q.kind in ("size", "position", "yesno") else \
                     ({o.shape} if q.kind == "color" else {o.color})
                 if named <= words:
-                    cell = o.row * scenes.GRID + o.col
+                    return cls(q, o.row * scenes.GRID + o.col, named)
         return cls(q, cell)
 
 
@@ -138,8 +148,6 @@ def cell_targets(scene: scenes.Scene) -> np.ndarray:
     return t
 
 
-AUX_CLASSES = (len(scenes.COLORS) + 1, len(scenes.SHAPES) + 1, len(scenes.SIZES) + 1,
-               scenes.GRID, scenes.GRID)
 
 
 def train(args) -> Path:
@@ -165,7 +173,9 @@ def train(args) -> Path:
                 (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES))]
     aux = torch.nn.Linear(model.config.text_config.hidden_size, 2 * scenes.GRID)
     aux_scale = torch.nn.Parameter(torch.tensor(10.0))
-    route = torch.nn.Linear(model.config.text_config.hidden_size, scenes.GRID * scenes.GRID)
+    # Probe 0 reads the naming word's layer-2 state, probe 1 the <assistant> token's layer-3 state.
+    route = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size,
+                                                scenes.GRID * scenes.GRID) for _ in range(2))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, {args.steps} steps of batch {args.batch}",
           flush=True)
@@ -189,7 +199,7 @@ def train(args) -> Path:
     start = time.time()
     ema = None
     acc: dict[int, float] = {}
-    racc = 0.0
+    racc = wacc = 0.0
     for step in range(args.steps):
         ids, mask, labels, pix, cells, kinds, routes = make_batch(tokenizer, rng, args.batch,
                                                                   args.turns)
@@ -217,22 +227,29 @@ def train(args) -> Path:
             for i, lg in enumerate(logits))
         loss = lm_loss + args.aux_weight * aux_loss
         if args.route_weight > 0 and len(routes):
-            h = out.hidden_states[min(2, len(out.hidden_states) - 1)]  # (B, T, D) after layer 2
-            route_logits = route(h[routes[:, 0], routes[:, 1]])  # (R, 16)
-            route_loss = torch.nn.functional.cross_entropy(route_logits, routes[:, 2])
+            layers = out.hidden_states  # (B, T, D) each; [0] is the embeddings
+            rl = []
+            for probe, layer in ((0, 2), (1, 3)):
+                sel = routes[routes[:, 3] == probe]
+                h = layers[min(layer, len(layers) - 1)][sel[:, 0], sel[:, 1]]
+                rl.append((route[probe](h), sel[:, 2]))
+            route_loss = sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in rl)
             loss = loss + args.route_weight * route_loss
             with torch.no_grad():
-                racc = 0.9 * racc + 0.1 * (route_logits.argmax(-1) == routes[:, 2]).float().mean().item()
+                lg, t = rl[1]
+                racc = 0.9 * racc + 0.1 * (lg.argmax(-1) == t).float().mean().item()
+                lg, t = rl[0]
+                wacc = 0.9 * wacc + 0.1 * (lg.argmax(-1) == t).float().mean().item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
         opt.step()
         ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
             el = time.time() - start
             eta = el / (step + 1) * (args.steps - step - 1)
             print(f"step {step:5d}/{args.steps}  loss {ema:.4f}  lr {lr_at(step):.2e}  "
-                  f"{el:6.0f}s elapsed, eta {eta:4.0f}s  route {racc:.2f}  token acc " +
+                  f"{el:6.0f}s elapsed, eta {eta:4.0f}s  |g| {gnorm:.2f}  route word {wacc:.2f} answer {racc:.2f}  token acc " +
                   " ".join(f"{scenes.QUESTION_KINDS[k]}={v:.2f}" for k, v in sorted(acc.items())),
                   flush=True)
     model.eval()
@@ -250,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(build.SIZES), default="demo")
     p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--turns", type=int, default=3, help="max question turns per image")
+    p.add_argument("--turns", type=int, default=7,
+                   help="max question turns per image (1..turns, uniformly)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aux-weight", type=float, default=1.0,

@@ -201,9 +201,12 @@ class VLMSession:
         history: list[int] = []
         decode_ms: list[float] = []
         stop_ids = set(self.chat.stop_token_ids)
+        # decode_ms[i]: sampling token i plus the decoder step that yields the
+        # logits for token i+1; the consumer's time between tokens is excluded.
         for i in range(max_new_tokens):
             t = time.perf_counter()
             token = sampling.next_token(logits, history, rng, **opts)
+            sample_ms = _ms(t)
             if i == 0:
                 timings["ttft_ms"] = _ms(t_start)
             if token in stop_ids:
@@ -216,8 +219,9 @@ class VLMSession:
             if stop and any(s in self.chat.decode(history) for s in stop):
                 timings["stop_reason"] = "stop_string"
                 break
+            t = time.perf_counter()
             logits, cache = self.step(self.embed_token(token), cache)
-            decode_ms.append(_ms(t))
+            decode_ms.append(sample_ms + _ms(t))
         timings.setdefault("stop_reason", "max_new_tokens")
         timings["decode_ms"] = decode_ms
 
