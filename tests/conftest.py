@@ -58,3 +58,16 @@ def tiny_llava_artifact(tiny_llava_dir, tmp_path_factory):
     summary = exporter.run_export(exporter.ExportOptions(model_dir=tiny_llava_dir, output=out),
                                   log=lambda s: None)
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory):
+    """The demo model exported (fp32, validated) once per test session."""
+    pytest.importorskip("torch")
+    from vlmedge.export import exporter
+    from vlmedge.models import demo_model_dir
+
+    out = tmp_path_factory.mktemp("demo_art") / "demo-onnx-fp32"
+    exporter.run_export(exporter.ExportOptions(model_dir=demo_model_dir(), output=out),
+                        log=lambda s: None)
+    return out

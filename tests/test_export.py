@@ -161,3 +161,27 @@ def test_failed_validation_keeps_nothing_unless_asked(tmp_path, tiny_llava_dir, 
     assert failed.is_dir() and not out.exists()
     m = json.loads((failed / "manifest.json").read_text())
     assert m["validation"]["passed"] is False
+
+
+@pytest.mark.slow
+def test_full_size_smolvlm_256m_preset_exports_with_external_data(tmp_path):
+    """A full-size random-weight SmolVLM-256M-shaped model from the committed
+    preset config: weights go to external data and onnxruntime loads them."""
+    import onnxruntime as ort
+
+    from vlmedge.export import exporter
+
+    preset = Path(__file__).resolve().parents[1] / "benchmarks" / "presets" / "smolvlm-256m"
+    out = tmp_path / "smol"
+    summary = exporter.run_export(exporter.ExportOptions(
+        model_dir=preset, output=out, random_weights=True, validate=True), log=print)
+    assert summary["random_weights"] and summary["validation"]["passed"]
+    m = manifest.load(out)
+    assert m["source"]["random_weights"] is True
+    for comp in ("vision", "embed", "decoder"):
+        proto = onnx.load(str(out / f"{comp}.onnx"), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert external, comp
+        assert (out / f"{comp}.onnx").stat().st_size < 5_000_000  # weights are not inline
+        ort.InferenceSession(str(out / f"{comp}.onnx"), providers=["CPUExecutionProvider"])
+    assert summary["total_bytes"] > 900_000_000  # ~256M parameters in fp32
