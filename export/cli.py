@@ -42,7 +42,12 @@ def main(
     random_weights: bool = typer.Option(
         False, "--random-weights", help="Build the model from config.json alone (latency planning)."),
     max_context: Optional[int] = typer.Option(
-        None, "--max-context", help="Context length to serve (default: the model's)."),
+        None, "--max-context", help="Context length to serve (default: the model's); with "
+                                    "--target trt, the KV cache and profile maximum."),
+    max_batch: int = typer.Option(
+        1, "--max-batch", help="--target trt: most sequences per decoder call (profile maximum)."),
+    max_images: int = typer.Option(
+        1, "--max-images", help="--target trt: most images per prompt (vision profile maximum)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     keep_failed: bool = typer.Option(
         False, "--keep-failed", help="On failed validation keep the artifact as <output>.failed."),
@@ -50,6 +55,28 @@ def main(
         False, "--trust-remote-code", help="Allow code from the model directory to run."),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Allow pickle (.bin) checkpoints; they can run code."),
+    calib: Optional[str] = typer.Option(
+        None, "--calib", help="int8 / int8-dynamic: calibration data, a folder of images (jpg, png, "
+        "webp; recursive) with an optional prompts.jsonl of {\"image\": ..., \"prompt\": ...} "
+        "lines, or 'synthetic' (the demo scene world; the default for the demo model)."),
+    calib_size: Optional[int] = typer.Option(
+        None, "--calib-size", help="Images to calibrate on (default 64, fewer if the folder is "
+        "smaller); up to 32 more are held out for the accuracy gate."),
+    calib_method: str = typer.Option(
+        "minmax", "--calib-method", help="int8: how activation ranges are set from the "
+        "calibration data: minmax | entropy | percentile (99.999th)."),
+    accuracy_target: float = typer.Option(
+        0.97, "--accuracy-target", help="Minimum teacher-forced top-1 agreement with fp32 on the "
+        "held-out split; below it the most harmful nodes are kept in fp32 until it is met, or "
+        "the export fails."),
+    min_cosine: float = typer.Option(
+        0.99, "--min-cosine", help="Minimum mean cosine of INT8 vs fp32 image features (gate)."),
+    max_accuracy_drop: float = typer.Option(
+        1.0, "--max-accuracy-drop", help="Demo model: most scene-question accuracy points INT8 "
+        "may lose against fp32 on the held-out scenes (gate)."),
+    calib_cache: Optional[str] = typer.Option(
+        None, "--calib-cache", help="Folder caching collected activation ranges (default "
+        "~/.cache/vlmedge/calibration, or $VLMEDGE_CACHE_DIR); 'off' disables it."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -60,9 +87,12 @@ def main(
         opts = ExportOptions(
             model_dir=Path(), output=output or _default_output(model, target, precision),
             target=target, precision=precision, validate=validate,
-            random_weights=random_weights, max_context=max_context, force=force,
+            random_weights=random_weights, max_context=max_context, max_batch=max_batch,
+            max_images=max_images, force=force,
             keep_failed=keep_failed, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle)
+            allow_pickle=allow_pickle, calib=calib, calib_size=calib_size,
+            calib_method=calib_method, accuracy_target=accuracy_target, min_cosine=min_cosine,
+            max_accuracy_drop=max_accuracy_drop, calib_cache=calib_cache, progress=True)
         check_options(opts)  # cheap argument checks before touching the model
         opts.model_dir = resolve_model_dir(model)
 
@@ -92,3 +122,28 @@ def _print_summary(s: dict) -> None:
               f", max|d logits|={v['max_abs_diff_logits']:.2e}, max|d image_features|="
               f"{v['max_abs_diff_image_features']:.2e}, cached vs recompute="
               f"{v['cached_vs_recompute_max_abs_diff']:.2e}")
+    q = s.get("quantization")
+    if q:
+        ex = sum(len(v) for v in q["excluded_nodes"].values())
+        scene = "" if q["scene_accuracy"] is None else (
+            f", scene accuracy {100 * q['scene_accuracy']:.1f}% (fp32 "
+            f"{100 * q['scene_accuracy_fp32']:.1f}%)")
+        print(f"quantization: {q['method']}{' (CPU only)' if q['cpu_only'] else ''}, "
+              f"{q['size_ratio']:.3f}x fp32 size, cosine {q['cosine_mean']:.4f}, top-1 agreement "
+              f"{100 * q['agreement']:.2f}%{scene}, {ex} node(s) kept fp32; see "
+              f"calibration_report.md")
+    t = s.get("trt")
+    if t:
+        print(f"TensorRT check: {'passed' if t['check_passed'] else 'PROBLEMS (vlm-export check-trt)'}"
+              f"; build script: build_engines.sh")
+        if t["engines_built"]:
+            print(f"engines: built with TensorRT {t['tensorrt_version']} for compute capability "
+                  f"{t['compute_capability']}")
+        else:
+            print(f"engines: not built (TensorRT is not importable here); to finish on the device "
+                  f"run: {t['next_step']}")
+
+
+from .trt import commands as _trt_commands  # noqa: E402  (check-trt, build-engines)
+
+_trt_commands.register(app)

@@ -1,6 +1,8 @@
 """HF model directory -> artifact directory, stage by stage.
 
-Stages: load, vision, embedding, decoder, (fp16), validate, write. Each
+Stages: load, vision, embedding, decoder, (fp16), write, validate; for
+--precision int8 | int8-dynamic, validate (fp32) then the INT8 stage
+(export/quantize.py). Each
 prints its elapsed time; the result is a summary dict (also the --json
 output). See vlmedge/manifest.py for what the manifest holds.
 """
@@ -30,10 +32,21 @@ class ExportOptions:
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
+    max_batch: int = 1  # --target trt: optimization-profile limits (export/trt/profiles.py)
+    max_images: int = 1
     force: bool = False
     keep_failed: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # --precision int8 | int8-dynamic (export/quantize.py, vlmedge.calibration)
+    calib: str | None = None  # image folder or "synthetic"; None: synthetic for the demo model
+    calib_size: int | None = None  # calibration images (None: dataset.DEFAULT_CALIB_SIZE)
+    calib_method: str = "minmax"  # minmax | entropy | percentile
+    accuracy_target: float = 0.97  # min teacher-forced top-1 agreement with fp32
+    min_cosine: float = 0.99  # min mean image-feature cosine with fp32
+    max_accuracy_drop: float = 1.0  # demo model: max scene-accuracy drop, points
+    calib_cache: str | None = None  # activation-range cache dir, "off", None: default
+    progress: bool = False  # progress bars on stderr while collecting (the CLI sets it)
 
 
 def check_options(o: ExportOptions) -> None:
@@ -41,13 +54,15 @@ def check_options(o: ExportOptions) -> None:
         raise UserInputError(f"unknown --target {o.target!r}", expected=" | ".join(TARGETS))
     if o.precision not in PRECISIONS:
         raise UserInputError(f"unknown --precision {o.precision!r}", expected=" | ".join(PRECISIONS))
-    if o.target == "trt":
-        raise UserInputError("--target trt is not available in this version",
-                             hint="export --target onnx --precision fp16 and build engines with "
-                                  "trtexec on the device")
-    if o.precision in ("int8", "int8-dynamic"):
-        raise UserInputError(f"--precision {o.precision} is not available in this version",
-                             hint="use fp32 (CPU) or fp16 (GPU)")
+    if o.target == "trt" and o.precision not in ("fp16", "int8"):
+        raise UserInputError(f"--target trt takes --precision fp16 or int8, not {o.precision}",
+                             hint="fp16 graphs, or int8 with explicit Q/DQ nodes (TensorRT cannot "
+                                  "use int8-dynamic's MatMulInteger; fp32 belongs on the CPU)")
+    for name, v in (("--max-batch", o.max_batch), ("--max-images", o.max_images)):
+        if v < 1:
+            raise UserInputError(f"{name} must be >= 1", got=str(v))
+    from . import quantize
+    quantize.check(o)  # --calib* options, INT8 targets
     if o.max_context is not None and o.max_context < 2:
         raise UserInputError("--max-context must be >= 2", got=str(o.max_context))
 
@@ -135,6 +150,10 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                     log(f"[{name}] done in {times[name]:.1f}s")
         return _S()
 
+    calib_data = None
+    if o.precision in ("int8", "int8-dynamic"):  # bad calibration data fails before the export
+        from . import quantize
+        calib_data = quantize.calibration_data(o, log)
     with stage("load"):
         loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code, o.allow_pickle)
     fam, model, proc = loaded.family, loaded.model, loaded.processor
@@ -180,8 +199,17 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                 "trt": None,
             }
             manifest.write(tmp, m)
+        if calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
+            from . import quantize
+            m = quantize.quantize(o, loaded, tmp, m, calib_data, _validate, stage, log)
+        if o.target == "trt":
+            with stage("trt"):  # profiles, static check, build_engines.sh (export/trt/prepare.py)
+                from .trt import prepare, profiles
+                limits = profiles.Limits(context, o.max_batch, o.max_images)
+                m["trt"] = prepare.prepare(tmp, m, limits, __version__, log, o.output)
+                manifest.write(tmp, m)
         validation = None
-        if o.validate:
+        if o.validate and calib_data is None:
             with stage("validate"):
                 validation = _validate(loaded, tmp, o.precision)
             m["validation"] = validation
@@ -192,6 +220,13 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                     "exported model does not match PyTorch: " + _figures(validation),
                     hint="see the per-prompt figures with --json; --keep-failed keeps the artifact")
         summary = _summary(o, o.output, m, times)
+        if calib_data is not None:
+            from . import quantize
+            summary["quantization"] = quantize.summary(m)
+    if o.target == "trt":  # the artifact is in place: build engines where TensorRT imports
+        from .trt import prepare
+        summary["trt"] = {"check_passed": m["trt"]["compat"]["passed"],
+                          **prepare.finish(o.output, log)}
     return summary
 
 

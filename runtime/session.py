@@ -53,8 +53,10 @@ class VLMSession:
     """An artifact directory opened for inference.
 
     provider: "auto" (CUDA if onnxruntime-gpu has it, else CPU), "cpu", "cuda"
-    or "trt" (onnxruntime's TensorRT EP). An unavailable explicit provider is
-    an error unless allow_fallback=True, which uses CPU and warns.
+    or "trt": native TensorRT engines where `vlm-export build-engines` built
+    them (also picked by "auto" where TensorRT imports), else onnxruntime's
+    TensorRT EP. An unavailable explicit provider is an error unless
+    allow_fallback=True, which uses CPU and warns.
     threads: intra-op threads per graph (None: onnxruntime's default).
     verify: check every file's sha256 against the manifest before loading.
     A session is safe to use from several threads (calls are serialised per
@@ -68,19 +70,23 @@ class VLMSession:
         if m["source"].get("random_weights"):
             warn(f"{self.directory} was exported with random weights: answers are "
                  f"meaningless (use it for latency planning only)")
-        if m["target"] == "trt" and provider in ("auto", "trt") and m.get("trt", {}).get("engines"):
-            pass  # native TensorRT engines: handled by the TensorRT backend when built
-        providers, note = resolve_providers(provider, allow_fallback)
-        if note:
-            warn(note)
-        if m.get("quantization", {}) and m["quantization"].get("cpu_only") and \
-                providers[0] != "CPUExecutionProvider":
-            warn("this artifact is int8-dynamic (CPU-only); running on CPU")
-            providers = ["CPUExecutionProvider"]
-        comps = m["components"]
-        self.vision = OrtBackend(self.directory / comps["vision"]["file"], providers, threads)
-        self.embed = OrtBackend(self.directory / comps["embed"]["file"], providers, threads)
-        self.decoder = OrtBackend(self.directory / comps["decoder"]["file"], providers, threads)
+        if _native_trt(m, provider):  # engines built on the device (runtime/trt_backend.py)
+            from .trt_backend import open_engines
+            engines = open_engines(self.directory, m)
+            self.vision, self.embed, self.decoder = (engines[c] for c in ("vision", "embed",
+                                                                          "decoder"))
+        else:
+            providers, note = resolve_providers(provider, allow_fallback)
+            if note:
+                warn(note)
+            if m.get("quantization", {}) and m["quantization"].get("cpu_only") and \
+                    providers[0] != "CPUExecutionProvider":
+                warn("this artifact is int8-dynamic (CPU-only); running on CPU")
+                providers = ["CPUExecutionProvider"]
+            comps = m["components"]
+            self.vision = OrtBackend(self.directory / comps["vision"]["file"], providers, threads)
+            self.embed = OrtBackend(self.directory / comps["embed"]["file"], providers, threads)
+            self.decoder = OrtBackend(self.directory / comps["decoder"]["file"], providers, threads)
         self.providers = self.decoder.providers
         self.facts = m["decoder"]
         self.image_facts = m["image"]
@@ -349,6 +355,21 @@ class VLMSession:
                 results.append(GenerationResult(self.chat.decode(tokens), tokens, len(p), reason,
                                                 timings))
             return results
+
+
+def _native_trt(m: dict, provider: str) -> bool:
+    """Native TensorRT engines for this session? provider "trt" on an artifact
+    whose manifest records engines: yes (a missing tensorrt is an error);
+    "auto": yes where TensorRT imports, else the ONNX graphs via onnxruntime.
+    Without recorded engines "trt" means onnxruntime's TensorRT EP."""
+    if m["target"] != "trt" or not (m.get("trt") or {}).get("engines"):
+        return False
+    if provider == "trt":
+        return True
+    if provider == "auto":
+        from .trt_backend import tensorrt_importable
+        return tensorrt_importable()
+    return False
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

@@ -55,6 +55,20 @@ class ValidationError(VlmedgeError):
     """An exported model does not match its PyTorch reference."""
 
 
+class TensorRTError(VlmedgeError):
+    """A TensorRT engine build, engine load or CUDA call failed on the device."""
+
+
+class CalibrationDataError(UserInputError):
+    """Calibration data (--calib) that cannot be used: an empty or looping
+    folder, too few readable images, a bad prompts.jsonl line."""
+
+
+class AccuracyGateError(VlmedgeError):
+    """A quantized model stays below its accuracy target even with the most
+    harmful nodes kept in floating point."""
+
+
 @contextlib.contextmanager
 def cli_errors(prog: str):
     """Turns a VlmedgeError into one line on stderr and exit status 2."""

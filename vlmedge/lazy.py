@@ -19,6 +19,7 @@ _EXTRAS = {
     "tensorrt": ("trt", "install TensorRT for this device (JetPack ships it; on a desktop "
                  "pip install 'vlmedge[trt]' from NVIDIA's index)"),
     "onnxruntime": ("", "pip install onnxruntime (or onnxruntime-gpu)"),
+    "cuda": ("trt", "pip install cuda-python (NVIDIA's CUDA bindings, used with TensorRT)"),
 }
 
 

@@ -27,10 +27,21 @@ the runtime needs and nothing it must guess:
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling)
     tokenizer        {file, chat_template, bos_token, stop_token_ids: [...]}
-    quantization     null or {method, calibration, excluded_nodes, accuracy}
+    quantization     null or {precision, method ("static" | "dynamic"), format,
+                      weights, activations, embedding, cpu_only (the runtime
+                      then uses CPU), calibration {source, hash, samples, method,
+                      cache, ...}, excluded_nodes {vision|decoder: [{node, module}]},
+                      accuracy {targets, initial, final, passed}, size}
+                      (calibration/report.py; more in calibration_report.json)
     validation       null or {max_abs_diff_logits, max_abs_diff_image_features,
                       tokens_match, cached_equals_recompute, ...}
-    trt              null or {plan, engines, tensorrt_version, compute_capability}
+    trt              null or (target "trt", export/trt/): {plan: limits and per
+                      component its optimization profiles (min/opt/max shape of
+                      every input), compat: the static TensorRT check's result,
+                      build_script ("build_engines.sh"), builder settings;
+                      after `vlm-export build-engines`: engines {component:
+                      {file, sha256, bytes, profiles}}, tensorrt_version,
+                      compute_capability, gpu_name, build {seconds, peak_host_mb}}
 """
 from __future__ import annotations
 

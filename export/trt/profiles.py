@@ -1,0 +1,158 @@
+"""The TensorRT optimization-profile plan of an artifact.
+
+TensorRT needs, for every dynamic input dimension, a [min, opt, max] range
+(an optimization profile); kernels are tuned at `opt` and the engine refuses
+shapes outside [min, max]. The plan derives the ranges of the artifact's
+named dims from three serving limits:
+
+    max_context  C: tokens in the KV cache (prompt incl. image tokens + answer)
+    max_batch    B: sequences decoded together (the runtime uses 1)
+    max_images   I: images per prompt
+
+per component:
+
+    vision   llava:    batch = images          [1, 1, B*I]
+             idefics3: batch = tiles           [1, tiles/image, B*I*tiles/image]
+             qwen2_vl: num_patches, num_image_tokens of ONE image (one image
+                       per vision call): from the processor's pixel limits
+    embed    batch [1, 1, B], sequence_length [1, P, C]
+    decoder  two profiles, because prefill and decode want different kernels
+             (GEMM over a prompt vs. matrix-vector per token):
+               prefill: sequence_length [1, P, C], past [0, 0, C-1]
+               decode:  sequence_length [1, 1, 1], past [0, D, C-1]
+             with total_sequence_length = past + sequence (attention_mask).
+
+P, the typical prompt, is one image's tokens plus TEXT_TOKENS (a short
+question in its chat template); D = P + ANSWER_TOKENS, the past in the middle
+of a typical short answer. The runtime picks the decode profile for one-token
+steps and prefill otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vlmedge.errors import ArtifactError, UserInputError
+
+TEXT_TOKENS = 32  # a short question + chat template around the image tokens
+ANSWER_TOKENS = 16  # a short answer: where decode steps spend their time
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_context: int
+    max_batch: int = 1
+    max_images: int = 1
+
+    def check(self) -> None:
+        for name, v, lo in (("--max-context", self.max_context, 2),
+                            ("--max-batch", self.max_batch, 1),
+                            ("--max-images", self.max_images, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise UserInputError(f"{name} must be an integer >= {lo}", got=str(v))
+
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+
+def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Range]:
+    """Vision dims and the image-token count of one image, as ranges."""
+    img, pre = m["image"], m["preprocess"]
+    per = int(img["tokens_per_image"])
+    tiling = pre.get("tiling") or {}
+    method = tiling.get("method")
+    n = lim.max_batch * lim.max_images
+    if method == "idefics3":
+        # Resized to `longest_edge`, cut into tile x tile squares, plus the global tile.
+        if tiling.get("do_image_splitting") and tiling.get("longest_edge"):
+            side = math.ceil(int(tiling["longest_edge"]) / int(tiling["tile_size"]))
+            tiles = side * side + 1
+        else:
+            tiles = 1
+        return {"batch": (1, tiles, n * tiles)}, (per, per * tiles, per * tiles)
+    if method == "qwen2_vl_patches":
+        # Both sides are multiples of patch*merge with min_pixels <= area <= max_pixels;
+        # each merged patch (patch*merge)^2 pixels is one image token.
+        unit = (int(tiling["patch_size"]) * int(tiling["merge_size"])) ** 2
+        merge2 = int(tiling["merge_size"]) ** 2
+        tok_max = max(1, int(tiling["max_pixels"]) // unit)
+        tok_min = min(tok_max, max(1, math.ceil(int(tiling["min_pixels"]) / unit)))
+        t, h, w = img.get("validated_grid") or (1, 1, tok_max * merge2)
+        tok_opt = min(max(t * h * w // merge2, tok_min), tok_max)
+        toks = (tok_min, tok_opt, tok_max)
+        return {"num_patches": tuple(x * merge2 for x in toks), "num_image_tokens": toks}, toks
+    return {"batch": (1, 1, n)}, (per, per, per)
+
+
+def dim_ranges(m: dict[str, Any], lim: Limits) -> dict[str, list[tuple[str, dict[str, Range]]]]:
+    """component -> [(profile name, {dim name: (min, opt, max)})]."""
+    lim.check()
+    c, b = lim.max_context, lim.max_batch
+    vision, tok = _image_ranges(m, lim)
+    if lim.max_images * tok[0] + 1 > c:
+        raise UserInputError(
+            f"--max-images {lim.max_images} needs at least {lim.max_images * tok[0]} image tokens, "
+            f"more than --max-context {c} holds", hint="raise --max-context or lower --max-images")
+    p = min(c, tok[1] + TEXT_TOKENS)  # typical prompt: one image + a short question
+    d = min(c - 1, p + ANSWER_TOKENS)  # past during a typical short answer
+    batch = (1, 1, b)
+    return {
+        "vision": [("images", vision)],
+        "embed": [("tokens", {"batch": batch, "sequence_length": (1, p, c)})],
+        "decoder": [
+            ("prefill", {"batch": batch, "sequence_length": (1, p, c),
+                         "past_sequence_length": (0, 0, c - 1),
+                         "total_sequence_length": (1, p, c)}),
+            ("decode", {"batch": batch, "sequence_length": (1, 1, 1),
+                        "past_sequence_length": (0, d, c - 1),
+                        "total_sequence_length": (1, d + 1, c)}),
+        ],
+    }
+
+
+def _shapes(comp: str, inputs: list[dict], dims: dict[str, Range]) -> dict[str, dict[str, list]]:
+    """{input: {"min"|"opt"|"max": shape}} from the manifest's named-dim shapes."""
+    out = {}
+    for spec in inputs:
+        shape = {"min": [], "opt": [], "max": []}
+        for d in spec["shape"]:
+            if isinstance(d, int) and d > 0:
+                r = (d, d, d)
+            elif isinstance(d, str) and d in dims:
+                r = dims[d]
+            else:
+                raise ArtifactError(
+                    f"{comp} input {spec['name']} has a dimension {d!r} the TensorRT plan does not "
+                    f"know", expected=f"a fixed size or one of {sorted(dims)}",
+                    hint="re-export the artifact with this version of vlm-export")
+            for k, v in zip(("min", "opt", "max"), r):
+                shape[k].append(int(v))
+        out[spec["name"]] = shape
+    return out
+
+
+def make_plan(m: dict[str, Any], lim: Limits) -> dict[str, Any]:
+    """The manifest's trt.plan: limits, and per component its profiles with
+    the min/opt/max shape of every input (profile index = list position)."""
+    ranges = dim_ranges(m, lim)
+    comps = {}
+    for comp, spec in m["components"].items():
+        if comp not in ranges:
+            raise ArtifactError(f"component {comp!r} has no TensorRT profile rule",
+                                expected=f"one of {sorted(ranges)}")
+        comps[comp] = {"profiles": [
+            {"name": name, "dims": {k: list(v) for k, v in dims.items()},
+             "shapes": _shapes(comp, spec["inputs"], dims)}
+            for name, dims in ranges[comp]]}
+    return {"max_context": lim.max_context, "max_batch": lim.max_batch,
+            "max_images": lim.max_images, "components": comps}
+
+
+def profile_index(plan_component: dict[str, Any], sequence_length: int | None) -> int:
+    """Which profile a call uses: decode for one-token steps, else the first
+    (prefill, or the component's only profile)."""
+    names = [p["name"] for p in plan_component["profiles"]]
+    if sequence_length == 1 and "decode" in names:
+        return names.index("decode")
+    return 0
