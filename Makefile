@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmedge-installed
 
-.PHONY: demo test test-all install clean-artifacts
+.PHONY: demo test test-all install clean-artifacts bench
 
 $(STAMP): pyproject.toml setup.py runtime/_cpreprocess.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -34,6 +34,26 @@ demo: $(STAMP)
 	  --prompt "describe the image." --prompt "what color is the diamond?" \
 	  --prompt "how many shapes are there?" --prompt "where is the green diamond?" \
 	  --prompt "is there a blue circle?"
+
+DEMO_INT8 ?= artifacts/demo-onnx-int8
+BENCH_DIR ?= bench
+BENCH_FLAGS ?= --runs 5 --warmup 1
+
+# Latency of the demo model, fp32 and int8 artifacts side by side with PyTorch
+# eager (one run, interleaved): $(BENCH_DIR)/demo.json, $(BENCH_DIR)/report/
+# (report.md + plots), the summary table on stdout. Without an int8 artifact
+# (its export failed) it benchmarks fp32 alone and says so.
+bench: $(STAMP)
+	@test -f $(DEMO_ART)/manifest.json || $(VENV)/bin/vlm-export --model demo --output $(DEMO_ART)
+	@arts="$(DEMO_ART)"; \
+	if test -f $(DEMO_INT8)/manifest.json || \
+	   $(VENV)/bin/vlm-export --model demo --precision int8 --output $(DEMO_INT8); then \
+	  arts="$$arts $(DEMO_INT8)"; \
+	else \
+	  echo "make bench: note: no int8 artifact (vlm-export --precision int8 failed above); benchmarking fp32 only" >&2; \
+	fi; \
+	$(VENV)/bin/vlm-bench $$arts --baseline torch $(BENCH_FLAGS) \
+	  --json $(BENCH_DIR)/demo.json --report $(BENCH_DIR)/report
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,34 +1,119 @@
-"""vlm-bench: per-stage latency of artifacts side by side with PyTorch eager.
+"""vlm-bench: per-stage latency of artifacts side by side with PyTorch eager,
+the machine's roofline measured in the same run, ratios, and a report.
 
-Not built yet (issue: vlm-bench). The command and its options are fixed here
-so scripts can be written against them; running it says so in one line.
+    vlm-bench demo-onnx-fp32 demo-onnx-int8 --baseline torch --json bench/demo.json \
+        --report bench/report
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from vlmedge.errors import VlmedgeError, cli_errors
-from vlmedge.runtime.cli_common import make_app
+from vlmedge.errors import UserInputError, cli_errors
+from vlmedge.runtime.cli_common import Progress, make_app, positive
 
 app = make_app(
     "Measure latency per stage (preprocess, vision, prefill, TTFT, decode p50/p90/p99, "
-    "tokens/s, peak RSS) for one or more artifact directories, interleaved with a "
-    "PyTorch eager baseline so machine drift cancels, and report ratios and roofline "
-    "shares. (Planned: this version only prints this help.)")
+    "tokens/s, end to end, peak RSS) for one or more artifact directories, interleaved "
+    "run by run with a PyTorch eager baseline (--baseline torch) so machine drift cancels; "
+    "report ratios against the baseline and each stage's share of the machine's roofline "
+    "(memory bandwidth and GEMM rate, measured in the same run).\n\n"
+    "Every system runs in its own process (its peak RSS is its own) and generates exactly "
+    "--new-tokens tokens. Progress goes to stderr, the summary table to stdout.\n\n"
+    "Examples:\n\n"
+    "  vlm-bench demo-onnx-fp32 --baseline torch\n\n"
+    "  vlm-bench demo-onnx-fp32 demo-onnx-int8 --baseline torch --json bench/demo.json "
+    "--report bench/report\n\n"
+    "  vlm-bench smolvlm-256m-onnx-fp32 --threads 4 --sweep image-size")
+
+
+def _threads(n: int) -> int:
+    if n < 0:
+        raise UserInputError("--threads must be >= 0", got=str(n), hint="0 means every core")
+    return n or os.cpu_count() or 1
+
+
+def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider) -> None:
+    """Argument checks before anything loads: one clear line each."""
+    from vlmedge.benchmarks.bench.run import SWEEPS
+
+    if not artifact_dirs:
+        raise UserInputError("no artifact directory given", expected="one or more ARTIFACT_DIRs",
+                             hint="export one with: vlm-export --model demo")
+    if baseline not in (None, "torch"):
+        raise UserInputError(f"unknown --baseline {baseline!r}", expected="torch")
+    positive("--runs", runs)
+    if new_tokens is None or new_tokens < 2:
+        raise UserInputError("--new-tokens must be >= 2 (one token has no decode step)",
+                             got=str(new_tokens))
+    if warmup < 0:
+        raise UserInputError("--warmup must be >= 0", got=str(warmup))
+    for s in sweeps:
+        if s not in SWEEPS:
+            raise UserInputError(f"unknown --sweep {s!r}", expected=" | ".join(SWEEPS))
+    if image is not None and not image.is_file():
+        raise UserInputError(f"--image {image} is not a file", expected="an image file")
+    if provider not in ("cpu", "cuda", "auto"):
+        raise UserInputError(f"unknown --provider {provider!r}", expected="cpu | cuda | auto")
 
 
 @app.command()
 def main(
-    artifact_dirs: List[Path] = typer.Argument(..., help="Artifact directories to compare."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="'torch' for PyTorch eager."),
-    new_tokens: int = typer.Option(16, "--new-tokens", help="Tokens generated per run."),
-    runs: int = typer.Option(5, "--runs"),
-    warmup: int = typer.Option(1, "--warmup"),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
+    artifact_dirs: Optional[List[Path]] = typer.Argument(
+        None, help="Artifact directories from vlm-export (fp32, int8, ...)."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="'torch': PyTorch eager (transformers generate, KV cache) on "
+                                 "the same model."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="The baseline's model directory, or 'demo' (default: the first "
+                              "artifact's source)."),
+    image: Optional[Path] = typer.Option(
+        None, "--image", help="Image file (default: a 640x480 frame of a demo scene)."),
+    prompt: str = typer.Option("describe the image.", "--prompt"),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens generated per run (forced)."),
+    runs: int = typer.Option(5, "--runs", help="Timed runs per system."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs per system first."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads per system (0: every core)."),
+    sweep: Optional[List[str]] = typer.Option(
+        None, "--sweep", help="prompt-len | new-tokens | image-size (repeatable)."),
+    provider: str = typer.Option("cpu", "--provider",
+                                 help="onnxruntime provider for the artifacts: cpu | cuda | auto."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="Write report.md and PNG plots to this directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     with cli_errors("vlm-bench"):
-        raise VlmedgeError("vlm-bench is not implemented in vlmedge 0.1.0",
-                           hint="use vlm-run --json for per-stage timings of one artifact")
+        sweeps = list(sweep or [])
+        check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider)
+        from vlmedge.benchmarks.bench import report as report_mod
+        from vlmedge.benchmarks.bench.run import Options, run_bench
+
+        opts = Options(artifacts=list(artifact_dirs), baseline=baseline, model=model,
+                       image=image, prompt=prompt, new_tokens=new_tokens, runs=runs,
+                       warmup=warmup, threads=_threads(threads), provider=provider,
+                       sweeps=sweeps)
+
+        def log(line: str) -> None:
+            if not quiet:
+                print(f"[vlm-bench] {line}", file=sys.stderr, flush=True)
+
+        with Progress("vlm-bench runs", 1, quiet=quiet) as bar:
+            results = run_bench(opts, bar.update, log)
+        if json_file is not None:
+            json_file.parent.mkdir(parents=True, exist_ok=True)
+            json_file.write_text(json.dumps(results, indent=2) + "\n")
+            log(f"wrote {json_file}")
+        if report is not None:
+            files = report_mod.write_report(results, report)
+            log(f"wrote {', '.join(str(f) for f in files)}")
+        print(report_mod.summary(results))
+
+
+if __name__ == "__main__":
+    app()

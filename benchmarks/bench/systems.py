@@ -1,0 +1,135 @@
+"""The systems under test, each a worker process (worker.py) driven from here.
+
+    sys = SystemProcess(Spec("onnx-fp32", "onnx", path), threads=2)
+    sys.start(); r = sys.run(image, prompt, 32); sys.memory(); sys.close()
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmedge import manifest as manifest_mod
+from vlmedge.errors import ContextOverflowError, UserInputError, VlmedgeError
+from vlmedge.models import resolve_model_dir
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class WorkerError(VlmedgeError):
+    """A system's worker process failed (crashed, ran out of memory, ...)."""
+
+
+@dataclass
+class Spec:
+    name: str  # backend and precision: torch-eager-fp32, onnx-fp32, onnx-int8, ...
+    kind: str  # "torch" | "onnx"
+    path: Path  # model directory (torch) or artifact directory (onnx)
+    manifest: dict[str, Any] | None = None
+    random_weights: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def artifact_specs(dirs: list[Path]) -> list[Spec]:
+    """One Spec per artifact directory (manifest read, hashes not checked:
+    the worker loads it). Names say target and precision; a second artifact
+    of the same kind gets its directory name added."""
+    specs, seen = [], set()
+    for d in dirs:
+        m = manifest_mod.load(d, verify=False)
+        name = f"{m['target']}-{m['precision']}"
+        if name in seen:
+            name = f"{name}:{Path(d).name}"
+        seen.add(name)
+        specs.append(Spec(name, "onnx", Path(d), m, bool(m["source"].get("random_weights"))))
+    return specs
+
+
+def torch_spec(model: str | None, first: Spec) -> Spec:
+    """The PyTorch eager baseline: --model, else the first artifact's source
+    model (random weights from its config.json if it was exported so)."""
+    src = first.manifest["source"]
+    random_weights = bool(src.get("random_weights")) and model is None
+    if model is None:
+        path = Path(src["path"])
+        if not (path / "config.json").is_file():
+            raise UserInputError(
+                f"the baseline model {path} (the source of {first.path}) is not on this machine",
+                hint="pass --model DIR (the Hugging Face model directory) or --model demo")
+        model = str(path)
+    path = resolve_model_dir(model)
+    if not random_weights and not any(path.glob("*.safetensors")):
+        random_weights = True  # a preset: config only, as exported with --random-weights
+    return Spec("torch-eager-fp32", "torch", path, None, random_weights)
+
+
+class SystemProcess:
+    def __init__(self, spec: Spec, threads: int, provider: str = "cpu"):
+        self.spec, self.threads, self.provider = spec, threads, provider
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def start(self) -> dict[str, Any]:
+        env = dict(os.environ)
+        for var in _THREAD_VARS:
+            env[var] = str(self.threads)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vlmedge.benchmarks.bench.worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self._send({"kind": self.spec.kind, "path": str(self.spec.path), "threads": self.threads,
+                    "provider": self.provider, "random_weights": self.spec.random_weights})
+        self.ready = self._receive()
+        return self.ready
+
+    def run(self, image: Path, prompt: str, new_tokens: int) -> dict[str, Any]:
+        self._send({"cmd": "run", "image": str(image), "prompt": prompt,
+                    "new_tokens": new_tokens})
+        return self._receive()
+
+    def memory(self) -> dict[str, Any]:
+        self._send({"cmd": "memory"})
+        return self._receive()
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self._send({"cmd": "quit"})
+                self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired, WorkerError):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def _send(self, obj: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._died()
+
+    def _receive(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self._died()
+        answer = json.loads(line)
+        if "error" in answer:
+            cls = ContextOverflowError if answer.get("type") == "ContextOverflowError" \
+                else UserInputError
+            raise cls(f"{self.name}: {answer['error']}")
+        return answer
+
+    def _died(self):
+        code = self.proc.wait()
+        how = "was killed (out of memory?)" if code in (-9, 137) else f"exited with status {code}"
+        raise WorkerError(f"the {self.name} worker process {how}",
+                          hint="its messages are above on stderr")

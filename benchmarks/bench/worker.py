@@ -1,0 +1,319 @@
+"""One benchmarked system in its own process: `python -m vlmedge.benchmarks.bench.worker`.
+
+Each system (PyTorch eager, each artifact) runs in a process of its own so
+that its peak RSS is its own (VmHWM of the worker: the interpreter, its
+libraries, the weights, the KV cache and every transient of loading and
+running), and one system's allocator state cannot slow another's.
+
+Protocol: JSON lines. The first line on stdin is the spec
+{"kind": "onnx"|"torch", "path": ..., "threads": n, "provider": ...}; the
+worker answers {"ready": ...facts}. Then each line is a command,
+{"cmd": "run", "image": PATH, "prompt": TEXT, "new_tokens": N} -> timings,
+{"cmd": "memory"} -> RSS figures, {"cmd": "quit"}. A user error answers
+{"error": message, "type": error class}. Answers go to the original stdout; the
+worker's fd 1 is pointed at stderr so a library's print cannot corrupt them.
+
+Generation is greedy and forced to exactly N new tokens: stop tokens are
+masked out of the argmax (transformers' min_new_tokens does the same for the
+baseline), so every system does the same work.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    """Resident set size now, from /proc/self/statm (Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """The process's high-water RSS: VmHWM of /proc/self/status (Linux), the
+    peak of this process's own address space. Not getrusage's ru_maxrss: on
+    Linux that also keeps the high-water mark of the address space replaced
+    by exec, i.e. of the forking parent (vlm-bench, with its 128 MiB probe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes, own process
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+class OnnxSystem:
+    """An artifact through the vlmedge runtime's stages (runtime/session.py)."""
+
+    def __init__(self, path: str, threads: int, provider: str):
+        from vlmedge.runtime import VLMSession
+
+        self.session = VLMSession(path, provider=provider, threads=threads, verify=False)
+        self.images: dict[str, Any] = {}
+
+    def facts(self) -> dict[str, Any]:
+        return {"providers": self.session.providers}
+
+    def run(self, image_path: str, prompt: str, new_tokens: int) -> dict[str, Any]:
+        import numpy as np
+        from vlmedge.errors import ContextOverflowError
+
+        s = self.session
+        image = _cached_image(self.images, image_path)
+        stop = np.array(s.chat.stop_token_ids, np.int64)
+        t_start = time.perf_counter()
+        pixels, grid = s.preprocess(image)
+        preprocess_ms = _ms(t_start)
+        ids = s.chat.prompt_ids(prompt, with_image=True, image_grid=grid)
+        if len(ids) + new_tokens > s.context_length:
+            raise ContextOverflowError(
+                "prompt + image tokens + new tokens exceed the context length",
+                expected=f"<= {s.context_length}", got=f"{len(ids)} + {new_tokens}")
+        t = time.perf_counter()
+        feats = s.encode_image(pixels, grid)
+        vision_ms = _ms(t)
+        t = time.perf_counter()
+        logits, cache = s.prefill(ids, feats, s.empty_cache(), grid)
+        prefill_ms = _ms(t)
+        tokens, decode_ms, ttft_ms = [], [], 0.0
+        for i in range(new_tokens):
+            t = time.perf_counter()
+            logits[stop] = -np.inf  # forced length: never stop early
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            if i == 0:
+                ttft_ms = _ms(t_start)
+            if i + 1 == new_tokens:
+                break
+            logits, cache = s.step(s.embed_token(token), cache)
+            decode_ms.append(_ms(t))
+        return {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms, "prefill_ms": prefill_ms,
+                "ttft_ms": ttft_ms, "decode_ms": decode_ms, "total_ms": _ms(t_start),
+                "prompt_tokens": len(ids), "new_tokens": len(tokens), "token_ids": tokens[:8],
+                "kv_cache_bytes": cache.nbytes, "input_shapes": _vision_shapes(s, pixels, grid)}
+
+
+def _vision_shapes(session, pixels, grid) -> dict[str, list[int]]:
+    """Concrete shapes of the vision graph's inputs for this image (FLOP counting)."""
+    shapes = {session.vision.input_names[0]: list(pixels.shape)}
+    extra = session.vision.input_names[1:]
+    if extra:
+        from vlmedge.runtime import mrope
+        io = {i["name"]: i["shape"] for i in session.manifest["components"]["vision"]["inputs"]}
+        feeds = mrope.vision_inputs(extra, grid, session.image_facts, io)
+        shapes.update({k: list(v.shape) for k, v in feeds.items()})
+    return shapes
+
+
+def _cached_image(cache: dict, path: str):
+    """The decoded image (PIL, RGB), loaded once: decoding a file is not a stage."""
+    if path not in cache:
+        from PIL import Image
+        with Image.open(path) as im:
+            cache[path] = im.convert("RGB")
+    return cache[path]
+
+
+class TorchSystem:
+    """PyTorch eager through transformers' generate() with its KV cache: the
+    baseline. Stages are measured on the same boundaries as OnnxSystem:
+    preprocess = the HF processor call (chat template, tokenization and image
+    processing); vision = get_image_features inside the forward pass (timed
+    by wrapping it); prefill = from generate() to the first token, less
+    vision; TTFT and decode per token from a stopping criterion, which
+    generate() calls once per new token."""
+
+    def __init__(self, path: str, threads: int, random_weights: bool):
+        from pathlib import Path
+
+        from vlmedge.export import loading
+        from vlmedge.lazy import require
+
+        torch = require("torch", "the PyTorch baseline")
+        transformers = require("transformers", "the PyTorch baseline")
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(threads)
+        self.torch = torch
+        loaded = loading.load(Path(path), random_weights=random_weights)
+        self.family, self.model, self.processor = loaded.family, loaded.model, loaded.processor
+        self.images: dict[str, Any] = {}
+        self.vision_ms: list[float] = []
+        inner = self.model.model
+        original = inner.get_image_features
+
+        # wraps: generate() reads the signature to pick the encoder's arguments.
+        @functools.wraps(original)
+        def timed_image_features(*args, **kwargs):
+            t = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.vision_ms.append(_ms(t))
+            return out
+
+        inner.get_image_features = timed_image_features  # instance attribute: forward() finds it
+
+    def facts(self) -> dict[str, Any]:
+        """Bytes a decode step reads: the decoder's weights (without the
+        embedding table, of which it reads one row) plus the LM head."""
+        fam, model = self.family, self.model
+        lm = fam.language_model(model)
+        head = fam.lm_head(model)
+        emb = model.get_input_embeddings().weight
+        params = {id(p): p for p in lm.parameters() if p is not emb}
+        params.update({id(p): p for p in head.parameters()})
+        weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return {"decode_weight_bytes": weight_bytes, "weight_bytes": all_bytes,
+                "torch_version": self.torch.__version__}
+
+    def run(self, image_path: str, prompt: str, new_tokens: int) -> dict[str, Any]:
+        torch = self.torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        image = _cached_image(self.images, image_path)
+        marks: list[float] = []
+
+        class Mark(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                marks.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        self.vision_ms.clear()
+        t_start = time.perf_counter()
+        inputs = self.family.hf_inputs(self.processor, image, prompt)
+        preprocess_ms = _ms(t_start)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        limit = self.family.max_context(self.model)
+        if prompt_tokens + new_tokens > limit:
+            from vlmedge.errors import ContextOverflowError
+            raise ContextOverflowError(
+                "prompt + image tokens + new tokens exceed the context length",
+                expected=f"<= {limit}", got=f"{prompt_tokens} + {new_tokens}")
+        t_gen = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                use_cache=True, stopping_criteria=StoppingCriteriaList([Mark()]),
+                return_dict_in_generate=True)
+        total_ms = _ms(t_start)
+        vision_ms = sum(self.vision_ms)
+        tokens = out.sequences[0, prompt_tokens:].tolist()
+        return {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms,
+                "prefill_ms": (marks[0] - t_gen) * 1000.0 - vision_ms,
+                "ttft_ms": (marks[0] - t_start) * 1000.0,
+                "decode_ms": [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])],
+                "total_ms": total_ms, "prompt_tokens": prompt_tokens,
+                "new_tokens": len(tokens), "token_ids": tokens[:8],
+                "kv_cache_bytes": _cache_bytes(out)}
+
+
+def _cache_bytes(out) -> int | None:
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    return int(sum(l.keys.numel() * l.keys.element_size() + l.values.numel() *
+                   l.values.element_size() for l in layers if getattr(l, "keys", None) is not None))
+
+
+def _open(spec: dict[str, Any]):
+    if spec["kind"] == "onnx":
+        return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"))
+    return TorchSystem(spec["path"], spec["threads"], bool(spec.get("random_weights")))
+
+
+def _gpu_memory_mb() -> float | None:
+    """This process's GPU memory from nvidia-smi, where there is one."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        pid, _, mem = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(mem)
+    return None
+
+
+def _import_libraries(kind: str) -> None:
+    """Imports what the system needs before its model loads, so that RSS
+    growth from here on is the model's (weights, caches, arenas)."""
+    import numpy  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import PIL.Image  # noqa: F401
+
+    import vlmedge.runtime  # noqa: F401
+    if kind == "torch":
+        import torch  # noqa: F401
+        import transformers
+
+        import vlmedge.export.loading  # noqa: F401
+        transformers.utils.logging.disable_progress_bar()
+
+
+def serve(inp, out) -> None:
+    from vlmedge.errors import VlmedgeError
+
+    def send(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    spec = json.loads(inp.readline())
+    at_start = rss_mb()
+    _import_libraries(spec["kind"])
+    before = rss_mb()  # the model's share of RSS is measured from here
+    t = time.perf_counter()
+    try:
+        system = _open(spec)
+    except VlmedgeError as e:
+        send({"error": str(e), "type": type(e).__name__})
+        return
+    send({"ready": True, "load_s": time.perf_counter() - t, "rss_at_start_mb": at_start,
+          "rss_before_load_mb": before,
+          "rss_after_load_mb": rss_mb(), **system.facts()})
+    for line in inp:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            return
+        if cmd["cmd"] == "memory":
+            send({"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb(),
+                  "gpu_memory_mb": _gpu_memory_mb()})
+            continue
+        try:
+            send(system.run(cmd["image"], cmd["prompt"], int(cmd["new_tokens"])))
+        except VlmedgeError as e:
+            send({"error": str(e), "type": type(e).__name__})
+
+
+def main() -> None:
+    # Answers go to the real stdout; anything printed by a library goes to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(sys.stdin, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Writes the architecture presets: config directories of full-size public
+VLMs, for `vlm-export --model benchmarks/presets/NAME --random-weights`.
+
+    python benchmarks/presets/make_presets.py            # rewrites every preset
+    python benchmarks/presets/make_presets.py smolvlm-256m
+
+Each directory holds the architecture-defining values of the model's
+published config.json (sources in README.md; training-only keys left out),
+its image processor settings and chat template, and a SMALL stand-in
+tokenizer: a byte-level BPE of ~1,000 tokens trained on the demo scene
+world's English, with every special token the processor and chat template
+need at the real model's id (e.g. SmolVLM's <image> = 49190). Prompt ids
+therefore have the real image-token layout, while plain text takes roughly
+as many tokens as with the real tokenizer; the answers of a random-weight
+model mean nothing anyway. No weights: the models exist for latency
+planning only.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# -- published configs (architecture-defining keys) ---------------------------
+# HuggingFaceTB/SmolVLM-256M-Instruct and -500M-Instruct: SigLIP-base/16 at 512
+# px, pixel shuffle x4 (64 tokens per 512 px tile), SmolLM2-135M / -360M.
+_SMOLVLM_VISION = {
+    "hidden_size": 768, "image_size": 512, "intermediate_size": 3072,
+    "max_image_size": {"longest_edge": 512}, "model_type": "idefics3_vision",
+    "num_attention_heads": 12, "num_hidden_layers": 12, "patch_size": 16,
+    "size": {"longest_edge": 2048}, "tie_word_embeddings": False, "use_base_siglip": False}
+
+
+def _smolvlm(text: dict) -> dict:
+    return {
+        "architectures": ["Idefics3ForConditionalGeneration"], "image_token_id": 49190,
+        "model_type": "idefics3", "scale_factor": 4, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 49280,
+        "text_config": {"architectures": ["VLlama3ForCausalLM"], "head_dim": 64,
+                        "hidden_act": "silu", "is_llama_config": True,
+                        "max_position_embeddings": 8192, "model_type": "llama",
+                        "pad_token_id": 2, "rms_norm_eps": 1e-05, "rope_theta": 100000,
+                        "tie_word_embeddings": False, "vocab_size": 49280,
+                        "bos_token_id": 1, "eos_token_id": 2, **text},
+        "vision_config": dict(_SMOLVLM_VISION)}
+
+
+SMOLVLM_256M = _smolvlm({"hidden_size": 576, "intermediate_size": 1536,
+                         "num_attention_heads": 9, "num_hidden_layers": 30,
+                         "num_key_value_heads": 3, "initializer_range": 0.041666666666666664})
+SMOLVLM_500M = _smolvlm({"hidden_size": 960, "intermediate_size": 2560,
+                         "num_attention_heads": 15, "num_hidden_layers": 32,
+                         "num_key_value_heads": 5, "initializer_range": 0.02})
+
+# llava-hf/llava-1.5-7b-hf's vision tower and projector (CLIP ViT-L/14 at 336
+# px, second-to-last layer, 576 patch tokens, 2-layer GELU MLP) with the
+# Llama of TinyLlama/TinyLlama-1.1B-Chat-v1.0: the layout of
+# bczhou/tiny-llava-v1-hf. Vocabulary padded to 32064 as llava-hf does.
+LLAVA_15_TINYLLAMA = {
+    "architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "image_seq_length": 576, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "vocab_size": 32064,
+    "vision_config": {"hidden_act": "quick_gelu", "hidden_size": 1024, "image_size": 336,
+                      "intermediate_size": 4096, "layer_norm_eps": 1e-05,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+    "text_config": {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+                    "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 5632,
+                    "max_position_embeddings": 2048, "model_type": "llama",
+                    "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4,
+                    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                    "vocab_size": 32064, "pad_token_id": 32001},
+}
+
+# Qwen/Qwen2-VL-2B-Instruct: 675M ViT (14 px patches, 2x2 merge) + Qwen2-1.5B.
+QWEN2_VL_2B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02,
+    "intermediate_size": 8960, "max_position_embeddings": 32768, "max_window_layers": 28,
+    "model_type": "qwen2_vl", "num_attention_heads": 12, "num_hidden_layers": 28,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+                      "in_chans": 3, "hidden_size": 1536, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+}
+
+# -- chat templates (the published ones; LLaVA's without its {% generation %}
+# training markers, which only transformers' jinja environment knows) --------
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# -- special tokens at the real ids ---------------------------------------------
+SMOLVLM_SPECIALS = {
+    "<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<global-img>": 49152,
+    **{f"<row_{r}_col_{c}>": 49152 + (r - 1) * 6 + c for r in range(1, 7) for c in range(1, 7)},
+    "<fake_token_around_image>": 49189, "<image>": 49190,
+    **{f"<|reserved_special_token_{i}|>": 49191 + i for i in range(88)},
+    "<end_of_utterance>": 49279}
+LLAVA_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 32000, "<pad>": 32001}
+QWEN_SPECIALS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
+    "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def corpus() -> list[str]:
+    """English to train the stand-in BPE on: the demo scene world's questions
+    and captions, and chat words."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    from demo import scenes
+
+    lines = ["User: Assistant: USER: ASSISTANT: system user assistant",
+             "You are a helpful assistant. Describe the image. What is in this picture?",
+             "Can you describe this image? What do you see? Answer the question."]
+    for seed in range(300):
+        scene = scenes.make_scene(seed)
+        lines.append(scenes.caption(scene))
+        lines += [q.question + " " + q.answer for q in scenes.questions(scene)]
+    return lines
+
+
+def build_tokenizer(specials: dict[str, int], base: list[str], vocab_size: int = 1024,
+                    bos: str | None = None):
+    """A byte-level BPE whose `base` tokens take ids 0.. and whose other special
+    tokens sit at their given (real-model) ids, gaps allowed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=base,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    data = json.loads(tok.to_str())
+    assert all(data["model"]["vocab"][t] == specials[t] for t in base)
+    top = max(data["model"]["vocab"].values())
+    for text, i in specials.items():
+        if text in base:
+            continue
+        assert i > top, f"{text} id {i} collides with the trained vocabulary"
+        data["model"]["vocab"][text] = i  # in the model's vocab: the id is kept as is
+        data["added_tokens"].append({"id": i, "content": text, "single_word": False,
+                                     "lstrip": False, "rstrip": False, "normalized": False,
+                                     "special": True})
+    tok = Tokenizer.from_str(json.dumps(data))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, specials[bos])])
+    for text, i in specials.items():
+        assert tok.encode(text, add_special_tokens=False).ids == [i], text
+    return tok
+
+
+def fast_tokenizer(tok, **kw):
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids",
+                                                                            "attention_mask"], **kw)
+
+
+def write_smolvlm(out: Path, config: dict) -> None:
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    tok = fast_tokenizer(build_tokenizer(SMOLVLM_SPECIALS, ["<|endoftext|>", "<|im_start|>",
+                                                            "<|im_end|>"]),
+                         bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                         pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    ip = Idefics3ImageProcessor(
+        do_convert_rgb=True, do_resize=True, size={"longest_edge": 2048}, resample=1,
+        do_image_splitting=True, max_image_size={"longest_edge": 512}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        do_pad=True)
+    Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=64,
+                      chat_template=SMOLVLM_TEMPLATE).save_pretrained(out)
+    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, 49279],
+                                           "pad_token_id": 2})
+    _json(out / "config.json", config)
+
+
+def write_llava(out: Path, config: dict) -> None:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tok = fast_tokenizer(build_tokenizer(LLAVA_SPECIALS, ["<unk>", "<s>", "</s>"], bos="<s>"),
+                         bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                         extra_special_tokens={"image_token": "<image>"})
+    ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                            do_resize=True, do_center_crop=True, do_rescale=True,
+                            do_normalize=True, do_convert_rgb=True, resample=3,
+                            image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(out)
+    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2,
+                                           "pad_token_id": 32001})
+    _json(out / "config.json", config)
+
+
+def write_qwen2_vl(out: Path, config: dict) -> None:
+    """Tokenizer, image processor and chat template; no processor config:
+    Qwen2VLProcessor wants a video processor (torchvision); the qwen2_vl
+    family builds an image-only one from these files."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil)
+
+    tok = fast_tokenizer(build_tokenizer(QWEN_SPECIALS, []), eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", unk_token=None,
+                         extra_special_tokens={"image_token": "<|image_pad|>",
+                                               "video_token": "<|video_pad|>"})
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
+                             min_pixels=56 * 56, max_pixels=28 * 28 * 16384,
+                             image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+    _json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id":
+                                           [151645, 151643], "pad_token_id": 151643})
+    _json(out / "config.json", config)
+
+
+def _json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+PRESETS = {
+    "smolvlm-256m": (write_smolvlm, SMOLVLM_256M),
+    "smolvlm-500m": (write_smolvlm, SMOLVLM_500M),
+    "llava-1.5-tinyllama": (write_llava, LLAVA_15_TINYLLAMA),
+    "qwen2-vl-2b": (write_qwen2_vl, QWEN2_VL_2B),
+}
+
+
+def main(names: list[str]) -> None:
+    for name in names or list(PRESETS):
+        write, config = PRESETS[name]
+        out = HERE / name
+        for f in out.glob("*") if out.exists() else []:
+            f.unlink()
+        out.mkdir(exist_ok=True)
+        write(out, config)
+        sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
+        print(f"{name}: {sizes}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,182 @@
+"""vlm-bench: end to end on the tiny LLaVA (one run, no timing assertions),
+the JSON's documented keys, the report files, one-line errors, and the
+parts that compute (FLOP counting, tegrastats parsing, ratios)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SYSTEM_KEYS = {"name", "preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50",
+               "decode_ms_p90", "decode_ms_p99", "decode_tokens_per_s", "end_to_end_ms",
+               "peak_rss_mb", "bandwidth_efficiency", "vision_compute_efficiency",
+               "weight_bytes", "decode_bytes_per_token"}
+MACHINE_KEYS = {"cpu", "threads", "bandwidth_gb_s", "gemm_gflops"}
+
+
+def _bench(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vlmedge.benchmarks.bench_cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_llava_artifact, tmp_path_factory):
+    art, _ = tiny_llava_artifact
+    out = tmp_path_factory.mktemp("bench")
+    r = _bench(art, "--baseline", "torch", "--runs", 1, "--warmup", 0, "--new-tokens", 4,
+               "--threads", 1, "--sweep", "prompt-len", "--json", out / "bench.json",
+               "--report", out / "report", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, out
+
+
+def test_runs_end_to_end_with_torch_baseline(bench_run):
+    r, _ = bench_run
+    assert "torch-eager-fp32" in r.stdout and "onnx-fp32" in r.stdout
+    assert "onnx-fp32/torch-eager-fp32" in r.stdout  # the ratios table
+
+
+def test_json_has_the_documented_keys(bench_run):
+    _, out = bench_run
+    res = json.loads((out / "bench.json").read_text())
+    assert MACHINE_KEYS <= set(res["machine"])
+    assert res["machine"]["threads"] == 1
+    names = [s["name"] for s in res["systems"]]
+    assert names == ["torch-eager-fp32", "onnx-fp32"]
+    for s in res["systems"]:
+        assert SYSTEM_KEYS <= set(s), SYSTEM_KEYS - set(s)
+        assert s["new_tokens"] == 4  # forced: stop tokens never end a run early
+        assert len(s["decode_ms_by_position"]) == 3
+        assert s["peak_rss_mb"] > 0 and s["vision_gflop"] > 0
+    onnx, torch_ = res["systems"][1], res["systems"][0]
+    assert onnx["prompt_tokens"] == torch_["prompt_tokens"]  # the same work
+    ratio = res["ratios"]["onnx-fp32/torch-eager-fp32"]
+    assert {"decode_speedup", "ttft_speedup", "peak_rss_ratio"} <= set(ratio)
+    assert any("decode tokens/s" in t["target"] for t in res["targets"])
+    points = res["sweeps"]["prompt-len"]
+    assert [p["value"] for p in points] == [1, 4, 16, 64]
+    assert "skipped" in points[-1]  # 64 x the prompt exceeds the tiny model's context
+
+
+def test_report_files_are_written(bench_run):
+    _, out = bench_run
+    report = out / "report"
+    md = (report / "report.md").read_text()
+    for section in ("## Latency per stage", "## Ratios", "## Roofline", "## Memory",
+                    "## Sweep: prompt-len"):
+        assert section in md
+    for png in ("stages.png", "decode_latency.png", "sweep_prompt-len.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in md
+    assert json.loads((report / "results.json").read_text())["systems"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no artifact directory given"),
+    (["{art}", "--sweep", "resolution"], "unknown --sweep 'resolution'"),
+    (["{art}", "--runs", "0"], "--runs must be positive"),
+    (["{art}", "--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["{art}", "--baseline", "tensorflow"], "unknown --baseline"),
+    (["{missing}"], "does not exist"),
+    (["{art}", "--image", "{missing}"], "is not a file"),
+])
+def test_bad_arguments_get_one_clear_line(args, message, tiny_llava_artifact, tmp_path):
+    art, _ = tiny_llava_artifact
+    args = [a.format(art=art, missing=tmp_path / "nope") for a in args]
+    r = _bench(*args, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm-bench: error: "), r.stderr
+    assert message in lines[0]
+    assert r.stdout == ""
+
+
+def test_missing_baseline_model_is_one_line(tiny_llava_artifact, tmp_path):
+    art, _ = tiny_llava_artifact
+    r = _bench(art, "--baseline", "torch", "--model", tmp_path / "nope", timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+def test_vision_flops_from_the_graph_equal_the_config(tiny_llava_artifact, tiny_llava_dir):
+    """2 x multiply-adds of CLIP's patch conv, attention and MLP, and the projector."""
+    from transformers import AutoConfig
+
+    from vlmedge.benchmarks.bench import roofline
+
+    art, _ = tiny_llava_artifact
+    cfg = AutoConfig.from_pretrained(tiny_llava_dir)
+    v, t = cfg.vision_config, cfg.text_config
+    n, size, p, d, f = 2, v.image_size, v.patch_size, v.hidden_size, v.intermediate_size
+    patches = (size // p) ** 2
+    tokens = patches + 1  # + class token
+    conv = 2 * patches * d * 3 * p * p
+    layer = 2 * tokens * (4 * d * d + 2 * d * f) + 2 * 2 * tokens * tokens * d
+    projector = 2 * patches * (d * t.hidden_size + t.hidden_size * t.hidden_size)
+    want = n * (conv + v.num_hidden_layers * layer + projector)
+    got = roofline.graph_flops(art / "vision.onnx", {"pixel_values": [n, 3, size, size]})
+    assert got == want
+
+
+def test_decoder_bytes_are_its_initializers(tiny_llava_artifact):
+    from vlmedge.benchmarks.bench import roofline
+
+    art, _ = tiny_llava_artifact
+    m = json.loads((art / "manifest.json").read_text())
+    got = roofline.initializer_bytes(art / "decoder.onnx")
+    data = m["files"]["decoder.onnx.data"]["bytes"]
+    assert data <= got < data + m["files"]["decoder.onnx"]["bytes"]
+
+
+def test_roofline_probe_reports_positive_rates():
+    from vlmedge.benchmarks.bench import roofline
+
+    r = roofline.measure(threads=1, repeats=2, matrix_mib=16)
+    assert r["bandwidth_gb_s"] > 0 and r["gemm_gflops"] > 0
+    assert "1 thread" in r["probe"]
+
+
+def test_tegrastats_lines_parse():
+    from vlmedge.benchmarks.bench.tegrastats import Tegrastats, parse
+
+    orin = ("11-27-2026 03:45:01 RAM 2728/7620MB (lfb 1x4MB) SWAP 0/3810MB (cached 0MB) "
+            "CPU [2%@1510,0%@1510] EMC_FREQ 0% GR3D_FREQ 12% cpu@47.5C VDD_IN 4811mW/4700mW "
+            "VDD_CPU_GPU_CV 479mW/479mW VDD_SOC 1357mW/1357mW")
+    got = parse(orin)
+    assert got["ram_used_mb"] == 2728 and got["gpu_load_pct"] == 12
+    assert got["power_mw"] == 4811 and got["vdd_soc_mw"] == 1357
+    nano = "RAM 1534/3964MB (lfb 4x4MB) CPU [5%@102,off,off,off] GR3D_FREQ 0% POM_5V_IN 2342/2342"
+    assert parse(nano)["power_mw"] == 2342
+    t = Tegrastats()
+    t.samples = [(1.0, {"power_mw": 10.0, "ram_used_mb": 5.0}), (2.0, {"power_mw": 20.0,
+                                                                       "ram_used_mb": 7.0}),
+                 (9.0, {"power_mw": 99.0})]
+    s = t.summary([(0.5, 2.5)])
+    assert s == {"samples": 2, "power_mw": 15.0, "ram_used_mb": 7.0}
+
+
+def test_ratios_and_targets():
+    from vlmedge.benchmarks.bench import stats
+
+    base = {"name": "torch-eager-fp32", "decode_tokens_per_s": 10.0, "ttft_ms": 300.0,
+            "preprocess_ms": 10.0, "vision_ms": 100.0, "prefill_ms": 100.0,
+            "end_to_end_ms": 1000.0, "peak_rss_mb": 1000.0}
+    fp32 = {**base, "name": "onnx-fp32", "target": "onnx", "precision": "fp32",
+            "decode_tokens_per_s": 20.0, "ttft_ms": 150.0,
+            "peak_rss_mb": 500.0, "bandwidth_efficiency": 0.6, "rss_over_weights_kv": 1.2}
+    int8 = {**fp32, "name": "onnx-int8", "precision": "int8", "decode_tokens_per_s": 40.0,
+            "bandwidth_efficiency": 0.4}
+    rat = stats.ratios([base, fp32, int8], "torch-eager-fp32")
+    assert set(rat) == {"onnx-fp32/torch-eager-fp32", "onnx-int8/torch-eager-fp32",
+                        "onnx-int8/onnx-fp32"}
+    assert rat["onnx-fp32/torch-eager-fp32"]["decode_speedup"] == 2.0
+    assert rat["onnx-fp32/torch-eager-fp32"]["ttft_speedup"] == 2.0
+    assert rat["onnx-fp32/torch-eager-fp32"]["peak_rss_ratio"] == 0.5
+    assert rat["onnx-int8/onnx-fp32"]["decode_speedup"] == 2.0
+    met = {t["target"]: t["met"] for t in stats.targets([base, fp32, int8], rat,
+                                                        "torch-eager-fp32")}
+    assert met["onnx-int8 decode tokens/s >= 2.5x torch-eager-fp32"] is True
+    assert met["onnx-int8 decode at >= 50% of the bandwidth bound"] is False
+    assert met["onnx-fp32 preprocessing <= 5% of TTFT"] is False  # 10 / 150 ms
