@@ -69,11 +69,11 @@ def main(
             if stream:
                 for piece in session.stream(image, q, **opts):
                     print(piece, end="", flush=True)
-                print()
+                print(flush=True)
                 t = session.last_timings
             else:
                 r = session.generate(image, q, **opts)
-                print(r.text)
+                print(r.text, flush=True)
                 t = r.timings
             print(_timing_line(t), file=sys.stderr)
 
