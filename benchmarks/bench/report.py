@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 _COLUMNS = (  # header, key, format
     ("system", "name", "{}"),
@@ -189,8 +188,9 @@ def sweep_table(kind: str, points: list[dict]) -> str:
             rows.append([str(p["value"]), "skipped: " + p["skipped"], "", "", "", ""])
             continue
         for name, f in p["systems"].items():
-            rows.append([str(p["value"]), name, str(f["prompt_tokens"]), _fmt("{:.1f}", f["ttft_ms"]),
-                         _fmt("{:.2f}", f["decode_ms_p50"]), _fmt("{:.1f}", f["decode_tokens_per_s"])])
+            rows.append([str(p["value"]), name, str(f["prompt_tokens"]),
+                         _fmt("{:.1f}", f["ttft_ms"]), _fmt("{:.2f}", f["decode_ms_p50"]),
+                         _fmt("{:.1f}", f["decode_tokens_per_s"])])
     return _table(rows, [kind, "system", "prompt tok", "TTFT ms", "dec p50 ms", "tok/s"], True)
 
 
