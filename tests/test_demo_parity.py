@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch_blocker import PRELUDE
 
 pytest.importorskip("torch")
 
@@ -30,12 +31,7 @@ def test_greedy_tokens_equal_pytorch_on_56_held_out_questions(demo_artifact, dem
 
 def test_vlm_run_answers_the_demo_with_torch_absent(demo_artifact, tmp_path):
     """vlm-run in a subprocess where importing torch/transformers fails."""
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-            "            raise ImportError('blocked: ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
+    code = (PRELUDE +
             "from vlmedge.runtime.cli import app\n"
             f"sys.argv = ['vlm-run', {str(demo_artifact)!r}, '--json', '--prompt', "
             "'how many shapes are there?']\n"

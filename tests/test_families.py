@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_blocker import PRELUDE
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -378,13 +379,7 @@ def test_qwen_runtime_without_torch(family, family_artifacts, loaded):
     np.save(tmp, hf["pixel_values"].numpy())
     grid = tuple(hf["image_grid_thw"][0].tolist())
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-import numpy as np
+{PRELUDE}import numpy as np
 from vlmedge.runtime import VLMSession
 s = VLMSession({str(family_artifacts[family][0])!r}, provider='cpu', threads=1)
 grid = {grid!r}
@@ -493,12 +488,7 @@ def test_raw_image_generation_without_torch(family, family_artifacts, tmp_path):
     _image(300, 90).save(path)
     want = _session(art).generate(str(path), QUESTION, max_new_tokens=8).token_ids
     code = f"""
-import json, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+{PRELUDE}import json
 from vlmedge.runtime import VLMSession
 s = VLMSession({str(art)!r}, provider='cpu', threads=1)
 r = s.generate({str(path)!r}, {QUESTION!r}, max_new_tokens=8)

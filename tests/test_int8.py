@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch_blocker import PRELUDE
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -166,13 +167,7 @@ def test_int8_reports(int8_export):
 
 def test_int8_runtime_needs_no_torch(int8_export):
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from vlmedge.runtime import VLMSession
+{PRELUDE}from vlmedge.runtime import VLMSession
 from vlmedge.demo import scenes
 s = VLMSession({str(int8_export[0])!r}, provider='cpu', threads=1)
 r = s.generate(scenes.make_scene(4).image, 'what color is the circle?', max_new_tokens=4)

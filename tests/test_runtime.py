@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_blocker import PRELUDE
 
 from vlmedge.demo import scenes
 
@@ -26,13 +27,7 @@ def test_generation_without_torch(tiny_llava_artifact):
     """Runs in a subprocess where importing torch or transformers fails."""
     art = tiny_llava_artifact[0]
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from vlmedge.runtime import VLMSession
+{PRELUDE}from vlmedge.runtime import VLMSession
 from vlmedge.demo import scenes
 s = VLMSession({str(art)!r}, provider='cpu')
 r = s.generate(scenes.make_scene(5).image, 'describe the image.', max_new_tokens=6)

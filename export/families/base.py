@@ -81,6 +81,25 @@ class DecoderWrapper(nn.Module):
         return logits, present
 
 
+# Pillow's filter numbers, as HF image processors store `resample`.
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def normalization_facts(ip, default_resample: str) -> dict[str, Any]:
+    """The preprocess keys every tiling family reads the same way from its HF
+    image processor `ip`: resample filter, rescale, mean/std, RGB conversion."""
+    resample = RESAMPLE_NAMES.get(int(ip.resample), default_resample) \
+        if ip.resample is not None else default_resample
+    return {
+        "processor": type(ip).__name__,
+        "resample": resample,
+        "rescale": float(ip.rescale_factor) if ip.do_rescale else None,
+        "mean": [float(x) for x in ip.image_mean] if ip.do_normalize else None,
+        "std": [float(x) for x in ip.image_std] if ip.do_normalize else None,
+        "convert_rgb": bool(ip.do_convert_rgb),
+    }
+
+
 def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
     """The manifest's `decoder` section for a Llama/Qwen2-style decoder."""
     heads = text_config.num_attention_heads

@@ -15,11 +15,10 @@ from typing import Any
 
 from vlmedge.errors import ModelDirError
 
-from .base import Family, GraphSpec, torch
+from .base import Family, GraphSpec, normalization_facts, torch
 
 nn = torch.nn
 
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 class Idefics3Vision(nn.Module):
@@ -86,19 +85,12 @@ class Idefics3(Family):
     # -- manifest facts ----------------------------------------------------
     def preprocess_config(self, processor) -> dict[str, Any]:
         ip = processor.image_processor
-        resample = _RESAMPLE.get(int(ip.resample), "lanczos") if ip.resample is not None \
-            else "lanczos"
         return {
-            "processor": type(ip).__name__,
+            **normalization_facts(ip, "lanczos"),
             # All resizing is part of the tiling: the long side to size.longest_edge,
             # both sides up to multiples of the tile, tiles cut row-major, and the
             # global tile resized from the whole image.
             "resize": "none",
-            "resample": resample,
-            "rescale": float(ip.rescale_factor) if ip.do_rescale else None,
-            "mean": [float(x) for x in ip.image_mean] if ip.do_normalize else None,
-            "std": [float(x) for x in ip.image_std] if ip.do_normalize else None,
-            "convert_rgb": bool(ip.do_convert_rgb),
             "tiling": {
                 "method": "idefics3",
                 "longest_edge": int(ip.size["longest_edge"]) if ip.do_resize else None,

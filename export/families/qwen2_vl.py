@@ -28,11 +28,10 @@ from typing import Any
 from vlmedge.errors import ModelDirError
 from vlmedge.runtime import mrope
 
-from .base import Family, GraphSpec, decoder_facts, torch
+from .base import Family, GraphSpec, decoder_facts, normalization_facts, torch
 
 nn = torch.nn
 
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # The grid the vision graph is traced with: (t, h, w) patches, h != w so that
 # rows and columns cannot be confused; 96 patches -> 24 image tokens.
 _TRACE_GRID = (1, 8, 12)
@@ -178,18 +177,11 @@ class Qwen2VL(Family):
 
     def preprocess_config(self, processor) -> dict[str, Any]:
         ip = processor.image_processor
-        resample = _RESAMPLE.get(int(ip.resample), "bicubic") if ip.resample is not None \
-            else "bicubic"
         return {
-            "processor": type(ip).__name__,
+            **normalization_facts(ip, "bicubic"),
             # Resizing is part of the patching: both sides to multiples of
             # patch * merge with the pixel count in [min_pixels, max_pixels].
             "resize": "none",
-            "resample": resample,
-            "rescale": float(ip.rescale_factor) if ip.do_rescale else None,
-            "mean": [float(x) for x in ip.image_mean] if ip.do_normalize else None,
-            "std": [float(x) for x in ip.image_std] if ip.do_normalize else None,
-            "convert_rgb": bool(ip.do_convert_rgb),
             "tiling": {
                 "method": "qwen2_vl_patches",
                 "patch_size": int(ip.patch_size),
