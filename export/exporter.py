@@ -8,13 +8,14 @@ output). See vlmedge/manifest.py for what the manifest holds.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from vlmedge import __version__, manifest
 from vlmedge.errors import UserInputError, ValidationError
+
+from vlmedge.runtime.cli_common import stage as timed_stage
 
 from . import artifact, loading
 from .onnx_export import export_graph
@@ -139,16 +140,7 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     times: dict[str, float] = {}
 
     def stage(name):
-        class _S:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                log(f"[{name}] ...")
-
-            def __exit__(self, *exc):
-                times[name] = round(time.perf_counter() - self.t, 2)
-                if exc[0] is None:
-                    log(f"[{name}] done in {times[name]:.1f}s")
-        return _S()
+        return timed_stage(name, log, times)
 
     calib_data = None
     if o.precision in ("int8", "int8-dynamic"):  # bad calibration data fails before the export

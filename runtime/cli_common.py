@@ -3,7 +3,6 @@ contract and progress output that stays off stdout (stdout is for answers
 and --json)."""
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 
@@ -56,11 +55,13 @@ class Progress:
 
 
 @contextmanager
-def stage(name: str, quiet: bool = False):
-    """Prints `name ... done in 1.2s` to stderr around a block of work."""
+def stage(name: str, log, times: dict[str, float] | None = None):
+    """Logs `[name] ...` and `[name] done in 1.2s` around a block of work
+    (through `log`, e.g. a print to stderr) and records the seconds in `times`."""
     start = time.perf_counter()
-    if not quiet:
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
+    log(f"[{name}] ...")
     yield
-    if not quiet:
-        print(f"[{name}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    took = round(time.perf_counter() - start, 2)
+    if times is not None:
+        times[name] = took
+    log(f"[{name}] done in {took:.1f}s")
