@@ -7,9 +7,15 @@ patch * merge pixels and flattens it into (t*h*w, C * temporal_patch *
 patch * patch) patches with grid (t, h, w). The vision graph takes those
 patches for ONE image plus what depends on the grid and not on the patch
 count alone, computed on the host by runtime/mrope.py: the patches' (row,
-col) rotary coordinates and cu_seqlens [0, t*h*w] (with t = 1, one
-attention segment; its length is fixed at 2 when traced). The patch count
-is a dynamic dim, so one graph serves every grid of an image. The decoder
+col) rotary coordinates. The patch count is a dynamic dim, so one graph
+serves every grid of an image.
+
+One image (t = 1) is one attention segment, so the graph builds the tower's
+cu_seqlens itself as [0, num_patches] from the input's shape instead of
+taking it as an input: the tower splits the patch sequence by the lengths in
+cu_seqlens, and lengths read from an input's values are data-dependent
+shapes that TensorRT cannot build (check-trt flagged the Split); lengths
+derived from a shape are shape arithmetic it can. The decoder
 takes mrope position_ids (3, batch, sequence_length), also from the host.
 
 Qwen2.5-VL adds window attention in most vision blocks: the host also
@@ -37,21 +43,27 @@ nn = torch.nn
 _TRACE_GRID = (1, 8, 12)
 
 
+def _one_segment(pixel_values):
+    """cu_seqlens (2,) int32 = [0, num_patches]: one image, one attention
+    segment, from the shape alone (see the module docstring)."""
+    return torch.tensor([0, 1], dtype=torch.int32) * pixel_values.shape[0]
+
+
 class Qwen2VLVision(nn.Module):
     """pixel_values (num_patches, C*T*P*P), vision_position_ids (num_patches, 2)
-    int64, cu_seqlens (2,) int32 -> image_features (1, num_patches / merge^2, D_text).
+    int64 -> image_features (1, num_patches / merge^2, D_text).
 
-    The precomputed position ids and cu_seqlens are handed to the tower the
-    way transformers' vision_utils takes them (popped from kwargs), so the
-    graph never derives them from a grid tensor (.tolist(), loops)."""
+    The precomputed position ids are handed to the tower the way
+    transformers' vision_utils takes them (popped from kwargs), so the graph
+    never derives them from a grid tensor (.tolist(), loops)."""
 
     def __init__(self, model):
         super().__init__()
         self.visual = model.model.visual
 
-    def forward(self, pixel_values, vision_position_ids, cu_seqlens):
+    def forward(self, pixel_values, vision_position_ids):
         out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
-                          cu_seqlens=cu_seqlens)
+                          cu_seqlens=_one_segment(pixel_values))
         return out.pooler_output[None]
 
 
@@ -68,10 +80,9 @@ class Qwen25VLVision(Qwen2VLVision):
         super().__init__(model)
         self.visual.config._attn_implementation = "eager"
 
-    def forward(self, pixel_values, vision_position_ids, cu_seqlens, window_index,
-                cu_window_seqlens):
+    def forward(self, pixel_values, vision_position_ids, window_index, cu_window_seqlens):
         out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
-                          cu_seqlens=cu_seqlens, window_index=window_index,
+                          cu_seqlens=_one_segment(pixel_values), window_index=window_index,
                           cu_window_seqlens=cu_window_seqlens)
         return out.pooler_output[None]
 
@@ -106,7 +117,7 @@ class Qwen2VL(Family):
     model_types = ("qwen2_vl",)
     vision_module = Qwen2VLVision
     # Vision inputs after pixel_values, computed on the host from the grid.
-    grid_inputs = ("vision_position_ids", "cu_seqlens")
+    grid_inputs = ("vision_position_ids",)
 
     def processor_class(self):
         from transformers import Qwen2VLProcessor
@@ -158,7 +169,7 @@ class Qwen2VL(Family):
     # -- validation inputs ---------------------------------------------------
     def image_grid(self, processor, image, hf_inputs: dict):
         grids = hf_inputs["image_grid_thw"].tolist()
-        if len(grids) != 1:  # one image per vision call (cu_seqlens has 2 entries)
+        if len(grids) != 1:  # one image per vision call (one attention segment)
             raise ValueError(f"expected one image, got grids {grids}")
         return tuple(int(v) for v in grids[0])
 
