@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +37,10 @@ def check_output(output: Path, force: bool) -> None:
                              hint="choose another --output")
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def staging(output: Path, force: bool, keep_failed: bool = False):
     """Yields a temporary directory; on success renames it to `output`.
@@ -45,6 +51,13 @@ def staging(output: Path, force: bool, keep_failed: bool = False):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = output.parent / f"{output.name}.partial-{os.getpid()}"
     tmp.mkdir(parents=True)
+    # A SIGTERM (a job scheduler's timeout, `kill`) becomes SystemExit so the
+    # clean-up below runs as it does for Ctrl-C; Python's default would die
+    # on the spot and leave the .partial directory behind. Signals can only be
+    # handled in the main thread.
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield tmp
     except BaseException as e:
@@ -61,6 +74,9 @@ def staging(output: Path, force: bool, keep_failed: bool = False):
             raise VlmedgeError(f"cannot write the artifact: {e}",
                                hint="check the output directory") from None
         raise
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
     if output.exists():
         old = output.parent / f"{output.name}.old-{os.getpid()}"
         output.rename(old)

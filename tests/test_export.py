@@ -185,3 +185,22 @@ def test_full_size_smolvlm_256m_preset_exports_with_external_data(tmp_path):
         assert (out / f"{comp}.onnx").stat().st_size < 5_000_000  # weights are not inline
         ort.InferenceSession(str(out / f"{comp}.onnx"), providers=["CPUExecutionProvider"])
     assert summary["total_bytes"] > 900_000_000  # ~256M parameters in fp32
+
+
+def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+    """A `kill` (SIGTERM) mid-write removes the staging directory like Ctrl-C
+    does, instead of leaving <out>.partial-<pid> behind."""
+    import os
+    import signal
+
+    from vlmedge.export import artifact
+
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        with artifact.staging(out, force=False) as tmp:
+            (tmp / "vision.onnx").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert not out.exists() and not list(tmp_path.glob("out.partial-*"))
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
