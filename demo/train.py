@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the per-cell auxiliary probe loss (0 disables)")
     p.add_argument("--count-weight", type=float, default=1.0,
-                   help="weight of the scene-count probe on every image token (0 disables)")
+                   help="weight of the scene-count probe on the empty cells' image tokens (0 disables)")
     p.add_argument("--route-weight", type=float, default=0.5,
                    help="weight of the routing probe loss (0 disables)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -141,7 +141,7 @@ def vision_inputs(names: Sequence[str], grid: Grid | None, image: dict,
     for name in names:
         if name == "vision_position_ids":
             out[name] = vision_position_ids(grid, merge)
-        elif name == "cu_seqlens":
+        elif name == "cu_seqlens":  # Qwen artifacts exported before the graph built it itself
             out[name] = vision_cu_seqlens(grid, merge)
         elif name in ("window_index", "cu_window_seqlens"):
             index, cu = vision_window_index(grid, merge, int(image["window_size"]),
