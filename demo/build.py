@@ -1,7 +1,9 @@
 """Builds the demo VLM's tokenizer, processor and config (no weights).
 
 The demo model is a real `LlavaForConditionalGeneration`: a CLIP vision tower
-(128x128 input, 32x32 patches -> 16 patch tokens, one per scene-grid cell, + a class token), a 2-layer
+(128x128 input, 32x32 patches -> 16 patch tokens, one per scene-grid cell,
+after CLIP's class token, which is kept as a scene summary: 17 image tokens,
+select strategy "full"), a 2-layer
 GELU MLP projector and a Llama decoder with grouped-query attention. Its
 vocabulary is the scene world's words, tokenized word by word.
 
@@ -36,7 +38,11 @@ CHAT_TEMPLATE = (
 
 IMAGE_SIZE = scenes.IMAGE_SIZE
 PATCH = 32
-NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16, one per scene-grid cell; CLIP's class token is dropped ("default")
+# CLIP's class token first (the scene summary the counts are read from), then
+# the 16 patch tokens, one per scene-grid cell in row-major order.
+NUM_CELLS = (IMAGE_SIZE // PATCH) ** 2
+NUM_IMAGE_TOKENS = 1 + NUM_CELLS
+SELECT_STRATEGY = "full"  # keep the class token (LLaVA's "default" drops it)
 
 # Sizes of the demo model and of the tiny smoke-test variant.
 SIZES = {
@@ -79,7 +85,7 @@ def make_processor():
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=make_tokenizer(), patch_size=PATCH,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy=SELECT_STRATEGY, chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
     )
 
@@ -103,7 +109,7 @@ def make_config(size: str = "demo"):
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=v[IMAGE_TOKEN],
-        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", vision_feature_select_strategy=SELECT_STRATEGY,
         vision_feature_layer=-1, image_seq_length=NUM_IMAGE_TOKENS,
         tie_word_embeddings=True,
     )

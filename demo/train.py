@@ -6,46 +6,53 @@
 Each training sequence is one freshly drawn scene followed by a few
 question/answer turns in the chat template's format:
 
-    <s><user> <image>x16 what color is the circle? <end><assistant> red <end><user> ...
+    <s><user> <image>x17 what color is the circle? <end><assistant> red <end><user> ...
 
-Loss is on the answer tokens and their closing <end> only. Several turns per
-image give several answers of supervision per vision forward; the first turn
-is exactly the single-question format that evaluation and the runtime use.
-Scenes come from the training seed range, disjoint from evaluation's.
+(17 image tokens: CLIP's class token, kept as a scene summary, then one
+token per cell of the scene's 4x4 grid.) Loss is on the answer tokens and
+their closing <end> only. Several turns per image give several answers of
+supervision per vision forward; the first turn is exactly the
+single-question format that evaluation and the runtime use. Scenes come
+from the training seed range, disjoint from evaluation's.
 
 Training runs in two stages, with auxiliary losses on training-only heads
 (none of them is part of the shipped model):
 
-1. Vision warm-up (--vision-steps, ~0.1 s a step): the vision tower and
-   projector alone, on a per-cell loss. A linear probe on each of the 16
-   image tokens predicts the colour, shape and size in its grid cell (scored
+1. Vision warm-up (--vision-steps, ~0.12 s a step): the vision tower and
+   projector alone, on a per-token loss. A linear probe on each of the 16
+   cell tokens predicts the colour, shape and size in its grid cell (scored
    against the word embeddings of "red", "circle", "small", ... so a cell's
-   feature lands next to the words that name it), its row and column, and,
-   on the EMPTY cells only, the scene's counts (all, small, large shapes).
-   Without per-cell labels the decoder sat on a "blind" plateau (answering
-   from language priors) for the whole budget; without the warm-up, shape
-   perception lagged the decoder for 1,000+ steps.
-2. Joint training (--steps, ~0.3 s a step) of everything on the answers, the
-   per-cell loss, and routing probes on the decoder's hidden states, which
-   predict the grid cell the model must look at: at the word naming the
+   feature lands next to the words that name it) and its row and column;
+   one on the summary (class) token predicts the scene's counts (all, small
+   and large shapes). Without per-cell labels the decoder sat on a "blind"
+   plateau (answering from language priors) for the whole budget; without
+   the warm-up, shape perception lagged the decoder for 1,000+ steps.
+2. Joint training (--steps, ~0.33 s a step) of everything on the answers,
+   the per-token loss, and routing probes on the decoder's hidden states,
+   which predict the token the model must look at: at the word naming the
    object (layer 2), at the <assistant> token that starts the answer (layer
-   3), at each "a" that opens an object in a caption, and "no cell" for a
-   yes/no question answered "no". Without them the decoder answered colour
-   and position questions at chance after 1,000 steps.
+   3), at each "a" that opens an object in a caption, "no cell" for a
+   yes/no question answered "no", and the summary token for a count
+   question. Without them the decoder answered colour and position
+   questions at chance after 1,000 steps.
 
 What each piece bought, on 500 held-out questions (`vlm-eval`, seed 0):
-the first shipped model (600 warm-up steps, none of the count, "no cell"
-or caption routing) scored 0.922 (shape 0.875, count 0.761, yes/no 0.859).
-A 2,000-step warm-up with a decaying learning rate took shape to 1.00
-(at a constant 2e-3 the warm-up diverged after ~1,300 steps); "no cell"
-and caption routing took yes/no to 0.99 and captions to 1.00. Counting by
-size is still the weak kind (0.80): with the blank cells' count features
-free to use the "small"/"large" word directions, count reached 1.00 but
-size answers fell to 0.83 (the count features leaked into what a size
-question reads); keeping blank cells on "<pad>" there fixed size (0.99)
-and the decoder then did not learn to read the counts in the budget.
+the first shipped model (600 warm-up steps, no count features, no "no
+cell" or caption routing) scored 0.922 (shape 0.875, count 0.761, yes/no
+0.859). A 2,000-step warm-up with a decaying learning rate took shape to
+1.00 (at a constant 2e-3 the warm-up diverged after ~1,300 steps); "no
+cell" and caption routing took yes/no to 0.99 and captions to 1.00.
+Counting by size was the last weak kind. With the counts stored on the
+13-15 EMPTY cell tokens, either they leaked into size answers (free
+directions: blank cells scored "small" higher than small shapes did; count
+1.00, size 0.83) or the decoder did not learn to read them (blank cells
+held on "<pad>" for the size words: size 0.99, count 0.80). On ONE summary
+token, held on "<pad>" for every word family (--summary-pad all), both
+hold: 0.996 overall, count and size 1.00. With the summary token free on
+the size words (--summary-pad colorshape, measured on a GPU run to step
+1,600) counting stalled as it had on blank cells.
 
-About 15-19 minutes on a 2-core CPU with the defaults (--threads 2),
+About 18 minutes on a 2-core CPU with the defaults (--threads 2),
 depending on what else runs on the machine.
 """
 from __future__ import annotations
@@ -108,16 +115,51 @@ def encode_turns(tokenizer, turns: list["Turn"]) -> tuple[list[int], list[int], 
     return ids, labels, kinds, routes
 
 
+# Which word families (0 colour, 1 shape, 2 size) the summary token must
+# score "<pad>" on, as empty cells do. "all" (the default) is the one that
+# learned to count by size; with the size words free ("colorshape", "none")
+# teacher-forced count accuracy stalled near 0.89 (GPU runs to step 1,600).
+SUMMARY_PAD = {"none": (), "colorshape": (0, 1), "all": (0, 1, 2)}
+
+
 # How often each question kind is drawn for a training turn, relative to the
-# others. Colour and position are answered perfectly early on; shape, size
-# (which the count features on blank cells can be confused with) and
-# three-object captions are the last to improve (held-out accuracy of earlier
-# runs), so they get more of the supervision.
+# others. Colour and position are answered perfectly early on; shape, size,
+# count and three-object captions are the last to improve (held-out accuracy
+# of earlier runs), so they get more of the supervision.
 KIND_WEIGHTS = {"color": 0.7, "shape": 1.3, "size": 1.2, "count": 1.2, "position": 0.6,
                 "yesno": 1.0, "caption": 1.4}
 
 
-def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int):
+def batches(args):
+    """Every training batch, in order: --vision-steps single-turn batches for
+    the warm-up, then --steps batches for joint training, all drawn from one
+    generator seeded with --seed (it has no other user, so the stream is the
+    same however it is drawn). Warm-up batches are drawn in this process; with
+    --data-workers 1 the joint ones come from a worker process, drawn while
+    the model trains on the previous batch. On 2 cores that saves ~10% of a
+    joint step (0.37 -> 0.33 s) but costs ~30% of a warm-up step, whose
+    compute is too short to hide the drawing (measured). Tensors are on the CPU."""
+    import torch
+
+    rng = np.random.default_rng(args.seed)
+    tokenizer = build.make_tokenizer()
+    for _ in range(args.vision_steps):
+        yield make_batch(tokenizer, rng, args.batch, 1)
+
+    class Joint(torch.utils.data.IterableDataset):
+        def __iter__(self):  # in the worker: a copy of `rng` where the warm-up left it
+            for _ in range(args.steps):
+                yield make_batch(tokenizer, rng, args.batch, args.turns, bool(args.count_route))
+
+    if args.data_workers:
+        yield from torch.utils.data.DataLoader(Joint(), batch_size=None, num_workers=1,
+                                               prefetch_factor=4)
+    else:
+        yield from Joint()
+
+
+def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int,
+               count_route: bool = True):
     import torch
 
     seqs, pix, cells = [], [], []
@@ -128,7 +170,7 @@ def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int):
         w = np.array([KIND_WEIGHTS[q.kind] for q in qs])
         order = rng.choice(len(qs), size=int(rng.integers(1, turns + 1)), replace=False,
                            p=w / w.sum())
-        seqs.append(encode_turns(tokenizer, [Turn.of(scene, qs[i]) for i in order]))
+        seqs.append(encode_turns(tokenizer, [Turn.of(scene, qs[i], count_route) for i in order]))
         pix.append(pixel_values(scene.image))
     T = max(len(s[0]) for s in seqs)
     pad = build.vocab()["<pad>"]
@@ -150,6 +192,9 @@ def make_batch(tokenizer, rng: np.random.Generator, batch: int, turns: int):
 # The routing probes' extra class: "no cell holds the object the question
 # names" (a yes/no question answered "no").
 NO_CELL = scenes.GRID * scenes.GRID
+# ... and "the summary token" (CLIP's class token, where the counts are): the
+# target of a count question.
+SUMMARY = NO_CELL + 1
 
 
 class Turn:
@@ -163,7 +208,7 @@ class Turn:
         self.word_ids = {v[w] for w in words}  # the question's words naming the object
 
     @classmethod
-    def of(cls, scene: scenes.Scene, q: scenes.Question) -> "Turn":
+    def of(cls, scene: scenes.Scene, q: scenes.Question, count_route: bool = True) -> "Turn":
         words = set(q.question.rstrip("?").split())
         cell, named = -1, set()
         if q.kind in ("color", "shape", "size", "position", "yesno"):
@@ -177,32 +222,43 @@ class Turn:
                                                     for o in scene.objects))
         if q.kind == "yesno":  # "no": the routing probes learn that no cell matches
             return cls(q, NO_CELL, words & (set(scenes.COLORS) | set(scenes.SHAPES)))
+        if q.kind == "count" and count_route:  # counts live on the summary token
+            return cls(q, SUMMARY, (words & set(scenes.SIZES)) or {"shapes"})
         return cls(q, cell)
 
 
+IGNORE = -100  # cross_entropy's ignore_index
+
+
 def cell_targets(scene: scenes.Scene) -> np.ndarray:
-    """(16, 8) int64 classes per grid cell (row-major, as CLIP orders its
-    patches): colour (0 = empty, 1.. = COLORS), shape (0 = empty, 1.. =
-    SHAPES), size (0 = empty, 1 small, 2 large), the cell's row and column
-    (so each image token also carries where it is), and three scene-wide
-    counts (all shapes, small ones, large ones), learned on empty cells only."""
-    t = np.zeros((scenes.GRID * scenes.GRID, 8), np.int64)
-    t[:, 5] = len(scene.objects)
-    t[:, 6] = sum(o.size == "small" for o in scene.objects)
-    t[:, 7] = sum(o.size == "large" for o in scene.objects)
-    t[:, 3] = np.arange(scenes.GRID * scenes.GRID) // scenes.GRID
-    t[:, 4] = np.arange(scenes.GRID * scenes.GRID) % scenes.GRID
+    """(17, 8) int64 classes per image token, in the model's order: the
+    summary (CLIP class) token, then the 16 grid cells row-major (as CLIP
+    orders its patches). Columns: colour (0 = empty, 1.. = COLORS), shape
+    (0 = empty, 1.. = SHAPES), size (0 = empty, 1 small, 2 large), the cell's
+    row and column (so each cell token also carries where it is), and three
+    scene-wide counts (all shapes, small ones, large ones). The summary token
+    holds the counts and nothing else (colour/shape/size "empty", no row or
+    column); cells hold no counts."""
+    n = scenes.GRID * scenes.GRID
+    t = np.zeros((1 + n, 8), np.int64)
+    t[0, 3:5] = IGNORE
+    t[0, 5] = len(scene.objects)
+    t[0, 6] = sum(o.size == "small" for o in scene.objects)
+    t[0, 7] = sum(o.size == "large" for o in scene.objects)
+    t[1:, 3] = np.arange(n) // scenes.GRID
+    t[1:, 4] = np.arange(n) % scenes.GRID
+    t[1:, 5:] = IGNORE
     colors, sizes = list(scenes.COLORS), list(scenes.SIZES)
     for o in scene.objects:
-        t[o.row * scenes.GRID + o.col, :3] = (colors.index(o.color) + 1,
-                                              scenes.SHAPES.index(o.shape) + 1,
-                                              sizes.index(o.size) + 1)
+        t[1 + o.row * scenes.GRID + o.col, :3] = (colors.index(o.color) + 1,
+                                                  scenes.SHAPES.index(o.shape) + 1,
+                                                  sizes.index(o.size) + 1)
     return t
 
 
 
 
-def warm_up_vision(model, aux_params, cell_loss, tokenizer, rng, args) -> None:
+def warm_up_vision(model, aux_params, cell_loss, stream, args) -> None:
     """Stage 1: the vision tower and projector alone, on the per-cell loss.
 
     Perception first: in joint training the decoder's answers stayed at chance
@@ -220,14 +276,15 @@ def warm_up_vision(model, aux_params, cell_loss, tokenizer, rng, args) -> None:
     acc = {}
     n = args.vision_steps
     for step in range(n):
-        _, _, _, pix, cells, _, _ = make_batch(tokenizer, rng, args.batch, 1)
+        _, _, _, pix, cells, _, _ = (t.to(args.device) for t in next(stream))
         # Short warm-up, then cosine decay to 10%: at a constant 2e-3 the
         # loss blew up after ~1,300 steps (measured), clipping alone is not enough.
         t = step / max(1, n - 1)
         for g in opt.param_groups:
             g["lr"] = args.vision_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+        # (B, 17, D): the class token kept, as the "full" select strategy does.
         f = model.model.multi_modal_projector(
-            model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1][:, 1:])
+            model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1])
         loss, logits, occupied = cell_loss(f, cells)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,7 +292,7 @@ def warm_up_vision(model, aux_params, cell_loss, tokenizer, rng, args) -> None:
         opt.step()
         with torch.no_grad():
             for i, name in ((0, "color"), (1, "shape"), (2, "size"), (6, "small"), (7, "large")):
-                sel = occupied if i < 3 else ~occupied
+                sel = occupied if i < 3 else cells[..., i] != IGNORE
                 hit = (logits[i].argmax(-1)[sel] == cells[..., i][sel]).float().mean()
                 acc[name] = 0.9 * acc.get(name, 0.0) + 0.1 * hit.item()
         if step % args.log_every == 0 or step == args.vision_steps - 1:
@@ -249,12 +306,10 @@ def train(args) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = LlavaForConditionalGeneration(build.make_config(args.size))
-    tokenizer = build.make_tokenizer()
-    # Auxiliary per-cell probe on the projector's output (B, 16, D) (see module doc).
+    model = LlavaForConditionalGeneration(build.make_config(args.size)).to(args.device)
+    # Auxiliary per-cell probe on the projector's output (B, 17, D) (see module doc).
     feats = {}
     model.model.multi_modal_projector.register_forward_hook(
         lambda mod, inp, out: feats.__setitem__("image", out))
@@ -263,49 +318,56 @@ def train(args) -> Path:
     # words that name it: the decoder's question -> image-token attention is
     # then a match of like with like. Row and column get a plain linear head.
     v = build.vocab()
-    word_ids = [torch.tensor([v["<pad>"]] + [v[w] for w in words]) for words in
+    word_ids = [torch.tensor([v["<pad>"]] + [v[w] for w in words], device=args.device) for words in
                 (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES))]
     # Row, column and the three counts (4 classes each: zero..three).
     heads = [scenes.GRID, scenes.GRID] + [len(scenes.NUMBER_WORDS)] * 3
-    aux = torch.nn.Linear(model.config.text_config.hidden_size, sum(heads))
-    aux_scale = torch.nn.Parameter(torch.tensor(10.0))
+    aux = torch.nn.Linear(model.config.text_config.hidden_size, sum(heads)).to(args.device)
+    aux_scale = torch.nn.Parameter(torch.tensor(10.0, device=args.device))
     # Probe 0 reads the naming word's layer-2 state, probe 1 the <assistant> token's layer-3 state.
     route = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size,
-                                                NO_CELL + 1) for _ in range(2))
+                                                SUMMARY + 1) for _ in range(2)).to(args.device)
     emb = model.get_input_embeddings().weight
 
     def cell_loss(f, cells):
-        """Per-cell auxiliary loss on image features f (B, 16, D); cells (B, 16, 8)."""
-        logits = [aux_scale * f @ emb[ids].T for ids in word_ids]  # (B, 16, 1 + words)
-        # Row, column, counts: (B, 16, 4) each. The EMPTY cells' tokens (13-15
-        # of the 16) predict the scene's counts, so counting happens in the
-        # vision tower, which sees all cells at once with dense supervision,
-        # and the decoder reads a count off the blank cells. Counting by
-        # attention in the decoder stalled at ~85% teacher-forced ("two large
-        # shapes" -> "one"); asking EVERY token for the counts (tried) slowed
-        # the decoder's routing to object cells about 3x, as the shared
-        # component crowded the per-cell features.
+        """Auxiliary loss on image features f (B, 17, D); cells (B, 17, 8)."""
+        logits = [aux_scale * f @ emb[ids].T for ids in word_ids]  # (B, 17, 1 + words)
+        # Row, column, counts: (B, 17, 4) each. The counts are learned on the
+        # summary token alone, so counting happens in the vision tower (which
+        # sees all cells at once, with dense supervision) and the decoder reads
+        # a count off one token. Counting by attention in the decoder stalled
+        # at ~85% teacher-forced; counts stored on the 13-15 EMPTY cells either
+        # leaked into size answers (free directions: blank cells scored "small"
+        # higher than small shapes did, size 0.83) or were not read (held off
+        # the size words: count 0.80). One token holds them now.
         logits += list(aux(f).split(heads, dim=-1))
         # Shape and size are learned only where an object is: over all 16 cells the
         # "empty" class dominates and shape accuracy sat at chance (measured).
         occupied = cells[..., 1] > 0
+        summary = torch.zeros_like(occupied)
+        summary[:, 0] = True
+        blank = ~occupied & ~summary
         weight = [1.0] * 5 + [args.count_weight] * 3
         ce = torch.nn.functional.cross_entropy
-        loss = sum(
-            weight[i] * (ce(lg[occupied], cells[..., i][occupied]) if i in (1, 2)
-                         else ce(lg[~occupied], cells[..., i][~occupied]) if i >= 5
-                         else ce(lg.flatten(0, 1), cells[..., i].flatten()))
-            for i, lg in enumerate(logits) if weight[i] > 0)
+        loss = sum(weight[i] * (ce(lg[occupied], cells[..., i][occupied]) if i in (1, 2)
+                                else ce(lg[~summary], cells[..., i][~summary]) if i < 5
+                                else ce(lg[summary], cells[..., i][summary]))
+                   for i, lg in enumerate(logits) if weight[i] > 0)
         # Empty cells must still score "<pad>" on the shape and size words, at a
-        # lower weight: unconstrained, the count features stored there leaked
-        # into the "small"/"large" directions (an empty cell scored "small"
-        # higher than a small shape did, measured) and size answers fell to 83%.
+        # lower weight (else their features drift into those directions and
+        # size questions read them); the summary token on those of the word
+        # families chosen by --summary-pad.
         for i in (1, 2):
-            loss = loss + 0.25 * ce(logits[i][~occupied], cells[..., i][~occupied])
+            loss = loss + 0.25 * ce(logits[i][blank], cells[..., i][blank])
+        for i in SUMMARY_PAD[args.summary_pad]:
+            loss = loss + 0.25 * ce(logits[i][summary], cells[..., i][summary])
         return loss, logits, occupied
 
+    # After every parameter is initialised: a DataLoader draws its worker's
+    # base seed from torch's generator, which would change the heads' init.
+    stream = batches(args)
     if args.vision_steps:
-        warm_up_vision(model, [aux, aux_scale, emb], cell_loss, tokenizer, rng, args)
+        warm_up_vision(model, [aux, aux_scale, emb], cell_loss, stream, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, {args.steps} steps of batch {args.batch}",
           flush=True)
@@ -331,8 +393,7 @@ def train(args) -> Path:
     acc: dict[int, float] = {}
     pacc = [0.0, 0.0]  # running accuracy of the word and answer probes
     for step in range(args.steps):
-        ids, mask, labels, pix, cells, kinds, routes = make_batch(tokenizer, rng, args.batch,
-                                                                  args.turns)
+        ids, mask, labels, pix, cells, kinds, routes = (t.to(args.device) for t in next(stream))
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels,
@@ -372,6 +433,7 @@ def train(args) -> Path:
                   " ".join(f"{scenes.QUESTION_KINDS[k]}={v:.2f}" for k, v in sorted(acc.items())),
                   flush=True)
     model.eval()
+    model.to("cpu")
     out = Path(args.out)
     build.save_model_dir(model, out)
     print(f"saved to {out} after {time.time() - start:.0f}s", flush=True)
@@ -397,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the per-cell auxiliary probe loss (0 disables)")
     p.add_argument("--count-weight", type=float, default=1.0,
-                   help="weight of the scene-count probe on the empty cells' image tokens (0 disables)")
+                   help="weight of the scene-count probe on the summary (class) token (0 disables)")
+    p.add_argument("--summary-pad", choices=sorted(SUMMARY_PAD), default="all",
+                   help="word families the summary token is held off, as empty cells are")
+    p.add_argument("--count-route", type=int, choices=(0, 1), default=1,
+                   help="routing probes send count questions to the summary token")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    p.add_argument("--data-workers", type=int, choices=(0, 1), default=1,
+                   help="draw batches in a worker process, overlapping the training step")
     p.add_argument("--route-weight", type=float, default=0.5,
                    help="weight of the routing probe loss (0 disables)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

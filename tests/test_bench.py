@@ -114,7 +114,8 @@ def test_vision_flops_from_the_graph_equal_the_config(tiny_llava_artifact, tiny_
     tokens = patches + 1  # + class token
     conv = 2 * patches * d * 3 * p * p
     layer = 2 * tokens * (4 * d * d + 2 * d * f) + 2 * 2 * tokens * tokens * d
-    projector = 2 * patches * (d * t.hidden_size + t.hidden_size * t.hidden_size)
+    projected = tokens if cfg.vision_feature_select_strategy == "full" else patches
+    projector = 2 * projected * (d * t.hidden_size + t.hidden_size * t.hidden_size)
     want = n * (conv + v.num_hidden_layers * layer + projector)
     got = roofline.graph_flops(art / "vision.onnx", {"pixel_values": [n, 3, size, size]})
     assert got == want

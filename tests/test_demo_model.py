@@ -35,8 +35,9 @@ def test_vlm_eval_json_contract():
                                     "caption"}
 
 
-@pytest.mark.slow
 def test_demo_accuracy_500_questions():
+    """The issue's bar, on the default seed: >= 0.97 overall, >= 0.90 per kind.
+    About 15 s on 2 cores, so it runs in CI (it was `slow` when the eval took minutes)."""
     r = _eval("--model", "demo", "--n", "500", "--json", timeout=1800)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -71,8 +72,8 @@ def test_train_smoke(tmp_path):
     from vlmedge.demo import scenes, train
 
     out = tmp_path / "tiny"
-    assert train.main(["--size", "tiny", "--steps", "3", "--batch", "4", "--out", str(out),
-                       "--log-every", "1"]) == 0
+    assert train.main(["--size", "tiny", "--steps", "3", "--vision-steps", "3", "--batch", "4",
+                       "--out", str(out), "--log-every", "1"]) == 0
     model = AutoModelForImageTextToText.from_pretrained(out)
     proc = AutoProcessor.from_pretrained(out)
     text = proc.apply_chat_template([{"role": "user", "content": [
@@ -81,3 +82,66 @@ def test_train_smoke(tmp_path):
     inputs = proc(images=scenes.make_scene(1).image, text=text, return_tensors="pt")
     gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert gen.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_token_targets_put_counts_on_the_summary_token_only():
+    """Row 0 is CLIP's class token (the summary): counts, no colour/shape/size
+    and no row/column; rows 1..16 are the grid cells, objects in theirs."""
+    from vlmedge.demo import scenes, train
+
+    scene = next(s for s in map(scenes.make_scene, range(100)) if len(s.objects) == 3)
+    t = train.cell_targets(scene)
+    assert t.shape == (17, 8)
+    sizes = [o.size for o in scene.objects]
+    assert list(t[0]) == [0, 0, 0, train.IGNORE, train.IGNORE, 3, sizes.count("small"),
+                          sizes.count("large")]
+    assert (t[1:, 5:] == train.IGNORE).all()
+    occupied = {1 + o.row * scenes.GRID + o.col for o in scene.objects}
+    for i in range(1, 17):
+        assert (t[i, 1] > 0) == (i in occupied)
+        assert (t[i, 3], t[i, 4]) == divmod(i - 1, scenes.GRID)
+
+
+def test_count_questions_route_to_the_summary_token():
+    from vlmedge.demo import build, scenes, train
+
+    scene = scenes.make_scene(3)
+    q = scenes.Question("count", "how many large shapes are there?", "one")
+    turn = train.Turn.of(scene, q)
+    assert turn.cell == train.SUMMARY
+    assert turn.word_ids == {build.vocab()["large"]}
+    assert train.Turn.of(scene, q, count_route=False).cell == -1
+
+
+def test_training_batches_are_the_same_with_a_data_worker():
+    """The worker draws the joint batches from a copy of the warm-up's
+    generator: the stream (and so the trained model) does not depend on it."""
+    import argparse
+
+    import torch
+
+    from vlmedge.demo import train
+
+    def stream(workers):
+        args = argparse.Namespace(seed=5, vision_steps=2, steps=3, batch=3, turns=3,
+                                  count_route=1, data_workers=workers)
+        return list(train.batches(args))
+
+    a, b = stream(0), stream(1)
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    assert not torch.equal(a[2][0], a[3][0])  # batches differ from one step to the next
+
+
+def test_demo_processor_expands_the_image_to_the_models_token_count(demo_dir):
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmedge.demo import build, scenes
+
+    cfg = AutoConfig.from_pretrained(demo_dir)
+    proc = AutoProcessor.from_pretrained(demo_dir)
+    ids = proc(images=scenes.make_scene(1).image, text="<user> <image> describe the image. <end>",
+               return_tensors="np")["input_ids"]
+    assert (ids == cfg.image_token_id).sum() == cfg.image_seq_length == build.NUM_IMAGE_TOKENS == 17
+    assert cfg.vision_feature_select_strategy == build.SELECT_STRATEGY == "full"
