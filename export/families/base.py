@@ -69,10 +69,13 @@ class DecoderWrapper(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
+        from .attention import grouped_attention
+
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         cache = DynamicCache(pairs, config=self.config)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, cache=cache, use_cache=True)
+        with grouped_attention(self.config):  # K/V read once per group, not repeated
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1:, :]  # (B, 1, D): last position only
         logits = self.lm_head(hidden)
         present = []
