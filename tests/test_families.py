@@ -533,3 +533,27 @@ def test_tiling_preprocessor_needs_preprocess_and_a_known_method(family_artifact
     for bad in ({"method": "llava_next"}, {"method": "idefics3", "tile_size": 64}, "tiles"):
         with pytest.raises(UserInputError, match="tiling"):
             ImagePreprocessor({**m["preprocess"], "tiling": bad})
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_torch_reference_encodes_the_image_once_where_positions_are_1d(family, loaded):
+    """Validation's PyTorch greedy (no KV cache) runs the vision tower once per
+    prompt for 1-D-position decoders, with the same tokens and first logits as
+    recomputing everything each step; Qwen2-VL (mrope) still recomputes all."""
+    from vlmedge.export.validate import _torch_greedy
+
+    lm = loaded[family]
+    hf = lm.family.hf_inputs(lm.processor, _image(128, 128), QUESTION)
+    calls = []
+    vision = lm.model.model.vision_model if family == "idefics3" else lm.model.model.visual
+    h = vision.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast, fast_first = _torch_greedy(torch, lm.model, hf, 6, lm.family)
+        n_fast = len(calls)
+        slow, slow_first = _torch_greedy(torch, lm.model, hf, 6)
+    finally:
+        h.remove()
+    assert fast == slow
+    np.testing.assert_allclose(fast_first, slow_first, rtol=0, atol=1e-5)
+    assert len(calls) - n_fast == 6  # the reference recompute: once per token
+    assert n_fast == (1 if family == "idefics3" else 6)
