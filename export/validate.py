@@ -26,6 +26,28 @@ QUESTIONS = ("describe the image.", "what color is the circle?")
 GREEDY_TOKENS = 16
 
 
+def _first_step(torch, model, ids, extra: dict, family):
+    """The whole model on the prompt -> (merged text + image embeddings (1, T, D)
+    the language model received, or None where they cannot be reused, and the
+    last position's logits (V,)). They are reused when `family` is given and
+    its decoder takes plain 1-D positions; mrope positions depend on the image
+    grid inside the model."""
+    if family is None or family.decoder_facts(model, 0)["position_ids"] != "1d":
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra)
+        return None, out.logits[0, -1].float()
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.setdefault("embeds", kwargs.get("inputs_embeds"))
+
+    handle = family.language_model(model).register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra)
+    finally:
+        handle.remove()
+    return seen.get("embeds"), out.logits[0, -1].float()
+
+
 def _torch_greedy(torch, model, hf: dict, n: int, family=None) -> tuple[list[int], np.ndarray]:
     """n greedy tokens by full recompute (no KV cache); returns the tokens and
     the first step's logits.
@@ -43,39 +65,29 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None) -> tuple[list[int
     # Per-token modality types (Qwen2-VL's mrope needs them) grow with the
     # sequence: a generated token is text (0).
     types = extra.pop("mm_token_type_ids", None)
-    lm = captured = None
-    if family is not None and family.decoder_facts(model, 0)["position_ids"] == "1d":
-        lm, captured = family.language_model(model), {}
-
-        def capture(module, args, kwargs):  # (B, T, D) merged embeddings of the first step
-            captured.setdefault("embeds", kwargs.get("inputs_embeds"))
-            return None
-
-        handle = lm.register_forward_pre_hook(capture, with_kwargs=True)
-    tokens, first, embeds = [], None, None
     with torch.inference_mode():
+        if types is not None:
+            extra["mm_token_type_ids"] = types
+        embeds, last = _first_step(torch, model, ids, extra, family)
+        tokens, first = [], last.numpy().copy()
         for _ in range(n):
+            t = int(last.argmax())
+            tokens.append(t)
+            if len(tokens) == n:
+                break
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
             if embeds is not None:  # language model only, whole sequence, no cache
-                hidden = lm(inputs_embeds=embeds, use_cache=False,
-                            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+                embeds = torch.cat([embeds, model.get_input_embeddings()(ids[:, -1:])], dim=1)
+                hidden = family.language_model(model)(
+                    inputs_embeds=embeds, use_cache=False,
+                    attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
                 last = family.lm_head(model)(hidden.last_hidden_state[:, -1])[0].float()
             else:
                 if types is not None:
                     extra["mm_token_type_ids"] = torch.cat(
                         [types, types.new_zeros(1, ids.shape[1] - types.shape[1])], dim=1)
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                            **extra)
-                last = out.logits[0, -1].float()
-            if first is None:
-                first = last.numpy().copy()
-                if captured is not None:
-                    handle.remove()
-                    embeds = captured.get("embeds")
-            t = int(last.argmax())
-            tokens.append(t)
-            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-            if embeds is not None:
-                embeds = torch.cat([embeds, model.get_input_embeddings()(ids[:, -1:])], dim=1)
+                last = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                             **extra).logits[0, -1].float()
     return tokens, first
 
 
