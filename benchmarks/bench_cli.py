@@ -87,6 +87,9 @@ def main(
     report: Optional[Path] = typer.Option(
         None, "--report", help="Write report.md and PNG plots to this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Check every artifact file's sha256 against its "
+        "manifest before benchmarking (on by default; --no-verify warns)."),
 ) -> None:
     with cli_errors("vlm-bench"):
         sweeps = list(sweep or [])
@@ -97,7 +100,10 @@ def main(
         opts = Options(artifacts=list(artifact_dirs), baseline=baseline, model=model,
                        image=image, prompt=prompt, new_tokens=new_tokens, runs=runs,
                        warmup=warmup, threads=_threads(threads), provider=provider,
-                       sweeps=sweeps)
+                       sweeps=sweeps, verify=verify)
+        if not verify:
+            print("vlm-bench: warning: --no-verify: the artifacts' sha256 are not checked; a "
+                  "tampered or corrupt artifact is benchmarked as it is", file=sys.stderr)
 
         def log(line: str) -> None:
             if not quiet:

@@ -13,7 +13,7 @@ class RuntimeAnswerer:
         self.session = VLMSession(artifact_dir, provider=provider, threads=threads)
         self.max_new_tokens = max_new_tokens
         m = self.session.manifest
-        self.system_name = f"{m['target']}-{m['precision']}"
+        self.system_name = f"{m.target}-{m.precision}"
 
     def __call__(self, image, question: str) -> str:
         return self.session.generate(image, question, max_new_tokens=self.max_new_tokens).text

@@ -82,9 +82,10 @@ class Pipeline:
     """A VLMSession of the staged artifact whose graphs are swapped for
     quantized variants (its vision / embed / decoder backends)."""
 
-    def __init__(self, directory: Path, threads: int | None):
+    def __init__(self, directory: Path, threads: int | None, manifest: dict):
         from vlmedge.runtime.session import VLMSession
-        self.session = VLMSession(directory, provider="cpu", threads=threads, verify=False)
+        self.session = VLMSession(directory, provider="cpu", threads=threads, verify=False,
+                                  manifest=manifest)
         self.threads = threads
         self.current: dict[str, Path] = {}
 
@@ -126,12 +127,17 @@ class Variants:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def quantize_artifact(directory: Path, opts: Int8Options, log: Log) -> dict[str, Any]:
-    """Quantizes the fp32 artifact in `directory` in place; returns its new manifest."""
+def quantize_artifact(directory: Path, opts: Int8Options, log: Log,
+                      manifest: dict | None = None) -> dict[str, Any]:
+    """Quantizes the fp32 artifact in `directory` in place; returns its new manifest.
+
+    manifest: the exporter's manifest of a staged artifact (no manifest.json
+    there yet): used and updated in memory, and written by the exporter
+    last. Without it the directory's manifest.json is read and rewritten."""
     check_options(opts.precision, opts.method, opts.targets)
     work = directory / WORK_DIR
     try:
-        return _quantize(directory, opts, work, log)
+        return _quantize(directory, opts, work, log, manifest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -148,14 +154,17 @@ def _timed(log: Log, name: str):
     return _T()
 
 
-def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log) -> dict[str, Any]:
+def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log,
+              staged: dict | None) -> dict[str, Any]:
     from vlmedge.runtime.session import VLMSession
 
     start = time.perf_counter()
     static = opts.precision == "int8"
-    m = manifest_mod.load(directory, verify=False)
+    # As a dict: this stage edits it (files, precision, quantization).
+    m = staged if staged is not None else manifest_mod.load(directory, verify=False).to_dict()
     fp32_files = {name: e["bytes"] for name, e in m["files"].items()}
-    session32 = VLMSession(directory, provider="cpu", threads=opts.threads, verify=False)
+    session32 = VLMSession(directory, provider="cpu", threads=opts.threads, verify=False,
+                           manifest=m)
     with _timed(log, "int8 reference"):
         ref = gate.reference(session32, opts.data.holdout, opts.scene)
     protos = {g: graphs.load_proto(directory / f"{g}.onnx") for g in GRAPHS}
@@ -174,7 +183,7 @@ def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log) -> dict[
     embed_path = work / "embed" / "embed.onnx"
     embed_storage = "fp16" if static else "int8"  # see graphs.py: TensorRT takes no int8 Gather
     embed_done = graphs.quantize_embedding(directory / "embed.onnx", embed_path, embed_storage)
-    pipe = Pipeline(directory, opts.threads)
+    pipe = Pipeline(directory, opts.threads, m)
     if embed_done:
         pipe.use("embed", embed_path)
 
@@ -202,9 +211,10 @@ def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log) -> dict[
     rep["size"] = _sizes(fp32_files, {n: e["bytes"] for n, e in m["files"].items()})
     rep["seconds"] = round(time.perf_counter() - start, 2)
     m["quantization"] = report.manifest_section(rep)
-    manifest_mod.write(directory, m)
+    if staged is None:
+        manifest_mod.write(directory, m)
     report.write(directory, rep)
-    _check_loads(directory, opts, log)
+    _check_loads(directory, opts, log, m)
     return m
 
 
@@ -418,10 +428,11 @@ def _sizes(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
             "files_fp32": before, "files_int8": after}
 
 
-def _check_loads(directory: Path, opts: Int8Options, log: Log) -> None:
-    """The installed artifact opens with a plain VLMSession and answers."""
+def _check_loads(directory: Path, opts: Int8Options, log: Log, m: dict) -> None:
+    """The installed artifact opens with a plain VLMSession (its manifest
+    parsed strictly, every file hashed) and answers."""
     from vlmedge.runtime.session import VLMSession
-    s = VLMSession(directory, provider="cpu", threads=opts.threads, verify=True)
+    s = VLMSession(directory, provider="cpu", threads=opts.threads, verify=True, manifest=m)
     sample = opts.data.holdout[0]
     r = s.generate(sample.image(), sample.prompts[0], max_new_tokens=8)
     log(f"[int8] reopened with VLMSession ({s.providers[0]}): {sample.prompts[0]!r} -> {r.text!r}")

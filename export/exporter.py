@@ -90,8 +90,11 @@ def _tokenizer_facts(loaded: loading.LoadedModel, out: Path) -> dict[str, Any]:
             "stop_token_ids": stop}
 
 
-def _add_special_tokens(loaded, tok_facts, image_facts, out: Path) -> bool:
-    """Whether the runtime must add special tokens to match the processor's ids."""
+def _add_special_tokens(loaded, m: dict, out: Path) -> bool:
+    """Whether the runtime must add special tokens to match the processor's ids
+    (`m`: the manifest being built; its tokenizer file is already in `out`)."""
+    import dataclasses
+
     from vlmedge.runtime.chat import ChatTokenizer
 
     fam = loaded.family
@@ -99,8 +102,10 @@ def _add_special_tokens(loaded, tok_facts, image_facts, out: Path) -> bool:
     ref = fam.hf_inputs(loaded.processor, image, "describe the image.")
     ref_ids = ref["input_ids"][0].tolist()
     grid = fam.image_grid(loaded.processor, image, ref)
+    typed = manifest.Manifest.from_dict(m, where="the manifest being built")
     for add in (False, True):
-        chat = ChatTokenizer(out, {**tok_facts, "add_special_tokens": add}, image_facts)
+        facts = dataclasses.replace(typed.tokenizer, add_special_tokens=add)
+        chat = ChatTokenizer(out, facts, typed.image, typed.files)
         if chat.prompt_ids("describe the image.", image_grid=grid) == ref_ids:
             return add
     return False  # validation will report prompt_ids_match = false
@@ -147,12 +152,17 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
         from . import quantize
         calib_data = quantize.calibration_data(o, log)
     with stage("load"):
-        loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code, o.allow_pickle)
+        loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code, o.allow_pickle,
+                              log=log)
     fam, model, proc = loaded.family, loaded.model, loaded.processor
     limit = fam.max_context(model)
     context = min(o.max_context or limit, limit)
+    if o.max_context and o.max_context > limit:
+        log(f"[load] note: --max-context {o.max_context} is more than the model's limit (its "
+            f"position limit or sliding window); the artifact serves {limit} tokens")
     summary: dict[str, Any] = {}
-    with artifact.staging(o.output, o.force, o.keep_failed) as tmp:
+    with artifact.staging(o.output, o.force, o.keep_failed) as staged:
+        tmp = staged.path
         graphs = {"vision": fam.vision_graph(model, proc), "embed": fam.embed_graph(model),
                   "decoder": fam.decoder_graph(model)}
         for stage_name, key in (("vision", "vision"), ("embedding", "embed"), ("decoder", "decoder")):
@@ -163,58 +173,29 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                 for key in graphs:
                     convert_fp16(tmp / f"{key}.onnx")
         with stage("write"):
-            tok_facts = _tokenizer_facts(loaded, tmp)
-            image_facts = fam.image_facts(model, proc)
-            tok_facts["add_special_tokens"] = _add_special_tokens(loaded, tok_facts, image_facts, tmp)
-            files = {}
-            for p in sorted(tmp.iterdir()):
-                files[p.name] = manifest.file_entry(p)
-            m = {
-                "schema_version": manifest.SCHEMA_VERSION,
-                "vlmedge_version": __version__,
-                "family": fam.name,
-                "target": o.target,
-                "precision": o.precision,
-                "source": {"path": str(o.model_dir), "architecture": type(model).__name__,
-                           "content_hash": loaded.content_hash,
-                           "random_weights": loaded.random_weights},
-                "files": files,
-                "components": {k: {"file": f"{k}.onnx", "data_file": f"{k}.onnx.data",
-                                   "precision": o.precision, **_io(tmp / f"{k}.onnx")}
-                               for k in graphs},
-                "decoder": fam.decoder_facts(model, context),
-                "image": image_facts,
-                "preprocess": fam.preprocess_config(proc),
-                "tokenizer": tok_facts,
-                "quantization": None,
-                "validation": None,
-                "trt": None,
-            }
-            manifest.write(tmp, m)
+            m = _manifest(o, loaded, tmp, graphs, context)
+            m["tokenizer"]["add_special_tokens"] = _add_special_tokens(loaded, m, tmp)
         if calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
             from . import quantize
-            m = quantize.quantize(o, loaded, tmp, m, calib_data, _validate, stage, log)
+            m = quantize.quantize(o, loaded, tmp, m, calib_data, _validate, stage, log, staged)
         if o.target == "trt":
             with stage("trt"):  # profiles, static check, build_engines.sh (export/trt/prepare.py)
                 from .trt import prepare, profiles
                 limits = profiles.Limits(context, o.max_batch, o.max_images)
                 m["trt"] = prepare.prepare(tmp, m, limits, __version__, log, o.output)
-                manifest.write(tmp, m)
-        validation = None
+        staged.manifest = m  # kept with --keep-failed if validation fails below
         if o.validate and calib_data is None:
             with stage("validate"):
-                validation = _validate(loaded, tmp, o.precision)
-            m["validation"] = validation
-            manifest.write(tmp, m)
-            if not validation.get("passed", True):
-                summary = _summary(o, tmp, m, times)
+                m["validation"] = _validate(loaded, tmp, o.precision, m)
+            if not m["validation"].get("passed", True):
                 raise ValidationError(
-                    "exported model does not match PyTorch: " + _figures(validation),
+                    "exported model does not match PyTorch: " + _figures(m["validation"]),
                     hint="see the per-prompt figures with --json; --keep-failed keeps the artifact")
         summary = _summary(o, o.output, m, times)
         if calib_data is not None:
             from . import quantize
             summary["quantization"] = quantize.summary(m)
+        # the manifest is written last, by staging, then the directory is renamed into place
     if o.target == "trt":  # the artifact is in place: build engines where TensorRT imports
         from .trt import prepare
         summary["trt"] = {"check_passed": m["trt"]["compat"]["passed"],
@@ -222,21 +203,56 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     return summary
 
 
-def _validate(loaded, tmp: Path, precision: str) -> dict[str, Any]:
+def _manifest(o: ExportOptions, loaded, tmp: Path, graphs: dict, context: int) -> dict[str, Any]:
+    """The manifest of the staged graphs (validation, quantization and trt
+    sections are filled in by later stages)."""
+    fam, model, proc = loaded.family, loaded.model, loaded.processor
+    tok_facts = _tokenizer_facts(loaded, tmp)
+    tok_facts["add_special_tokens"] = False  # decided against the processor next
+    files = {p.name: manifest.file_entry(p) for p in sorted(tmp.iterdir())}
+    return {
+        "schema_version": manifest.SCHEMA_VERSION,
+        "vlmedge_version": __version__,
+        "family": fam.name,
+        "target": o.target,
+        "precision": o.precision,
+        "source": {"path": str(o.model_dir), "architecture": type(model).__name__,
+                   "content_hash": loaded.content_hash,
+                   "random_weights": loaded.random_weights},
+        "files": files,
+        "components": {k: {"file": f"{k}.onnx",
+                           "data_file": f"{k}.onnx.data" if f"{k}.onnx.data" in files else None,
+                           "precision": o.precision, **_io(tmp / f"{k}.onnx")}
+                       for k in graphs},
+        "decoder": fam.decoder_facts(model, context),
+        "image": fam.image_facts(model, proc),
+        "preprocess": fam.preprocess_config(proc),
+        "tokenizer": tok_facts,
+        "quantization": None,
+        "validation": None,
+        "trt": None,
+    }
+
+
+def _validate(loaded, tmp: Path, precision: str, m: dict) -> dict[str, Any]:
+    """Parity with PyTorch of the staged artifact, opened with the manifest `m`
+    in memory (the staging directory holds no manifest.json yet)."""
     from . import validate
 
     if precision == "fp16":
         import onnxruntime as ort
         try:  # onnxruntime's CPU provider lacks fp16 kernels for several ops
             ort.InferenceSession(str(tmp / "decoder.onnx"), providers=["CPUExecutionProvider"])
-            return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision)
+            return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
+                                     manifest=m)
         except Exception as e:  # onnxruntime's own error types are not exported
             return {"skipped": True, "passed": True, "tokens_match": None,
                     "max_abs_diff_logits": None, "max_abs_diff_image_features": None,
                     "reason": f"onnxruntime CPU cannot run the fp16 graphs "
                               f"({str(e).splitlines()[0][:160]}); validate on the GPU with "
                               f"vlm-eval ARTIFACT --provider cuda"}
-    return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision)
+    return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
+                             manifest=m)
 
 
 def _figures(v: dict) -> str:

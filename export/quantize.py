@@ -68,16 +68,17 @@ def _cache_dir(o) -> Path | None:
 
 
 def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], staged=None) -> dict[str, Any]:
     """fp32 parity (unless --no-validate), then INT8 in place; returns the new manifest.
-    `validate(loaded, tmp, "fp32")` is the exporter's parity check."""
-    from vlmedge import manifest
+    `validate(loaded, tmp, "fp32", m)` is the exporter's parity check; the
+    manifest stays in memory (`staged.manifest`, written by the exporter last)."""
     from vlmedge.calibration import gate, int8
 
     if o.validate:
         with stage("validate"):
-            m["validation"] = validate(loaded, tmp, "fp32")
-            manifest.write(tmp, m)
+            m["validation"] = validate(loaded, tmp, "fp32", m)
+        if staged is not None:
+            staged.manifest = m  # kept with --keep-failed
         v = m["validation"]
         if not v.get("passed", True):
             raise ValidationError(
@@ -91,7 +92,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         scene=is_demo(o.model_dir), cache_dir=_cache_dir(o), threads=int8.default_threads(),
         progress=o.progress)
     with stage(o.precision):
-        return int8.quantize_artifact(tmp, opts, log)
+        return int8.quantize_artifact(tmp, opts, log, manifest=m)
 
 
 def summary(m: dict) -> dict[str, Any] | None:

@@ -8,7 +8,9 @@ to both sides (preprocessing parity is tested separately):
 - first-step logits: max |ORT - torch| at the last prompt position;
 - 16 greedy tokens: ORT with the KV cache vs PyTorch full recompute (no
   cache; the image is encoded once per prompt where positions are 1-D), stop
-  tokens ignored so all 16 are compared;
+  tokens ignored; fewer where the artifact's context (a sliding window) ends
+  sooner, and both sides stop right after a generated image token, which is
+  compared but never fed back (it would be taken for an image slot);
 - cached decode equals recompute: the ORT decoder run once over the whole
   sequence gives the same last logits as the cached step-by-step run.
 """
@@ -48,9 +50,12 @@ def _first_step(torch, model, ids, extra: dict, family):
     return seen.get("embeds"), out.logits[0, -1].float()
 
 
-def _torch_greedy(torch, model, hf: dict, n: int, family=None) -> tuple[list[int], np.ndarray]:
+def _torch_greedy(torch, model, hf: dict, n: int, family=None,
+                  image_token_id: int | None = None) -> tuple[list[int], np.ndarray]:
     """n greedy tokens by full recompute (no KV cache); returns the tokens and
-    the first step's logits.
+    the first step's logits. Stops right after a generated `image_token_id`
+    (compared, never fed back: it would be taken for an image slot with no
+    image feature behind it), as `_ort_greedy` does.
 
     The first step runs the whole model on the processor's inputs. Given the
     `family` of a decoder with plain 1-D positions (llava, idefics3), later
@@ -73,7 +78,7 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None) -> tuple[list[int
         for _ in range(n):
             t = int(last.argmax())
             tokens.append(t)
-            if len(tokens) == n:
+            if len(tokens) == n or t == image_token_id:
                 break
             ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
             if embeds is not None:  # language model only, whole sequence, no cache
@@ -92,24 +97,36 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None) -> tuple[list[int
 
 
 def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int, grid=None):
+    """n greedy tokens with the KV cache -> (tokens, first step's logits (V,),
+    max |cached - recomputed last logits|, stopped at the image token).
+
+    Stops right after a generated image token (session.chat.image_token_id),
+    as `_torch_greedy` does: it is compared but never fed back. The recompute
+    then covers ids + tokens without it, against the logits that chose it."""
+    image_token_id = session.chat.image_token_id
     logits, cache = session.prefill(ids, feats, session.empty_cache(), grid)
     first = logits.copy()
-    tokens = []
+    tokens, fed = [], []
     for _ in range(n):
         t = int(np.argmax(logits))
         tokens.append(t)
+        if t == image_token_id:
+            break
         logits, cache = session.step(session.embed_token(t), cache)
+        fed.append(t)
     # Full recompute of the same sequence in one prefill: must equal the cache.
-    full, _ = session.prefill(ids + tokens, feats, session.empty_cache(), grid)
-    return tokens, first, float(np.abs(full - logits).max())
+    full, _ = session.prefill(ids + fed, feats, session.empty_cache(), grid)
+    return tokens, first, float(np.abs(full - logits).max()), len(fed) < len(tokens)
 
 
-def validate(family, model, processor, artifact_dir: Path, precision: str) -> dict[str, Any]:
+def validate(family, model, processor, artifact_dir: Path, precision: str,
+             manifest: dict | None = None) -> dict[str, Any]:
     torch = require("torch", "validating an export")
     from vlmedge.runtime.session import VLMSession
 
     start = time.perf_counter()
-    session = VLMSession(artifact_dir, provider="cpu", verify=False)
+    # manifest: the exporter's, in memory (the staged artifact has no manifest.json yet)
+    session = VLMSession(artifact_dir, provider="cpu", verify=False, manifest=manifest)
     image = family.sample_image()
     tol = family.tolerances if precision == "fp32" else family.tolerances_fp16
     result: dict[str, Any] = {"precision": precision, "provider": "CPUExecutionProvider",
@@ -119,6 +136,22 @@ def validate(family, model, processor, artifact_dir: Path, precision: str) -> di
     all_match = ids_match = True
     for q in QUESTIONS:
         hf = family.hf_inputs(processor, image, q)
+        ref_ids = hf["input_ids"][0].tolist()
+        # Only within what the artifact serves: past a sliding window the
+        # exported decoder (full attention) is no longer the model.
+        n = min(GREEDY_TOKENS, session.context_length - len(ref_ids))
+        if n < 1:
+            from vlmedge.errors import ModelDirError, UserInputError
+
+            window = family.sliding_window(model)
+            need = f">= {len(ref_ids) + 1} tokens ({len(ref_ids)} for the image prompt + 1)"
+            if window is not None and session.context_length == window:
+                raise ModelDirError(
+                    f"the model's sliding window of {window} tokens is too small to serve an "
+                    f"image prompt", expected=need, got=str(window),
+                    hint="the export serves at most the window; --no-validate exports anyway")
+            raise UserInputError("--max-context is too small to serve an image prompt",
+                                 expected=need, got=str(session.context_length))
         with torch.inference_mode():
             ref_feats = family.torch_image_features(model, hf).float().numpy()
         # The image layout (tile grid, patch grid) as the processor saw it: the
@@ -127,12 +160,12 @@ def validate(family, model, processor, artifact_dir: Path, precision: str) -> di
         feats = session.encode_image(np.asarray(family.vision_args(hf)[0].numpy(), np.float32),
                                      image_grid=grid)
         d_feat = float(np.abs(feats.astype(np.float32) - ref_feats).max())
-        ref_ids = hf["input_ids"][0].tolist()
         our_ids = session.chat.prompt_ids(q, image_grid=grid)
         same_ids = our_ids == ref_ids
         ids_match &= same_ids
-        ref_tokens, ref_first = _torch_greedy(torch, model, hf, GREEDY_TOKENS, family)
-        tokens, first, d_cache = _ort_greedy(session, ref_ids, feats, GREEDY_TOKENS, grid)
+        ref_tokens, ref_first = _torch_greedy(torch, model, hf, n, family,
+                                              session.chat.image_token_id)
+        tokens, first, d_cache, stopped = _ort_greedy(session, ref_ids, feats, n, grid)
         d_logit = float(np.abs(first - ref_first).max())
         match = tokens == ref_tokens
         all_match &= match
@@ -141,7 +174,8 @@ def validate(family, model, processor, artifact_dir: Path, precision: str) -> di
         result["prompts"].append({
             "question": q, "prompt_ids_match": same_ids, "tokens_match": match,
             "max_abs_diff_image_features": d_feat, "max_abs_diff_logits": d_logit,
-            "cached_vs_recompute_max_abs_diff": d_cache,
+            "cached_vs_recompute_max_abs_diff": d_cache, "greedy_tokens": n,
+            "stopped_at_image_token": stopped,
             "torch_text": processor.tokenizer.decode(ref_tokens, skip_special_tokens=True),
             "onnx_text": session.chat.decode(tokens)})
     result.update({

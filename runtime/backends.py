@@ -43,6 +43,15 @@ class Backend:
         raise NotImplementedError
 
 
+def check_threads(threads) -> None:
+    """None (onnxruntime's default) or a positive thread count."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
+        raise UserInputError("threads must be a positive integer (or None for the default)",
+                             got=repr(threads)[:40])
+
+
 def resolve_providers(provider: str, allow_fallback: bool = True) -> tuple[list[str], str | None]:
     """onnxruntime provider list for `provider`, and a note when it falls back.
 

@@ -21,9 +21,11 @@ does (the manifest's image "expand"):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
+from vlmedge import containment
 from vlmedge.errors import ArtifactError, UserInputError
+from vlmedge.manifest import ImageFacts, TokenizerFacts
 
 from . import mrope
 
@@ -32,36 +34,88 @@ def _raise(message: str):
     raise ArtifactError(f"chat template error: {message}")
 
 
+# What a chat template can raise while rendering: jinja2's own errors (the
+# sandbox's SecurityError among them) and Python's, from a template that
+# calls a method the wrong way.
+_RENDER_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError,
+                  OverflowError)
+
+
 class ChatTokenizer:
-    def __init__(self, directory: Path, facts: dict[str, Any], image: dict[str, Any]):
+    """The artifact's tokenizer and chat template.
+
+    directory: the artifact; facts: the manifest's TokenizerFacts; image: its
+    ImageFacts; files: its `files` (the tokenizer file must be listed there).
+    The tokenizer file is read here, in Python, after the containment check,
+    and parsed from the string; the template is compiled and rendered once
+    now, so a broken one fails at load."""
+
+    def __init__(self, directory: Path, facts: TokenizerFacts, image: ImageFacts,
+                 files: Mapping):
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
 
-        path = directory / facts["file"]
+        self._template_errors = (TemplateError,) + _RENDER_ERRORS
+        path = containment.listed_file(directory, facts.file, "tokenizer.file", files)
         try:
-            self.tokenizer = Tokenizer.from_file(str(path))
+            self.tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ArtifactError(f"tokenizer {facts.file} is not UTF-8 text",
+                                hint="re-export the artifact") from None
         except Exception as e:  # tokenizers raises a bare Exception for bad files
-            raise ArtifactError(f"cannot read tokenizer {path.name}: {e}",
+            raise ArtifactError(f"cannot read tokenizer {facts.file}: {str(e)[:160]}",
                                 hint="re-export the artifact") from None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        self.template = env.from_string(facts["chat_template"])
-        self.special = {k: facts.get(k) for k in ("bos_token", "eos_token", "pad_token")}
-        self.add_special_tokens = bool(facts.get("add_special_tokens", False))
-        self.stop_token_ids = [int(t) for t in facts["stop_token_ids"]]
+        try:
+            self.template = env.from_string(facts.chat_template)
+        except self._template_errors as e:
+            raise ArtifactError(f"the manifest's chat template does not compile: "
+                                f"{type(e).__name__}: {str(e)[:120]}",
+                                hint="re-export the artifact") from None
+        self.special = facts.special_tokens()
+        self.add_special_tokens = facts.add_special_tokens
+        self.stop_token_ids = list(facts.stop_token_ids)
         self.image = image
-        self.image_token_id = int(image["image_token_id"])
-        self.tokens_per_image = int(image["tokens_per_image"])
-        self.expand = image.get("expand", "repeat")
-        if self.expand not in ("repeat", "idefics3", "qwen2_vl"):
-            raise ArtifactError(f"unknown image expansion {self.expand!r}",
-                                expected="repeat | idefics3 | qwen2_vl",
-                                hint="upgrade vlmedge or re-export the artifact")
+        self.image_token_id = image.image_token_id
+        self.tokens_per_image = image.tokens_per_image
+        self.expand = image.expand
+        # Text a user's prompt may not contain: it would become image slots.
+        self._image_texts = sorted({t for t in (image.image_token, image.image_placeholder,
+                                                image.fake_image_token, image.global_image_token)
+                                    if t})
+        self.render("describe the image.")  # a template that cannot render fails at load
+
+    def check_text(self, question: str) -> None:
+        """A prompt's text: valid Unicode (no lone surrogates, e.g. from
+        undecodable command-line bytes) and free of the image placeholder,
+        which would be read as image slots."""
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserInputError("the prompt is not valid Unicode text",
+                                 expected="UTF-8 encodable text",
+                                 got=f"{e.reason} at character {e.start}",
+                                 hint="decode the input as UTF-8 first") from None
+        for t in self._image_texts:
+            if t in question:
+                raise UserInputError(f"the prompt text contains the image placeholder {t!r}",
+                                     expected="plain text; the image is placed by the chat "
+                                              "template", hint="pass the image separately and "
+                                     "remove the placeholder from the text")
 
     def render(self, question: str, with_image: bool = True) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-        return self.template.render(messages=[{"role": "user", "content": content}],
-                                    add_generation_prompt=True, **self.special)
+        try:
+            return self.template.render(messages=[{"role": "user", "content": content}],
+                                        add_generation_prompt=True, **self.special)
+        except ArtifactError:
+            raise
+        except self._template_errors as e:
+            raise ArtifactError(f"the manifest's chat template fails to render: "
+                                f"{type(e).__name__}: {str(e)[:120]}",
+                                hint="re-export the artifact") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
@@ -74,7 +128,7 @@ class ChatTokenizer:
         its (t, h, w) patch grid for qwen2_vl (image_grid_thw)."""
         text = self.render(question, with_image)
         if with_image and self.expand == "idefics3":
-            placeholder = self.image["image_placeholder"]
+            placeholder = self.image.image_placeholder
             head, sep, tail = text.partition(placeholder)
             if sep:
                 text = head + idefics3_image_text(self.image, self._tile_grid(image_grid)) + tail
@@ -87,7 +141,7 @@ class ChatTokenizer:
                                      "patch grid, and none was given",
                                      expected="image_grid=(t, h, w) as the processor's "
                                               "image_grid_thw")
-            count = mrope.image_token_count(image_grid, int(self.image["merge_size"]))
+            count = mrope.image_token_count(image_grid, self.image.merge_size)
         out: list[int] = []
         for t in ids:
             out.extend([t] * count if t == self.image_token_id else [t])
@@ -95,7 +149,7 @@ class ChatTokenizer:
 
     def _tile_grid(self, image_grid) -> tuple[int, int]:
         if image_grid is None:
-            if self.image.get("do_image_splitting", True):
+            if self.image.do_image_splitting:
                 raise UserInputError("this model's prompt depends on the image's tile grid, and "
                                      "none was given", expected="image_grid=(rows, cols)",
                                      hint="(0, 0) for an image that was not split")
@@ -115,11 +169,11 @@ class ChatTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def idefics3_image_text(image: dict, grid: tuple[int, int]) -> str:
+def idefics3_image_text(image: ImageFacts, grid: tuple[int, int]) -> str:
     """The text Idefics3Processor.replace_image_token puts for one image of a
     (rows, cols) tile grid; `image` is the manifest's image section."""
-    fake, glob = image["fake_image_token"], image["global_image_token"]
-    tokens = image["image_token"] * int(image["image_seq_len"])
+    fake, glob = image.fake_image_token, image.global_image_token
+    tokens = image.image_token * image.image_seq_len
     global_image = fake + glob + tokens + fake
     rows, cols = grid
     if rows == 0 and cols == 0:
@@ -127,7 +181,7 @@ def idefics3_image_text(image: dict, grid: tuple[int, int]) -> str:
     text = ""
     for r in range(rows):
         for c in range(cols):
-            text += fake + image["tile_token"].format(row=r + 1, col=c + 1) + tokens
+            text += fake + image.tile_token.format(row=r + 1, col=c + 1) + tokens
         text += "\n"
     return text + "\n" + global_image
 

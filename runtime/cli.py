@@ -23,16 +23,12 @@ app = make_app(
 DEFAULT_QUESTION = "describe the image."
 
 
-def _demo_image() -> Path:
-    from vlmedge.demo import show
-    return show.ASSET
-
-
 @app.command()
 def main(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory written by vlm-export."),
-    image: Optional[Path] = typer.Option(
-        None, "--image", "-i", help="Image file (JPEG/PNG/...); default: the bundled demo scene."),
+    image: Optional[List[Path]] = typer.Option(
+        None, "--image", "-i", help="Image file (JPEG/PNG/...); default: the bundled demo scene. "
+        "One image per prompt."),
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", "-p", help="Question; repeat for several (image encoded once)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
@@ -48,9 +44,17 @@ def main(
     with cli_errors("vlm-run"):
         from vlmedge.runtime import VLMSession
 
-        if image is None:
-            image = _demo_image()
-        elif not image.is_file():
+        from vlmedge.models import demo_image
+
+        if threads < 0:
+            raise UserInputError("--threads must be >= 0", got=str(threads),
+                                 hint="0 uses onnxruntime's default")
+        if image and len(image) > 1:
+            raise UserInputError("one image per prompt", got=f"{len(image)} --image options",
+                                 hint="run vlm-run once per image; multi-image prompts are not "
+                                      "supported yet")
+        image = image[0] if image else demo_image()
+        if not image.is_file():
             raise UserInputError(f"image {image} does not exist or is not a file")
         questions = prompt or [DEFAULT_QUESTION]
         session = VLMSession(artifact_dir, provider=provider, threads=threads or None,

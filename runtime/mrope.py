@@ -16,7 +16,7 @@ Grids are (t, h, w) in patches, as the HF processor's image_grid_thw.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -127,7 +127,13 @@ def vision_window_index(grid: Grid, merge_size: int, window_size: int,
     return index, cu.astype(np.int32)
 
 
-def vision_inputs(names: Sequence[str], grid: Grid | None, image: dict,
+def _fact(image, key: str):
+    """A fact of the image section: the typed ImageFacts of a manifest, or a
+    plain dict of the same keys (the exporter's, before the manifest exists)."""
+    return image[key] if isinstance(image, Mapping) else getattr(image, key)
+
+
+def vision_inputs(names: Sequence[str], grid: Grid | None, image,
                   shapes: dict[str, list] | None = None) -> dict[str, np.ndarray]:
     """The vision graph's grid-derived inputs `names` for one image of patch
     grid (t, h, w); `image` is the manifest's image section. `shapes`: the
@@ -136,7 +142,7 @@ def vision_inputs(names: Sequence[str], grid: Grid | None, image: dict,
     if grid is None:
         raise UserInputError("this model's vision encoder needs the image's patch grid",
                              expected="image_grid=(t, h, w) as the processor's image_grid_thw")
-    merge = int(image["merge_size"])
+    merge = int(_fact(image, "merge_size"))
     out: dict[str, np.ndarray] = {}
     for name in names:
         if name == "vision_position_ids":
@@ -144,8 +150,8 @@ def vision_inputs(names: Sequence[str], grid: Grid | None, image: dict,
         elif name == "cu_seqlens":  # Qwen artifacts exported before the graph built it itself
             out[name] = vision_cu_seqlens(grid, merge)
         elif name in ("window_index", "cu_window_seqlens"):
-            index, cu = vision_window_index(grid, merge, int(image["window_size"]),
-                                            int(image["patch_size"]))
+            index, cu = vision_window_index(grid, merge, int(_fact(image, "window_size")),
+                                            int(_fact(image, "patch_size")))
             out[name] = index if name == "window_index" else cu
         else:
             raise ArtifactError(f"unknown vision input {name!r}",
@@ -196,12 +202,13 @@ class MropePositions:
         return pos[:, None, :], int(pos.max()) + 1 - (past + s)
 
 
-def position_strategy(decoder: dict, image: dict):
-    """The manifest's decoder.position_ids ("1d" | "mrope") -> a strategy."""
-    kind = decoder.get("position_ids", "1d")
+def position_strategy(decoder, image):
+    """The manifest's decoder.position_ids ("1d" | "mrope") -> a strategy
+    (decoder, image: the typed manifest sections, vlmedge.manifest)."""
+    kind = decoder.position_ids
     if kind == "1d":
         return LinearPositions()
     if kind == "mrope":
-        return MropePositions(image["image_token_id"], image["merge_size"])
+        return MropePositions(image.image_token_id, image.merge_size)
     raise ArtifactError(f"unknown decoder position_ids kind {kind!r}", expected="1d | mrope",
                         hint="upgrade vlmedge or re-export the artifact")

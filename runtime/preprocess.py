@@ -23,6 +23,14 @@ try:
 except ImportError:  # source tree without a built extension
     _cpreprocess = None
 
+# The largest side a resize may produce, and the largest size a config may ask
+# for: an extreme aspect ratio (a 1 x 20,000,000 px strip resized to a short
+# side of 128) or a hostile manifest (size 10**6) must be an error, not a
+# terabyte allocation or a C integer overflow. Far above any VLM's input.
+MAX_RESIZE_SIDE = 1 << 24  # (only the cropped region is computed, so this costs nothing)
+MAX_CONFIG_SIZE = 1 << 14
+MAX_CONFIG_PIXELS = 1 << 28
+
 # Pillow's filter numbers (PIL.Image.Resampling). NEAREST (0) is not provided.
 RESAMPLE = {"lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 _RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
@@ -100,6 +108,11 @@ def resize_region(hwc: np.ndarray, out_h: int, out_w: int, region, resample="bic
         raise UserInputError("resize: region outside the output",
                              expected=f"rows and columns inside {out_h}x{out_w} (HxW)",
                              got=f"rows {y0}..{y0 + rh}, columns {x0}..{x0 + rw}")
+    if max(out_h, out_w) > MAX_RESIZE_SIDE or max(h, w) > MAX_RESIZE_SIDE * 64:
+        raise UserInputError("image too elongated or too large to resize for this model",
+                             expected=f"a resize to at most {MAX_RESIZE_SIDE} px a side",
+                             got=f"{h}x{w} -> {out_h}x{out_w} (HxW)",
+                             hint="crop the image to a more usual aspect ratio first")
     f = resample_id(resample)
     if out is None:
         out = np.empty((rh, rw, ch), np.uint8)
@@ -320,6 +333,9 @@ class ImagePreprocessor:
 
 
 def _check_config(config: dict) -> dict:
+    if not isinstance(config, dict):
+        raise UserInputError("ImagePreprocessor: the config must be a dict",
+                             got=type(config).__name__)
     unknown = set(config) - set(_DEFAULTS)
     if unknown:
         raise UserInputError("ImagePreprocessor: unknown config keys",
@@ -332,19 +348,29 @@ def _check_config(config: dict) -> dict:
                              expected=" | ".join(map(repr, _RESIZE_RULES)), got=repr(c["resize"]))
     if c["tiling"] is not None:
         c["tiling"] = _check_tiling(c["tiling"])
-    if c["resize"] == "shortest_edge" and not (isinstance(c["size"], int) and c["size"] > 0):
-        raise UserInputError("ImagePreprocessor: shortest_edge needs an int size > 0",
-                             got=repr(c["size"]))
+    if c["resize"] == "shortest_edge" and not _size_ok(c["size"]):
+        raise UserInputError("ImagePreprocessor: shortest_edge needs an int size",
+                             expected=f"1..{MAX_CONFIG_SIZE}", got=repr(c["size"]))
+    if c["max_size"] is not None and not _size_ok(c["max_size"]):
+        raise UserInputError("ImagePreprocessor: bad max_size", expected=f"1..{MAX_CONFIG_SIZE}",
+                             got=repr(c["max_size"]))
     if c["resize"] == "exact":
         c["size"] = _pair(c["size"], "size")
     if c["crop"] is not None:
         c["crop"] = _pair(c["crop"], "crop")
     for key in ("mean", "std"):
         if c[key] is not None:
-            if len(c[key]) != 3:
-                raise UserInputError(f"ImagePreprocessor: {key} needs 3 values (RGB)",
-                                     got=repr(c[key]))
+            if not isinstance(c[key], (list, tuple)) or len(c[key]) != 3 or not all(
+                    _finite(v) for v in c[key]):
+                raise UserInputError(f"ImagePreprocessor: {key} needs 3 values (RGB), finite numbers",
+                                     got=repr(c[key])[:60])
             c[key] = [float(v) for v in c[key]]
+    if c["rescale"] is not None and not _finite(c["rescale"]):
+        raise UserInputError("ImagePreprocessor: rescale must be a finite number or None",
+                             got=repr(c["rescale"])[:40])
+    if not isinstance(c["convert_rgb"], bool):
+        raise UserInputError("ImagePreprocessor: convert_rgb must be true or false",
+                             got=repr(c["convert_rgb"])[:40])
     if c["std"] is not None and 0.0 in c["std"]:
         raise UserInputError("ImagePreprocessor: std must be non-zero", got=repr(c["std"]))
     resample_id(c["resample"])
@@ -359,6 +385,9 @@ _TILING_KEYS = {
 }
 
 
+_TILING_OPTIONAL = {"idefics3": ("global_image",)}
+
+
 def _check_tiling(tiling) -> dict:
     method = tiling.get("method") if isinstance(tiling, dict) else None
     if method not in _TILING_KEYS:
@@ -366,6 +395,13 @@ def _check_tiling(tiling) -> dict:
                              expected=" | ".join(map(repr, _TILING_KEYS)) + " or tiling None",
                              got=repr(method if isinstance(tiling, dict) else tiling),
                              hint="upgrade vlmedge or re-export the artifact")
+    unknown = set(tiling) - {"method", *_TILING_KEYS[method], *_TILING_OPTIONAL.get(method, ())}
+    if unknown:
+        raise UserInputError(f"ImagePreprocessor: unknown {method} tiling keys",
+                             expected=f"keys {list(_TILING_KEYS[method])}", got=sorted(unknown))
+    if method == "idefics3" and tiling.get("global_image", True) is not True:
+        raise UserInputError("ImagePreprocessor: idefics3 tiling always appends the global image",
+                             expected="global_image true", got=repr(tiling["global_image"]))
     missing = [k for k in _TILING_KEYS[method] if k not in tiling]
     if missing:
         raise UserInputError(f"ImagePreprocessor: {method} tiling lacks {missing}",
@@ -373,21 +409,34 @@ def _check_tiling(tiling) -> dict:
                              got=repr(sorted(tiling)))
     for key in _TILING_KEYS[method]:
         v = tiling[key]
+        hi = MAX_CONFIG_PIXELS if key.endswith("_pixels") else MAX_CONFIG_SIZE
         ok = isinstance(v, bool) if key == "do_image_splitting" else \
-            (v is None and key == "longest_edge") or (isinstance(v, int) and v > 0)
+            (v is None and key == "longest_edge") or _size_ok(v, hi)
         if not ok:
             raise UserInputError(f"ImagePreprocessor: bad tiling {key}",
                                  expected="a bool" if key == "do_image_splitting"
-                                 else "an int > 0", got=repr(v))
+                                 else f"an int in 1..{hi}", got=repr(v)[:40])
+    if method == "qwen2_vl_patches" and tiling["min_pixels"] > tiling["max_pixels"]:
+        raise UserInputError("ImagePreprocessor: qwen2_vl tiling min_pixels > max_pixels",
+                             got=f"{tiling['min_pixels']} > {tiling['max_pixels']}")
     return dict(tiling)
 
 
+def _size_ok(v, hi: int = MAX_CONFIG_SIZE) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _pair(v, name: str) -> list[int]:
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         v = [v, v]
-    if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
-        raise UserInputError(f"ImagePreprocessor: bad {name}", expected="[height, width] > 0",
-                             got=repr(v))
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_size_ok(x) for x in v):
+        raise UserInputError(f"ImagePreprocessor: bad {name}",
+                             expected=f"[height, width] in 1..{MAX_CONFIG_SIZE}",
+                             got=repr(v)[:60])
     return [int(v[0]), int(v[1])]
 
 

@@ -12,6 +12,17 @@ expanded to the image's tokens, as many as its grid needs) -> embed graph ->
 inputs_embeds (1, S, D) with the image tokens' rows replaced by the image
 features; decoder prefill with an empty cache, then one-token decode steps
 reusing the KV cache.
+
+Opening checks the artifact before anything runs (vlmedge/manifest.py): the
+manifest parsed strictly, every file it names inside the directory, listed
+and (verify) hashed, the graphs' external weight data among those files, and
+the graphs' inputs and outputs equal to what the manifest says.
+
+Threads: a call holds the session lock only while the model runs a stage
+(prepare = preprocess + vision + prefill, then each decode step), never while
+the caller holds a streamed piece: a half-read stream() blocks nothing, and
+every call's state (KV cache, sampler, timings) is its own. Preprocessing
+buffers are per thread.
 """
 from __future__ import annotations
 
@@ -23,11 +34,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from vlmedge import containment
 from vlmedge import manifest as manifest_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
 from . import mrope, sampling
-from .backends import OrtBackend, resolve_providers, warn
+from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
 from .kv_cache import KVCache
 
@@ -58,16 +70,30 @@ class VLMSession:
     TensorRT EP. An unavailable explicit provider is an error unless
     allow_fallback=True, which uses CPU and warns.
     threads: intra-op threads per graph (None: onnxruntime's default).
-    verify: check every file's sha256 against the manifest before loading.
-    A session is safe to use from several threads (calls are serialised per
-    session; use one session per thread for parallel throughput)."""
+    verify: check every file's sha256 against the manifest before loading
+    (sizes and containment are always checked).
+    manifest: the manifest as a dict or Manifest instead of the directory's
+    manifest.json: the exporter opens its staged artifact this way, before it
+    writes manifest.json (last, after validation).
+    A session is safe to use from several threads (see the module docstring;
+    use one session per thread for parallel throughput)."""
 
     def __init__(self, artifact_dir: str | Path, provider: str = "auto",
-                 threads: int | None = None, allow_fallback: bool = False, verify: bool = True):
+                 threads: int | None = None, allow_fallback: bool = False, verify: bool = True,
+                 manifest: "manifest_mod.Manifest | dict | None" = None):
+        check_threads(threads)
+        if not isinstance(provider, str):
+            raise UserInputError("provider must be a string", got=type(provider).__name__)
         self.directory = Path(artifact_dir)
-        self.manifest = manifest_mod.load(self.directory, verify=verify)
-        m = self.manifest
-        if m["source"].get("random_weights"):
+        if manifest is None:
+            m = manifest_mod.load(self.directory, verify=verify)
+        else:
+            if not isinstance(manifest, manifest_mod.Manifest):
+                manifest = manifest_mod.Manifest.from_dict(manifest, where="the given manifest")
+            m = manifest
+            manifest_mod.check_files(self.directory, m, verify)
+        self.manifest = m
+        if m.source.random_weights:
             warn(f"{self.directory} was exported with random weights: answers are "
                  f"meaningless (use it for latency planning only)")
         if _native_trt(m, provider):  # engines built on the device (runtime/trt_backend.py)
@@ -79,42 +105,94 @@ class VLMSession:
             providers, note = resolve_providers(provider, allow_fallback)
             if note:
                 warn(note)
-            if m.get("quantization", {}) and m["quantization"].get("cpu_only") and \
+            if m.quantization is not None and m.quantization.cpu_only and \
                     providers[0] != "CPUExecutionProvider":
                 warn("this artifact is int8-dynamic (CPU-only); running on CPU")
                 providers = ["CPUExecutionProvider"]
-            comps = m["components"]
-            self.vision = OrtBackend(self.directory / comps["vision"]["file"], providers, threads)
-            self.embed = OrtBackend(self.directory / comps["embed"]["file"], providers, threads)
-            self.decoder = OrtBackend(self.directory / comps["decoder"]["file"], providers, threads)
+            self.vision, self.embed, self.decoder = (
+                OrtBackend(self._graph_path(c), providers, threads) for c in
+                ("vision", "embed", "decoder"))
+        self._check_graph_io()
         self.providers = self.decoder.providers
-        self.facts = m["decoder"]
-        self.image_facts = m["image"]
-        self.chat = ChatTokenizer(self.directory, m["tokenizer"], m["image"])
+        self.facts = m.decoder            # typed: vlmedge.manifest.Decoder
+        self.image_facts = m.image        # typed: vlmedge.manifest.ImageFacts
+        self.chat = ChatTokenizer(self.directory, m.tokenizer, m.image, m.files)
         # Decoder positions: 1-D (Llama) or mrope (Qwen2-VL, 3 rows from the image grid).
         self._positions = mrope.position_strategy(self.facts, self.image_facts)
-        self._preprocessor = None
-        self.context_length = int(self.facts["context_length"])
+        self.context_length = self.facts.context_length
         self._lock = threading.Lock()
-        self._dtype = np.float16 if m["precision"] == "fp16" else np.float32
+        self._local = threading.local()  # per-thread preprocessing buffers
+        self._dtype = np.float16 if m.precision == "fp16" else np.float32
+        self.preprocessor  # the manifest's preprocess config checked now, not on first image
+        self.last_timings: dict[str, Any] = {}
+
+    def _graph_path(self, comp: str) -> Path:
+        """The checked path of a component's graph: listed, inside, and its
+        external weight data only the component's own listed data file."""
+        c = self.manifest.components[comp]
+        path = containment.listed_file(self.directory, c.file, f"components.{comp}.file",
+                                       self.manifest.files)
+        containment.check_onnx_external_data(
+            self.directory, c.file, path.read_bytes(), self.manifest.files,
+            allowed={c.data_file} if c.data_file else set())
+        return path
+
+    def _check_graph_io(self) -> None:
+        """The graphs' inputs/outputs are the ones the manifest describes: a
+        manifest that disagrees (num_layers, name templates) fails here, not
+        with a KeyError after the prefill."""
+        f = self.manifest.decoder
+        want = {
+            "vision": ({"pixel_values", *self.manifest.image.vision_grid_inputs},
+                       {"image_features"}),
+            "embed": ({"input_ids"}, {"inputs_embeds"}),
+            "decoder": ({"inputs_embeds", "attention_mask", "position_ids", *f.past_names()},
+                        {"logits", *f.present_names()}),
+        }
+        for comp, (inputs, outputs) in want.items():
+            backend = getattr(self, comp)
+            got_in, got_out = set(backend.input_names), set(backend.output_names)
+            if got_in != inputs or not outputs <= got_out:
+                missing = sorted((inputs - got_in) | (outputs - got_out))
+                extra = sorted(got_in - inputs)
+                raise ArtifactError(
+                    f"the {comp} graph's inputs/outputs disagree with the manifest (decoder."
+                    f"num_layers={f.num_layers}, name templates, image.vision_grid_inputs)",
+                    expected=f"missing {missing[:4]}" if missing else "no extra inputs",
+                    got=f"graph lacks {missing[:4]}, has unexpected inputs {extra[:4]}",
+                    hint="re-export the artifact")
 
     # -- stages ------------------------------------------------------------
     @property
     def preprocessor(self):
-        """The C image preprocessing pipeline for this artifact (made on first use)."""
-        if self._preprocessor is None:
+        """This thread's C image preprocessing pipeline for this artifact
+        (its output buffers are reused by the next call in the same thread)."""
+        pre = getattr(self._local, "pre", None)
+        if pre is None:
             from .preprocess import ImagePreprocessor
-            self._preprocessor = ImagePreprocessor(self.manifest["preprocess"])
-        return self._preprocessor
+            try:
+                pre = ImagePreprocessor(self.manifest.preprocess)
+            except UserInputError as e:
+                raise ArtifactError(f"manifest preprocess section: {e}",
+                                    hint="re-export the artifact") from None
+            self._local.pre = pre
+        return pre
+
+    def _preprocess(self, image, layout: str) -> tuple[np.ndarray, Any]:
+        """preprocess() without the copy: the buffer is consumed by the caller's stage."""
+        from .image_io import load_image
+        return self.preprocessor.preprocess(load_image(image, layout=layout))
 
     def preprocess(self, image, layout: str = "RGB") -> tuple[np.ndarray, Any]:
         """Any supported image -> (pixel_values float32, image_grid), the inputs
         of encode_image, chat.prompt_ids and prefill for this artifact:
         (1, 3, H, W) and None (llava); (N, 3, S, S) tiles and (rows, cols)
         (idefics3); (num_patches, 3*T*P*P) and (t, h, w) patches (qwen2_vl).
+        The array is the caller's own (a copy of the reused buffer).
         See ImagePreprocessor.preprocess."""
-        from .image_io import load_image
-        return self.preprocessor.preprocess(load_image(image, layout=layout))
+        _check_single_image(image)
+        pixels, grid = self._preprocess(image, layout)
+        return pixels.copy(), grid
 
     def pixel_values(self, image, layout: str = "RGB") -> np.ndarray:
         """Any supported image -> float32 pixel_values ((1, 3, H, W) for llava;
@@ -128,7 +206,7 @@ class VLMSession:
         (num_patches, 3 * temporal_patch * patch * patch) flattened patches of
         one image, whose (t, h, w) patch grid `image_grid` gives the patches'
         coordinates (computed here, on the host)."""
-        if self.image_facts.get("expand") == "idefics3" and pixel_values.shape[0] > 1:
+        if self.image_facts.expand == "idefics3" and pixel_values.shape[0] > 1:
             # Tiles one at a time: a 640x480 frame is 13 SmolVLM tiles, and one
             # batch of 13 peaked at 4.7 GB in onnxruntime against 0.9 GB tile by
             # tile, which was also ~20% faster on this CPU (measured).
@@ -137,8 +215,8 @@ class VLMSession:
         feeds = {self.vision.input_names[0]: pixel_values.astype(self._dtype, copy=False)}
         extra = self.vision.input_names[1:]
         if extra:  # qwen2_vl: patch coordinates etc., from the grid (runtime/mrope.py)
-            vision_io = self.manifest["components"]["vision"]["inputs"]
-            shapes = {i["name"]: i["shape"] for i in vision_io}
+            vision = self.manifest.components["vision"]
+            shapes = {t.name: list(t.shape) for t in vision.inputs}
             feeds.update(mrope.vision_inputs(extra, image_grid, self.image_facts, shapes))
         return self.vision.run(feeds)["image_features"]
 
@@ -178,12 +256,12 @@ class VLMSession:
             "inputs_embeds": inputs_embeds.astype(self._dtype, copy=False),
             "attention_mask": np.ones((1, total), np.int64),
             "position_ids": positions,
-            **cache.feeds(f["past_key"], f["past_value"]),
+            **cache.feeds(f.past_key, f.past_value),
         }
         out = self.decoder.run(feeds)
         logits = out["logits"][0, -1].astype(np.float32, copy=False)
-        return logits, KVCache.from_outputs(out, f["num_layers"], f["present_key"],
-                                            f["present_value"], offset)
+        return logits, KVCache.from_outputs(out, f.num_layers, f.present_key, f.present_value,
+                                            offset)
 
     def prefill(self, ids: list[int], image_features: np.ndarray | None, cache: KVCache,
                 image_grid=None) -> tuple[np.ndarray, KVCache]:
@@ -194,7 +272,7 @@ class VLMSession:
 
     def empty_cache(self) -> KVCache:
         f = self.facts
-        return KVCache.empty(f["num_layers"], f["num_kv_heads"], f["head_dim"], dtype=self._dtype)
+        return KVCache.empty(f.num_layers, f.num_kv_heads, f.head_dim, dtype=self._dtype)
 
     def embed_token(self, token: int) -> np.ndarray:
         return self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
@@ -206,12 +284,18 @@ class VLMSession:
                 "prompt + image tokens + max_new_tokens exceed the context length",
                 expected=f"<= {self.context_length}",
                 got=f"{prompt_tokens} prompt (incl. image) + {max_new_tokens} new",
-                hint="shorten the prompt, lower max_new_tokens, or re-export with --max-context")
+                hint="shorten the prompt, lower max_new_tokens, or re-export with --max-context"
+                     + (f" (this model's sliding window is {self.facts.sliding_window})"
+                        if self.facts.sliding_window else ""))
 
-    def _tokens(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start):
-        """Yields tokens until a stop token, stop string or max_new_tokens."""
+    def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start):
+        """The decode primitive every generation path uses: yields tokens from
+        the prefill's `logits` and `cache` until a stop token, a stop string
+        or max_new_tokens. The lock is taken per decoder step and released
+        before each yield."""
         history: list[int] = []
         decode_ms: list[float] = []
+        timings["decode_ms"] = decode_ms
         stop_ids = set(self.chat.stop_token_ids)
         # decode_ms[i]: sampling token i plus the decoder step that yields the
         # logits for token i+1; the consumer's time between tokens is excluded.
@@ -232,45 +316,50 @@ class VLMSession:
                 timings["stop_reason"] = "stop_string"
                 break
             t = time.perf_counter()
-            logits, cache = self.step(self.embed_token(token), cache)
+            with self._lock:
+                logits, cache = self.step(self.embed_token(token), cache)
             decode_ms.append(sample_ms + _ms(t))
         timings.setdefault("stop_reason", "max_new_tokens")
-        timings["decode_ms"] = decode_ms
+        n = len(decode_ms)
+        timings["tokens_per_s"] = n / (sum(decode_ms) / 1000.0) if n else 0.0
 
     def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict):
-        if max_new_tokens < 1:
-            raise UserInputError("max_new_tokens must be >= 1", got=str(max_new_tokens))
+        """Preprocess, vision and prefill for one request (under the lock)."""
         pixels = grid = feats = None
-        if image is not None:
+        with self._lock:
+            if image is not None:
+                t = time.perf_counter()
+                pixels, grid = self._preprocess(image, layout)
+                timings["preprocess_ms"] = _ms(t)
+            # The image's token count follows its grid (idefics3 tiles, qwen2_vl patches).
+            ids = self.chat.prompt_ids(prompt, with_image=image is not None, image_grid=grid)
+            self._check_context(len(ids), max_new_tokens)  # before the model runs
+            if pixels is not None:
+                t = time.perf_counter()
+                feats = self.encode_image(pixels, grid)
+                timings["vision_ms"] = _ms(t)
             t = time.perf_counter()
-            pixels, grid = self.preprocess(image, layout)
-            timings["preprocess_ms"] = _ms(t)
-        # The image's token count follows its grid (idefics3 tiles, qwen2_vl patches).
-        ids = self.chat.prompt_ids(prompt, with_image=image is not None, image_grid=grid)
-        self._check_context(len(ids), max_new_tokens)  # before the model runs
-        if pixels is not None:
-            t = time.perf_counter()
-            feats = self.encode_image(pixels, grid)
-            timings["vision_ms"] = _ms(t)
-        t = time.perf_counter()
-        logits, cache = self.prefill(ids, feats, self.empty_cache(), grid)
-        timings["prefill_ms"] = _ms(t)
+            logits, cache = self.prefill(ids, feats, self.empty_cache(), grid)
+            timings["prefill_ms"] = _ms(t)
         return ids, logits, cache
 
     def _run(self, image, prompt, max_new_tokens, temperature, top_k, top_p,
              repetition_penalty, stop, seed, layout) -> Iterator[tuple[int, dict, list[int]]]:
+        """One request, checked first, then prepared and decoded: yields
+        (token, timings, prompt ids) and finally (-1, timings, ids)."""
+        _check_request(image, prompt, max_new_tokens, stop, seed)
         sampling.check(temperature, top_k, top_p, repetition_penalty)
+        self.chat.check_text(prompt)
         timings: dict[str, Any] = {}
         t_start = time.perf_counter()
         ids, logits, cache = self._prepare(image, prompt, max_new_tokens, layout, timings)
         rng = np.random.default_rng(seed)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
-        for token in self._tokens(logits, cache, max_new_tokens, rng, opts, stop, timings, t_start):
+        for token in self._decode(logits, cache, max_new_tokens, rng, opts, stop, timings,
+                                  t_start):
             yield token, timings, ids
-        n = len(timings["decode_ms"])
         timings["total_ms"] = _ms(t_start)
-        timings["tokens_per_s"] = (n / (sum(timings["decode_ms"]) / 1000.0)) if n else 0.0
         yield -1, timings, ids
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -281,56 +370,73 @@ class VLMSession:
 
         image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
         (H, W, 3) uint8 array whose channel order is `layout` ("RGB", or "BGR"
-        for OpenCV camera frames); None for a text-only prompt.
+        for OpenCV camera frames); None for a text-only prompt. One image per
+        prompt.
         Greedy when temperature == 0; `seed` makes sampling repeatable.
         Stops at any of the manifest's stop token ids or any `stop` string.
         Timings (ms): preprocess_ms, vision_ms, prefill_ms, ttft_ms,
         decode_ms (per token), total_ms; tokens_per_s over the decode steps."""
-        with self._lock:
-            tokens: list[int] = []
-            for token, timings, ids in self._run(image, prompt, max_new_tokens, temperature, top_k,
-                                                 top_p, repetition_penalty, stop, seed, layout):
-                if token >= 0:
-                    tokens.append(token)
-            text = self.chat.decode(tokens)
-            if stop:
-                for s in stop:
-                    if s in text:
-                        text = text[: text.index(s)]
-            reason = timings.pop("stop_reason")
-            return GenerationResult(text, tokens, len(ids), reason, timings)
+        tokens: list[int] = []
+        for token, timings, ids in self._run(image, prompt, max_new_tokens, temperature, top_k,
+                                             top_p, repetition_penalty, stop, seed, layout):
+            if token >= 0:
+                tokens.append(token)
+        text = self.chat.decode(tokens)
+        if stop:
+            for s in stop:
+                if s in text:
+                    text = text[: text.index(s)]
+        reason = timings.pop("stop_reason")
+        return GenerationResult(text, tokens, len(ids), reason, timings)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, **kw) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens arrive; every piece
-        is complete UTF-8 (a character split across tokens is held back)."""
+        is complete UTF-8 (a character split across tokens is held back).
+        The request is checked when stream() is called; a stream that is
+        not read to the end holds no lock. `last_timings` holds the timings
+        of the last stream to finish."""
         opts = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=None, stop=None,
                     seed=None, layout="RGB")
         unknown = set(kw) - set(opts)
         if unknown:
-            raise UserInputError(f"unknown option(s) {sorted(unknown)}")
+            raise UserInputError(f"unknown option(s) {sorted(unknown)}",
+                                 expected=", ".join(sorted(opts)))
         opts.update(kw)
-        with self._lock:
-            dec = StreamDecoder(self.chat)
-            for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts):
-                if token >= 0:
-                    piece = dec.push(token)
-                    if piece:
-                        yield piece
-            tail = dec.flush()
-            if tail:
-                yield tail
-            self.last_timings = timings
+        _check_request(image, prompt, max_new_tokens, opts["stop"], opts["seed"])
+        sampling.check(opts["temperature"], opts["top_k"], opts["top_p"],
+                       opts["repetition_penalty"])
+        self.chat.check_text(prompt)
+        return self._stream(image, prompt, max_new_tokens, opts)
+
+    def _stream(self, image, prompt, max_new_tokens, opts) -> Iterator[str]:
+        dec = StreamDecoder(self.chat)
+        timings: dict[str, Any] = {}
+        for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts):
+            if token >= 0:
+                piece = dec.push(token)
+                if piece:
+                    yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
+        self.last_timings = timings
 
     def ask(self, image, questions: list[str], max_new_tokens: int = 32,
             layout: str = "RGB") -> list[GenerationResult]:
         """Greedy answers to several questions about one image: the image is
         encoded once, and the prompt prefix shared by all questions (up to and
         including the image tokens) is prefilled once and its KV cache reused."""
-        if not questions:
-            raise UserInputError("ask() needs at least one question")
+        if isinstance(questions, str) or not isinstance(questions, (list, tuple)) or not questions:
+            raise UserInputError("ask() needs a list of questions", expected="a non-empty list "
+                                 "of str", got=repr(questions)[:60])
+        for q in questions:
+            _check_request(image, q, max_new_tokens, None, None)
+            self.chat.check_text(q)
+        if image is None:
+            raise UserInputError("ask() needs an image", hint="use generate(None, q) for text")
         with self._lock:
             t0 = time.perf_counter()
-            pixels, grid = self.preprocess(image, layout)
+            pixels, grid = self._preprocess(image, layout)
             preprocess_ms = _ms(t0)
             prompts = [self.chat.prompt_ids(q, image_grid=grid) for q in questions]
             for p in prompts:
@@ -345,30 +451,56 @@ class VLMSession:
             _, prefix = self.prefill(prompts[0][:shared], feats, self.empty_cache(), grid) \
                 if shared else (None, self.empty_cache())
             shared_ms = _ms(t)
-            results = []
-            for p in prompts:
-                timings: dict[str, Any] = {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms,
-                                           "shared_prefix_ms": shared_ms, "shared_tokens": shared}
-                t = time.perf_counter()
+        results = []
+        for p in prompts:
+            timings: dict[str, Any] = {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms,
+                                       "shared_prefix_ms": shared_ms, "shared_tokens": shared}
+            t = time.perf_counter()
+            with self._lock:
                 logits, cache = self.prefill(p[shared:], feats if shared == 0 else None, prefix,
                                              grid)
-                timings["prefill_ms"] = _ms(t)
-                tokens = list(self._tokens(logits, cache, max_new_tokens, np.random.default_rng(0),
-                                           dict(temperature=0.0), None, timings, t))
-                n = len(timings["decode_ms"])
-                timings["tokens_per_s"] = n / (sum(timings["decode_ms"]) / 1000.0) if n else 0.0
-                reason = timings.pop("stop_reason")
-                results.append(GenerationResult(self.chat.decode(tokens), tokens, len(p), reason,
-                                                timings))
-            return results
+            timings["prefill_ms"] = _ms(t)
+            tokens = list(self._decode(logits, cache, max_new_tokens, np.random.default_rng(0),
+                                       dict(temperature=0.0), None, timings, t))
+            reason = timings.pop("stop_reason")
+            results.append(GenerationResult(self.chat.decode(tokens), tokens, len(p), reason,
+                                            timings))
+        return results
 
 
-def _native_trt(m: dict, provider: str) -> bool:
+def _check_request(image, prompt, max_new_tokens, stop, seed) -> None:
+    """The request's own arguments, each refused in one line when malformed."""
+    if not isinstance(prompt, str):
+        raise UserInputError("the prompt must be text", expected="a str",
+                             got=type(prompt).__name__,
+                             hint="decode bytes first: prompt.decode('utf-8')"
+                             if isinstance(prompt, (bytes, bytearray)) else None)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens < 1:
+        raise UserInputError("max_new_tokens must be an integer >= 1",
+                             got=repr(max_new_tokens)[:40])
+    if stop is not None and (isinstance(stop, str) or not isinstance(stop, (list, tuple))
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise UserInputError("stop must be a list of non-empty strings", got=repr(stop)[:60])
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise UserInputError("seed must be an integer >= 0", got=repr(seed)[:40])
+    _check_single_image(image)
+
+
+def _check_single_image(image) -> None:
+    if isinstance(image, (list, tuple)):
+        raise UserInputError("one image per prompt", got=f"a {type(image).__name__} of "
+                             f"{len(image)} images",
+                             hint="call generate once per image; multi-image prompts are not "
+                                  "supported yet")
+
+
+def _native_trt(m: "manifest_mod.Manifest", provider: str) -> bool:
     """Native TensorRT engines for this session? provider "trt" on an artifact
     whose manifest records engines: yes (a missing tensorrt is an error);
     "auto": yes where TensorRT imports, else the ONNX graphs via onnxruntime.
     Without recorded engines "trt" means onnxruntime's TensorRT EP."""
-    if m["target"] != "trt" or not (m.get("trt") or {}).get("engines"):
+    if m.target != "trt" or not (m.trt or {}).get("engines"):
         return False
     if provider == "trt":
         return True

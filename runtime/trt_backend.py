@@ -131,16 +131,15 @@ def read_verified(directory: Path, name: str, files: dict[str, dict]) -> bytes:
         raise ArtifactError(f"engine {name} is not recorded in {directory}/manifest.json",
                             hint=f"engines built with build_engines.sh are recorded with: "
                                  f"vlm-export build-engines {directory} --adopt")
-    path = directory / name
-    if not path.is_file():
-        raise ArtifactError(f"engine {name} is missing from {directory}",
-                            hint=f"vlm-export build-engines {directory}")
+    from vlmedge import containment
+    path = containment.resolve_inside(directory, name, f"engine {name}")  # never outside
     data = path.read_bytes()
     got = hashlib.sha256(data).hexdigest()
-    if got != entry["sha256"]:
+    want = entry.sha256 if hasattr(entry, "sha256") else entry["sha256"]
+    if got != want:
         raise ArtifactError(f"engine {name} does not match its manifest sha256 (corrupt or "
                             f"tampered); refusing to deserialize it",
-                            expected=entry["sha256"][:16] + "...", got=got[:16] + "...",
+                            expected=want[:16] + "...", got=got[:16] + "...",
                             hint=f"rebuild: vlm-export build-engines {directory}")
     return data
 
@@ -301,26 +300,25 @@ def _volume(shape) -> int:
     return int(np.prod([max(int(d), 0) for d in shape], dtype=np.int64))
 
 
-def open_engines(directory: Path, m: dict[str, Any], device: int = 0,
+def open_engines(directory: Path, m, device: int = 0,
                  max_kv_slots: int = MAX_KV_SLOTS) -> dict[str, TrtBackend]:
-    """The artifact's engines as backends, after the preflight checks."""
+    """The artifact's engines as backends, after the preflight checks
+    (m: the typed vlmedge.manifest.Manifest)."""
     from . import cuda_rt
 
     trt = require("tensorrt", "running TensorRT engines (provider='trt')")
     directory = Path(directory)
-    t = m.get("trt") or {}
+    t = m.trt or {}
     cc, _ = cuda_rt.device_facts(device)
     preflight(t, trt.__version__, cc, directory)
     logger = make_logger(trt)
     runtime = trt.Runtime(logger)
     stream = cuda_rt.Stream()
-    f = m["decoder"]
-    kv = tuple(tmpl.format(i=i) for i in range(f["num_layers"])
-               for tmpl in (f["present_key"], f["present_value"]))
+    kv = tuple(m.decoder.present_names())
     out = {}
     for comp, e in t["engines"].items():
         names = [p["name"] for p in t["plan"]["components"][comp]["profiles"]]
-        blob = read_verified(directory, e["file"], m["files"])  # hashed, then deserialized
+        blob = read_verified(directory, e["file"], m.files)  # hashed, then deserialized
         out[comp] = TrtBackend(directory / e["file"], blob, trt, runtime, logger, stream,
                                names, kv if comp == "decoder" else (), max_kv_slots)
         del blob  # one engine's bytes in host memory at a time (8 GB shared on an Orin Nano)

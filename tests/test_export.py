@@ -30,10 +30,10 @@ def test_tiny_llava_exports_and_validates(tiny_llava_artifact):
     assert v["max_abs_diff_logits"] <= 1e-4 and v["max_abs_diff_image_features"] <= 1e-4
     assert v["cached_vs_recompute_max_abs_diff"] <= 1e-4
     m = manifest.load(art)  # verifies every sha256
-    assert m["family"] == "llava" and m["schema_version"] == manifest.SCHEMA_VERSION
-    assert set(summary["files"]) == set(m["files"])
-    assert all((art / f).is_file() for f in m["files"])
-    assert m["validation"]["tokens_match"] is True
+    assert m.family == "llava" and m.schema_version == manifest.SCHEMA_VERSION
+    assert set(summary["files"]) == set(m.files)
+    assert all((art / f).is_file() for f in m.files)
+    assert m.validation["tokens_match"] is True
     # Weights live in external data files.
     for comp in ("vision", "embed", "decoder"):
         assert (art / f"{comp}.onnx.data").stat().st_size > 1000
@@ -68,14 +68,15 @@ def test_manifest_round_trips_and_detects_tampering(tiny_llava_artifact, tmp_pat
     art, _ = tiny_llava_artifact
     copy = tmp_path / "copy"
     shutil.copytree(art, copy)
-    m = manifest.load(copy)
-    manifest.write(copy, m)
-    assert manifest.load(copy) == m
+    typed = manifest.load(copy)
+    manifest.write(copy, typed)
+    assert manifest.load(copy) == typed
     with open(copy / "embed.onnx.data", "r+b") as f:
         f.seek(10)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(ArtifactError, match="embed.onnx.data"):
         manifest.load(copy)
+    m = typed.to_dict()
     m["schema_version"] = manifest.SCHEMA_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="newer"):
@@ -159,7 +160,8 @@ def test_failed_validation_keeps_nothing_unless_asked(tmp_path, tiny_llava_dir, 
         exporter.run_export(opts, log=lambda s: None)
     failed = tmp_path / "out.failed"
     assert failed.is_dir() and not out.exists()
-    m = json.loads((failed / "manifest.json").read_text())
+    assert not (failed / "manifest.json").exists()  # a failed export never loads ...
+    m = json.loads((failed / "manifest.rejected.json").read_text())  # ... but can be inspected
     assert m["validation"]["passed"] is False
 
 
@@ -177,7 +179,7 @@ def test_full_size_smolvlm_256m_preset_exports_with_external_data(tmp_path):
         model_dir=preset, output=out, random_weights=True, validate=True), log=print)
     assert summary["random_weights"] and summary["validation"]["passed"]
     m = manifest.load(out)
-    assert m["source"]["random_weights"] is True
+    assert m.source.random_weights is True
     for comp in ("vision", "embed", "decoder"):
         proto = onnx.load(str(out / f"{comp}.onnx"), load_external_data=False)
         external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -198,9 +200,10 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exc:
-        with artifact.staging(out, force=False) as tmp:
-            (tmp / "vision.onnx").write_bytes(b"half")
+        with artifact.staging(out, force=False) as staged:
+            (staged.path / "vision.onnx").write_bytes(b"half")
             os.kill(os.getpid(), signal.SIGTERM)
     assert exc.value.code == 128 + signal.SIGTERM
     assert not out.exists() and not list(tmp_path.glob("out.partial-*"))
+    assert not (tmp_path / "out.lock").exists()  # the export lock is released too
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored

@@ -201,10 +201,10 @@ def test_tiny_family_exports_and_validates(family, family_artifacts):
     assert v["max_abs_diff_logits"] <= 1e-4 and v["max_abs_diff_image_features"] <= 1e-4
     assert v["cached_vs_recompute_max_abs_diff"] <= 1e-4
     m = manifest.load(art)
-    assert m["family"] == family and set(summary["files"]) == set(m["files"])
-    assert m["decoder"]["position_ids"] == ("1d" if family == "idefics3" else "mrope")
+    assert m.family == family and set(summary["files"]) == set(m.files)
+    assert m.decoder.position_ids == ("1d" if family == "idefics3" else "mrope")
     # Greedy output of the random model is not one token repeated.
-    for p in m["validation"]["prompts"]:
+    for p in m.validation["prompts"]:
         assert len(set(p["torch_text"].split())) > 2, p["torch_text"]
 
 
@@ -527,12 +527,12 @@ def test_tiling_preprocessor_needs_preprocess_and_a_known_method(family_artifact
     from vlmedge.runtime.preprocess import ImagePreprocessor
 
     m = manifest.load(family_artifacts["idefics3"][0])
-    pp = ImagePreprocessor(m["preprocess"])
+    pp = ImagePreprocessor(m.preprocess)
     with pytest.raises(UserInputError, match="preprocess"):
         pp(np.zeros((8, 8, 3), np.uint8))
     for bad in ({"method": "llava_next"}, {"method": "idefics3", "tile_size": 64}, "tiles"):
         with pytest.raises(UserInputError, match="tiling"):
-            ImagePreprocessor({**m["preprocess"], "tiling": bad})
+            ImagePreprocessor({**m.preprocess, "tiling": bad})
 
 
 @pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])

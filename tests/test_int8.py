@@ -93,7 +93,7 @@ def outlier_dir(tmp_path_factory):
 
 def test_int8_artifact_loads_and_generates(int8_export):
     art, summary, lines = int8_export
-    m = manifest.load(art)  # every file's sha256 checks
+    m = manifest.load(art).to_dict()  # every file's sha256 checks
     assert m["precision"] == "int8"
     assert {k: c["precision"] for k, c in m["components"].items()} == {
         "vision": "int8", "embed": "fp16-weight-only", "decoder": "int8"}
@@ -139,7 +139,7 @@ def test_int8_weight_matmuls_fuse_in_onnxruntime(int8_export, tiny_llava_artifac
     import onnxruntime as ort
 
     art, fp32 = int8_export[0], tiny_llava_artifact[0]
-    assert manifest.load(art)["quantization"]["excluded_nodes"] == {"vision": [], "decoder": []}
+    assert manifest.load(art).to_dict()["quantization"]["excluded_nodes"] == {"vision": [], "decoder": []}
     for g in ("vision", "decoder"):
         proto = graphs.load_proto(fp32 / f"{g}.onnx")
         ops = {n.name: n.op_type for n in proto.graph.node}
@@ -162,7 +162,7 @@ def test_int8_reports(int8_export):
     assert rep["size"]["int8_bytes"] < rep["size"]["fp32_bytes"]
     for word in ("minmax", "teacher-forced top-1 agreement", "image-feature cosine", "total"):
         assert word in md
-    assert "calibration_report.json" not in manifest.load(art)["files"]  # not read by the runtime
+    assert "calibration_report.json" not in manifest.load(art).to_dict()["files"]  # not read by the runtime
 
 
 def test_int8_runtime_needs_no_torch(int8_export):
@@ -182,7 +182,7 @@ print('ok', len(r.token_ids))
 
 def test_int8_dynamic_artifact(dynamic_export):
     art, summary, _ = dynamic_export
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     q = m["quantization"]
     assert m["precision"] == "int8-dynamic" and q["cpu_only"] is True
     assert q["method"] == "dynamic" and q["calibration"]["method"] is None
@@ -201,17 +201,22 @@ def test_int8_dynamic_artifact(dynamic_export):
 def test_sensitivity_fallback_restores_outlier_model(outlier_dir, tmp_path):
     summary, lines = _export(outlier_dir, tmp_path / "out", accuracy_target=0.9,
                              calib_cache="off")
-    m = manifest.load(tmp_path / "out")
+    m = manifest.load(tmp_path / "out").to_dict()
     assert m["validation"]["passed"]  # the injection preserved the fp32 function
     acc = m["quantization"]["accuracy"]
     assert acc["initial"]["agreement"] < 0.9  # the outlier channel ruins plain INT8 ...
     assert acc["final"]["agreement"] >= 0.9 and acc["passed"]  # ... and the fallback restores it
+    # Properties, not one CPU's numerics (FIELD-NOTES "Machines differ"): which
+    # other nodes the gate also keeps in fp32, and their order in the ranking,
+    # follow the int8 kernels (AVX-512 VNNI vs AVX2). The planted outlier must
+    # be kept, and the sensitivity pass must have found it.
+    outlier = "language_model.layers.0.mlp.down_proj"
     excluded = m["quantization"]["excluded_nodes"]
-    assert excluded["vision"] == []
-    assert [n["module"] for n in excluded["decoder"]] == ["language_model.layers.0.mlp.down_proj"]
+    kept = [n["module"] for g in ("vision", "decoder") for n in excluded[g]]
+    assert outlier in [n["module"] for n in excluded["decoder"]], kept
     rep = json.loads((tmp_path / "out" / "calibration_report.json").read_text())
-    assert rep["sensitivity"]["ran"] and rep["sensitivity"]["ranking"][0]["module"] == \
-        "language_model.layers.0.mlp.down_proj"
+    ranked = [r["module"] for r in rep["sensitivity"]["ranking"]]
+    assert rep["sensitivity"]["ran"] and outlier in ranked[:max(1, len(kept))], (ranked, kept)
     assert any("sensitivity" in line for line in lines)
 
 
@@ -260,7 +265,7 @@ def test_range_cache_hit_and_invalidation(tiny_llava_artifact, tmp_path):
         {"vision": "miss", "decoder": "miss"}
     changed = tmp_path / "pre"
     shutil.copytree(art, changed)
-    m = manifest.load(changed)
+    m = manifest.load(changed).to_dict()
     m["preprocess"]["mean"] = [0.5, 0.5, 0.5]
     manifest.write(changed, m)
     assert _cache_status(_quantize_copy(changed, tmp_path / "e", data, cache)) == \
@@ -284,7 +289,7 @@ def _perturb_decoder(art: Path):
     (art / "decoder.onnx.data").unlink()
     onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="decoder.onnx.data", size_threshold=1024)
-    man = manifest.load(art, verify=False)
+    man = manifest.load(art, verify=False).to_dict()
     for name in ("decoder.onnx", "decoder.onnx.data"):
         man["files"][name] = manifest.file_entry(art / name)
     manifest.write(art, man)
@@ -462,7 +467,7 @@ def test_other_family(family, precision, tmp_path):
     src = BUILDERS[family](tmp_path / "model")
     out = tmp_path / precision
     _export(src, out, precision=precision, calib_size=4, calib_cache="off")
-    m = manifest.load(out)
+    m = manifest.load(out).to_dict()
     assert m["family"] == family and m["quantization"]["accuracy"]["passed"]
     assert m["quantization"]["accuracy"]["final"]["cosine_mean"] >= 0.99
     if precision == "int8":

@@ -75,7 +75,7 @@ def test_export_prepares_artifact_and_says_how_to_finish(trt_llava):
     finish = [line for line in r.stdout.splitlines() if "build-engines" in line]
     assert len(finish) == 1 and f"vlm-export build-engines {art}" in finish[0], r.stdout
     assert "Traceback" not in r.stderr
-    m = manifest.load(art)  # every file hashed, build_engines.sh included
+    m = manifest.load(art).to_dict()  # every file hashed, build_engines.sh included
     assert m["target"] == "trt" and m["precision"] == "fp16"
     assert "build_engines.sh" in m["files"]
     t = m["trt"]
@@ -87,7 +87,7 @@ def test_export_prepares_artifact_and_says_how_to_finish(trt_llava):
 
 def test_build_script_is_exact_and_valid_bash(trt_llava):
     art, _ = trt_llava
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     script = (art / "build_engines.sh").read_text()
     assert (art / "build_engines.sh").stat().st_mode & 0o111
     assert subprocess.run(["bash", "-n", str(art / "build_engines.sh")]).returncode == 0
@@ -125,7 +125,7 @@ def test_bad_trt_options_are_one_line(args, want, tmp_path):
 
 def test_plan_llava(trt_llava):
     art, _ = trt_llava
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     plan = profiles.make_plan(m, profiles.Limits(max_context=CONTEXT, max_batch=2, max_images=3))
     vis = plan["components"]["vision"]["profiles"]
     assert len(vis) == 1
@@ -148,11 +148,11 @@ def test_plan_llava(trt_llava):
 
 
 def test_plan_other_families(trt_families):
-    idf = manifest.load(trt_families["idefics3"])
+    idf = manifest.load(trt_families["idefics3"]).to_dict()
     tiles = idf["trt"]["plan"]["components"]["vision"]["profiles"][0]["dims"]["batch"]
     assert tiles == [1, 5, 5]  # 128 px longest edge / 64 px tiles: 2x2 + the global tile
     for fam in ("qwen2_vl", "qwen2_5_vl"):
-        m = manifest.load(trt_families[fam])
+        m = manifest.load(trt_families[fam]).to_dict()
         dims = m["trt"]["plan"]["components"]["vision"]["profiles"][0]["dims"]
         # 8 px patches, 2x2 merge, 256..4096 pixels: 1..16 image tokens, 4..64 patches
         assert dims["num_patches"] == [4, 64, 64] and dims["num_image_tokens"] == [1, 16, 16]
@@ -164,7 +164,7 @@ def test_plan_other_families(trt_families):
 
 def test_plan_errors(trt_llava):
     art, _ = trt_llava
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     with pytest.raises(UserInputError, match="--max-images 9"):
         profiles.make_plan(m, profiles.Limits(max_context=CONTEXT, max_images=9))
     with pytest.raises(UserInputError, match="--max-batch"):
@@ -227,7 +227,7 @@ def test_check_trt_family_fp16_passes(family, trt_llava, trt_families):
     rep = compat.check_path(art)
     assert rep.passed, compat.format_report(rep)
     assert [c.component for c in rep.components] == ["vision", "embed", "decoder"]
-    assert manifest.load(art)["trt"]["compat"]["passed"] is True
+    assert manifest.load(art).to_dict()["trt"]["compat"]["passed"] is True
 
 
 def test_check_trt_qwen2_5_vision_needs_data_dependent_split(trt_families):
@@ -361,7 +361,7 @@ def test_int8_trt_export_qdq_graphs_pass(tiny_llava_dir, tmp_path):
         if "not available" not in str(e):
             raise
         pytest.skip(f"--precision int8 is not available: {e}")
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     assert m["precision"] == "int8" and m["trt"]["plan"]
     rep = compat.check_path(art)
     by = {c.component: c for c in rep.components}
@@ -401,12 +401,13 @@ def test_build_engines_without_tensorrt_is_one_clear_line(trt_llava):
 def _with_fake_engines(art: Path, dst: Path) -> Path:
     """A copy of `art` whose manifest records (fake) engines, as build-engines would."""
     shutil.copytree(art, dst)
-    m = manifest.load(dst)
+    m = manifest.load(dst).to_dict()
     engines = {}
     for comp in m["components"]:
         (dst / f"{comp}.engine").write_bytes(b"not an engine " + comp.encode())
         m["files"][f"{comp}.engine"] = manifest.file_entry(dst / f"{comp}.engine")
-        engines[comp] = {"file": f"{comp}.engine", "profiles": []}
+        engines[comp] = {"file": f"{comp}.engine", "profiles": [],
+                         "sha256": m["files"][f"{comp}.engine"]["sha256"]}
     m["trt"].update(engines=engines, tensorrt_version="10.3.0", compute_capability="8.7")
     manifest.write(dst, m)
     return dst
@@ -534,12 +535,19 @@ def test_parity_tool_runs_here_on_cpu(trt_llava, tiny_llava_artifact):
     agree within the fp16 tolerance."""
     r = subprocess.run([sys.executable, "-m", "vlmedge.benchmarks.trt_parity", str(trt_llava[0]),
                         str(tiny_llava_artifact[0]), "--provider", "cpu", "--scenes", "2",
-                        "--accuracy-n", "3", "--max-drop", "100", "--threads", "1"],
+                        "--accuracy-n", "3", "--threads", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["logits"]["passed"] and out["logits"]["max_abs_diff_logits"] <= 0.05
-    assert out["accuracy"]["n"] == 3 and out["passed"]
+    # The tool's default --max-drop, 1 point: on 3 questions one answer is 33.3
+    # points, so the fp16 stand-in may answer none of them worse than fp32 (its
+    # logits are within 0.05 of fp32's; measured: max |d| 0.004, drop 0). The
+    # random tiny model answers 0 of 3 on both sides, so the drop bites where
+    # the reference scores: the demo model in gpu_check.sh.
+    acc = out["accuracy"]
+    assert acc["n"] == 3 and acc["drop_points"] <= 1.0 and acc["passed"] and out["passed"]
+    assert acc["drop_points"] == pytest.approx(100.0 * (acc["reference"] - acc["candidate"]))
 
 
 def test_gpu_check_script_without_tensorrt(tmp_path):
@@ -567,7 +575,7 @@ def built_llava(trt_llava, tmp_path_factory):
 def test_build_engines_records_version_gpu_and_hashes(built_llava):
     art, s = built_llava
     import tensorrt as trt
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     t = m["trt"]
     assert t["tensorrt_version"] == trt.__version__ and t["compute_capability"]
     assert t["build"]["peak_host_mb"] > 0 and (art / "timing.cache").is_file()
@@ -606,7 +614,7 @@ def test_native_preflight_and_tampering(built_llava, tmp_path):
 
     art = tmp_path / "copy"
     shutil.copytree(built_llava[0], art)
-    m = manifest.load(art)
+    m = manifest.load(art).to_dict()
     m["trt"]["tensorrt_version"] = "9.9.9"
     manifest.write(art, m)
     with pytest.raises(ArtifactError, match="rebuild on this device with"):
@@ -620,7 +628,7 @@ def test_native_preflight_and_tampering(built_llava, tmp_path):
         VLMSession(art, provider="trt", verify=False)
     # Garbage whose hash the manifest records: TensorRT returns no engine -> an error.
     (art / "decoder.engine").write_bytes(b"\x00" * 4096)
-    m = manifest.load(art, verify=False)
+    m = manifest.load(art, verify=False).to_dict()
     m["files"]["decoder.engine"] = manifest.file_entry(art / "decoder.engine")
     manifest.write(art, m)
     with pytest.raises(ArtifactError, match="could not deserialize"):
@@ -635,4 +643,4 @@ def test_adopt_records_trtexec_engines(built_llava, tmp_path):
     shutil.copytree(built_llava[0], art)
     s = build_engines(art, adopt=True, log=lambda s: None)
     assert set(s["engines"]) == {"vision", "embed", "decoder"}
-    assert manifest.load(art)["trt"]["builder"]["adopted"] is True
+    assert manifest.load(art).to_dict()["trt"]["builder"]["adopted"] is True

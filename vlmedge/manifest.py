@@ -1,62 +1,584 @@
-"""manifest.json: the versioned contract between vlm-export and the runtime.
+"""manifest.json: the versioned contract between vlm-export and the runtime,
+parsed strictly into typed sections before anything runs.
 
-An artifact directory holds ONNX files (and their external weight data),
-the tokenizer, and this manifest, written last. The manifest says everything
-the runtime needs and nothing it must guess:
+An artifact directory holds ONNX files (and their external weight data), the
+tokenizer and this manifest, written last (after validation). An artifact is
+untrusted input, so `load` checks everything here, in one place:
 
-    schema_version   int; the runtime refuses a newer one
+- the JSON is an object of at most MAX_MANIFEST_BYTES with a known
+  schema_version (older ones are migrated, newer ones refused);
+- every section is parsed by `Manifest.from_dict` into the dataclasses below:
+  an unknown, missing or mistyped key is one ArtifactError naming the key
+  (`decoder.num_layers`), with bounds on every number a loader would
+  allocate by;
+- every file name is a relative path inside the artifact
+  (vlmedge/containment.py), every file a component or the tokenizer opens is
+  listed in `files`, and every listed file is a regular file inside the
+  directory with the recorded size and (with verify) sha256.
+
+Sections (schema 2):
+
+    schema_version   int; older versions are migrated (MIGRATIONS), newer refused
     vlmedge_version  exporter version
-    family           "llava" | "idefics3" | "qwen2_vl"
+    family           "llava" | "idefics3" | "qwen2_vl" | "qwen2_5_vl"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
-    source           {path, architecture, content_hash, random_weights}
-    files            {name: {sha256, bytes}} for every file the runtime opens
-    components       {vision|embed|decoder: {file, inputs, outputs, precision}}
-                     where inputs/outputs are [{name, dtype, shape}] and shape
-                     entries are ints or named dynamic dims ("batch", ...)
-    decoder          {num_layers, num_kv_heads, head_dim, hidden_size, vocab_size,
-                      context_length, past_key/value, present_key/value name
-                      templates with "{i}", logits ("last": only the last
-                      position's logits are output), position_ids ("1d"|"mrope"),
-                      mrope_section for mrope}
-    image            {image_token, image_token_id, tokens_per_image, feature_dim,
-                      expand: how the prompt's image placeholder becomes tokens
-                      ("repeat" | "idefics3" | "qwen2_vl", runtime/chat.py) and
-                      what that needs (idefics3: image_seq_len, fake/global/tile
-                      tokens; qwen2_vl: merge_size, patch_size, vision inputs
-                      computed on the host from the patch grid, window facts)}
+    source           Source: path, architecture, content_hash, random_weights
+    files            {name: FileEntry(sha256, bytes)} for every file the runtime opens
+    components       {vision|embed|decoder: Component(file, data_file, precision,
+                     inputs, outputs)}; inputs/outputs are TensorSpec(name,
+                     dtype, shape) with ints or named dynamic dims ("batch", ...)
+    decoder          Decoder: layers, heads, sizes, context_length (the most
+                     tokens served: a sliding-window model's window), past/present
+                     name templates with "{i}", logits "last", position_ids "1d" |
+                     "mrope" (+ mrope_section), sliding_window
+    image            ImageFacts: the image token, tokens per image, feature size,
+                     how the placeholder expands ("repeat" | "idefics3" |
+                     "qwen2_vl", runtime/chat.py) and that expansion's facts
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
-                     resample, rescale, mean/std, crop, tiling)
-    tokenizer        {file, chat_template, bos_token, stop_token_ids: [...]}
-    quantization     null or {precision, method ("static" | "dynamic"), format,
-                      weights, activations, embedding, cpu_only (the runtime
-                      then uses CPU), calibration {source, hash, samples, method,
-                      cache, ...}, excluded_nodes {vision|decoder: [{node, module}]},
-                      accuracy {targets, initial, final, passed}, size}
-                      (calibration/report.py; more in calibration_report.json)
-    validation       null or {max_abs_diff_logits, max_abs_diff_image_features,
-                      tokens_match, cached_equals_recompute, ...}
-    trt              null or (target "trt", export/trt/): {plan: limits and per
-                      component its optimization profiles (min/opt/max shape of
-                      every input), compat: the static TensorRT check's result,
-                      build_script ("build_engines.sh"), builder settings;
-                      after `vlm-export build-engines`: engines {component:
-                      {file, sha256, bytes, profiles}}, tensorrt_version,
-                      compute_capability, gpu_name, build {seconds, peak_host_mb}}
+                     resample, rescale, mean/std, crop, tiling); its keys are
+                     checked by runtime/preprocess.py when a session opens
+    tokenizer        TokenizerFacts: file, chat_template, special tokens,
+                     stop_token_ids (a list), add_special_tokens
+    quantization     None or Quantization(method, cpu_only) + the gate's report
+                     (calibration/report.py; more in calibration_report.json)
+    validation       None or the parity report (max |d logits|, tokens_match, ...)
+    trt              None or the TensorRT plan and, after `vlm-export
+                     build-engines`, engines {component: {file, sha256, bytes,
+                     profiles}}, tensorrt_version, compute_capability
+
+The report sections (quantization's details, validation, trt) are kept as
+JSON objects: they record what was measured and the runtime reads only the
+typed fields named above.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import containment
 from .errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
-REQUIRED = ("schema_version", "family", "target", "precision", "files", "components",
-            "decoder", "image", "preprocess", "tokenizer")
+MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a manifest
 
+FAMILIES = ("llava", "idefics3", "qwen2_vl", "qwen2_5_vl")
+TARGETS = ("onnx", "trt")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+COMPONENTS = ("vision", "embed", "decoder")
+EXPANDS = ("repeat", "idefics3", "qwen2_vl")
+GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
+# Upper bounds on what a loader sizes memory by: far above any real model, far
+# below what would make a hostile manifest allocate terabytes.
+MAX_CONTEXT = 1 << 22
+MAX_VOCAB = 1 << 24
+MAX_DIM = 1 << 20
+
+_REQUIRED = object()
+_HINT = "re-export the artifact with this vlmedge, or upgrade vlmedge"
+
+
+# -- the typed sections ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # ints (fixed) or strings (named dynamic dims)
+
+
+@dataclass(frozen=True)
+class Component:
+    file: str
+    data_file: str | None
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    architecture: str
+    content_hash: str
+    random_weights: bool
+
+
+@dataclass(frozen=True)
+class Decoder:
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+    logits: str
+    position_ids: str
+    mrope_section: tuple[int, ...] | None
+    sliding_window: int | None
+
+    def past_names(self) -> list[str]:
+        return [t.format(i=i) for i in range(self.num_layers)
+                for t in (self.past_key, self.past_value)]
+
+    def present_names(self) -> list[str]:
+        return [t.format(i=i) for i in range(self.num_layers)
+                for t in (self.present_key, self.present_value)]
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    image_token: str
+    image_token_id: int
+    tokens_per_image: int
+    feature_dim: int
+    image_placeholder: str
+    expand: str
+    # idefics3
+    image_seq_len: int | None = None
+    fake_image_token: str | None = None
+    global_image_token: str | None = None
+    tile_token: str | None = None
+    tile_size: int | None = None
+    do_image_splitting: bool | None = None
+    # qwen2_vl / qwen2_5_vl
+    merge_size: int | None = None
+    patch_size: int | None = None
+    temporal_patch_size: int | None = None
+    validated_grid: tuple[int, ...] | None = None
+    vision_grid_inputs: tuple[str, ...] = ()
+    images_per_vision_call: int | None = None
+    window_size: int | None = None
+    fullatt_block_indexes: tuple[int, ...] | None = None
+    window_count: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    file: str
+    chat_template: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    stop_token_ids: tuple[int, ...]
+    add_special_tokens: bool
+
+    def special_tokens(self) -> dict[str, str | None]:
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                "pad_token": self.pad_token}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    method: str
+    cpu_only: bool
+    report: dict  # the rest of the section as written (calibration/report.py)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    vlmedge_version: str
+    family: str
+    target: str
+    precision: str
+    source: Source
+    files: dict[str, FileEntry]
+    components: dict[str, Component]
+    decoder: Decoder
+    image: ImageFacts
+    preprocess: dict
+    tokenizer: TokenizerFacts
+    quantization: Quantization | None
+    validation: dict | None
+    trt: dict | None
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = MANIFEST) -> "Manifest":
+        """Strict parse (after migrating an older schema) -> Manifest, or an
+        ArtifactError naming the first bad key."""
+        d = migrate(d, where)
+        r = _Obj(d, "", where)
+        files = {containment.check_name(k, f"files[{k!r}]"): _file_entry(v, f"files.{k}", where)
+                 for k, v in r.get("files", _type(dict)).items()}
+        m = cls(
+            schema_version=r.get("schema_version", int),
+            vlmedge_version=r.get("vlmedge_version", str),
+            family=r.get("family", _enum(FAMILIES)),
+            target=r.get("target", _enum(TARGETS)),
+            precision=r.get("precision", _enum(PRECISIONS)),
+            source=_source(r.obj("source")),
+            files=files,
+            components=_components(r.obj("components"), files),
+            decoder=_decoder(r.obj("decoder")),
+            image=_image(r.obj("image")),
+            preprocess=r.get("preprocess", _type(dict)),
+            tokenizer=_tokenizer(r.obj("tokenizer"), files),
+            quantization=_quantization(r.obj("quantization", optional=True)),
+            validation=r.get("validation", _optional(_type(dict))),
+            trt=_trt(r.obj("trt", optional=True), files),
+            raw=d,
+        )
+        r.end()
+        for tid in m.tokenizer.stop_token_ids:
+            if tid >= m.decoder.vocab_size:
+                raise _bad(where, "tokenizer.stop_token_ids", f"ids < vocab_size "
+                           f"{m.decoder.vocab_size}", tid)
+        return m
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+
+# -- reading JSON strictly -----------------------------------------------------------
+
+def _bad(where: str, key: str, expected: str, got: Any) -> ArtifactError:
+    text = repr(got)
+    return ArtifactError(f"{where}: bad manifest key {key}", expected=expected,
+                         got=text if len(text) <= 80 else text[:77] + "...", hint=_HINT)
+
+
+class _Obj:
+    """A JSON object read key by key; `end()` refuses keys nobody read."""
+
+    def __init__(self, value: Any, prefix: str, where: str):
+        if not isinstance(value, dict):
+            raise _bad(where, prefix.rstrip(".") or "(top level)", "a JSON object", value)
+        self.d, self.prefix, self.where, self.seen = value, prefix, where, set()
+
+    def get(self, key: str, check: Callable, default: Any = _REQUIRED) -> Any:
+        self.seen.add(key)
+        name = self.prefix + key
+        if key not in self.d:
+            if default is _REQUIRED:
+                raise ArtifactError(f"{self.where}: manifest key {name} is missing", hint=_HINT)
+            return default
+        try:
+            return check(self.d[key])
+        except _Mismatch as e:
+            raise _bad(self.where, name, e.expected, self.d[key]) from None
+
+    def obj(self, key: str, optional: bool = False) -> "_Obj | None":
+        value = self.get(key, lambda v: v)
+        if value is None and optional:
+            return None
+        return _Obj(value, self.prefix + key + ".", self.where)
+
+    def end(self) -> None:
+        unknown = sorted(set(self.d) - self.seen)
+        if unknown:
+            raise ArtifactError(f"{self.where}: unknown manifest key {self.prefix}{unknown[0]}",
+                                expected="the keys of manifest schema "
+                                         f"{SCHEMA_VERSION} (vlmedge/manifest.py)", hint=_HINT)
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+def _type(kind, expected: str | None = None):
+    def check(v):
+        # bool is an int in Python but never a count in a manifest
+        if isinstance(v, kind) and not (kind in (int, float) and isinstance(v, bool)):
+            return v
+        raise _Mismatch(expected or f"a JSON {kind.__name__}")
+    return check
+
+
+def _int(lo: int = 0, hi: int = MAX_DIM):
+    def check(v):
+        if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi:
+            return v
+        raise _Mismatch(f"an integer in {lo}..{hi}")
+    return check
+
+
+def _enum(values):
+    def check(v):
+        if v in values:
+            return v
+        raise _Mismatch(" | ".join(map(repr, values)))
+    return check
+
+
+def _optional(check):
+    def opt(v):
+        return None if v is None else check(v)
+    return opt
+
+
+def _list(check, min_len: int = 0, max_len: int = 4096):
+    def lst(v):
+        if not isinstance(v, list) or not min_len <= len(v) <= max_len:
+            raise _Mismatch(f"a list of {min_len}..{max_len} items")
+        return tuple(check(x) for x in v)
+    return lst
+
+
+def _template(*placeholders: str):
+    """A name template whose only fields are `placeholders` ("{i}")."""
+    def check(v):
+        if not isinstance(v, str) or not v or len(v) > 256:
+            raise _Mismatch("a name template string")
+        rest = v
+        for p in placeholders:
+            if p not in rest:
+                raise _Mismatch(f"a template containing {p}")
+            rest = rest.replace(p, "")
+        if "{" in rest or "}" in rest:
+            raise _Mismatch(f"a template whose only fields are {', '.join(placeholders)}")
+        return v
+    return check
+
+
+_str = _type(str)
+_bool = _type(bool)
+
+
+def _sha256(v):
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return v
+    raise _Mismatch("a sha256 hex digest (64 lowercase hex digits)")
+
+
+def _file_entry(v: Any, prefix: str, where: str) -> FileEntry:
+    r = _Obj(v, prefix + ".", where)
+    e = FileEntry(r.get("sha256", _sha256), r.get("bytes", _int(0, 1 << 50)))
+    r.end()
+    return e
+
+
+def _listed(files: dict, key: str):
+    def check(v):
+        containment.check_name(v, key)
+        if v not in files:
+            raise ArtifactError(f"manifest {key} names {v!r}, which is not listed (and so not "
+                                f"hashed) in the manifest's files", hint=_HINT)
+        return v
+    return check
+
+
+# -- sections -------------------------------------------------------------------------
+
+def _source(r: _Obj) -> Source:
+    s = Source(r.get("path", _str), r.get("architecture", _str), r.get("content_hash", _str),
+               r.get("random_weights", _bool))
+    r.end()
+    return s
+
+
+def _tensor_specs(v) -> tuple[TensorSpec, ...]:
+    if not isinstance(v, list) or len(v) > 4096:
+        raise _Mismatch("a list of {name, dtype, shape}")
+    out = []
+    for item in v:
+        if not isinstance(item, dict) or set(item) != {"name", "dtype", "shape"}:
+            raise _Mismatch("a list of {name, dtype, shape} objects")
+        name, dtype, shape = item["name"], item["dtype"], item["shape"]
+        if not isinstance(name, str) or not isinstance(dtype, str) or not isinstance(shape, list) \
+                or len(shape) > 8 or not all(
+                    (isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_CONTEXT * 64)
+                    or (isinstance(d, str) and 0 < len(d) <= 64) for d in shape):
+            raise _Mismatch("{name: str, dtype: str, shape: [int >= 0 or dim name]}")
+        out.append(TensorSpec(name, dtype, tuple(shape)))
+    return tuple(out)
+
+
+def _components(r: _Obj, files: dict) -> dict[str, Component]:
+    out = {}
+    for comp in COMPONENTS:
+        c = r.obj(comp)
+        out[comp] = Component(
+            file=c.get("file", _listed(files, f"components.{comp}.file")),
+            data_file=c.get("data_file", _optional(_listed(files, f"components.{comp}.data_file"))),
+            precision=c.get("precision", _str),
+            inputs=c.get("inputs", _tensor_specs),
+            outputs=c.get("outputs", _tensor_specs))
+        c.end()
+    r.end()
+    return out
+
+
+def _decoder(r: _Obj) -> Decoder:
+    position_ids = r.get("position_ids", _enum(("1d", "mrope")))
+    d = Decoder(
+        num_layers=r.get("num_layers", _int(1, 1024)),
+        num_attention_heads=r.get("num_attention_heads", _int(1, 4096)),
+        num_kv_heads=r.get("num_kv_heads", _int(1, 4096)),
+        head_dim=r.get("head_dim", _int(1, 1 << 16)),
+        hidden_size=r.get("hidden_size", _int(1, MAX_DIM)),
+        vocab_size=r.get("vocab_size", _int(1, MAX_VOCAB)),
+        context_length=r.get("context_length", _int(2, MAX_CONTEXT)),
+        past_key=r.get("past_key", _template("{i}")),
+        past_value=r.get("past_value", _template("{i}")),
+        present_key=r.get("present_key", _template("{i}")),
+        present_value=r.get("present_value", _template("{i}")),
+        logits=r.get("logits", _enum(("last",))),
+        position_ids=position_ids,
+        mrope_section=r.get("mrope_section", _optional(_list(_int(0, 1 << 16), 3, 3)), None),
+        sliding_window=r.get("sliding_window", _optional(_int(1, MAX_CONTEXT))),
+    )
+    r.end()
+    if position_ids == "mrope" and d.mrope_section is None:
+        raise _bad(r.where, "decoder.mrope_section", "3 integers for position_ids 'mrope'", None)
+    if d.sliding_window is not None and d.context_length > d.sliding_window:
+        raise _bad(r.where, "decoder.context_length", f"<= sliding_window {d.sliding_window} "
+                   "(the exported decoder attends fully)", d.context_length)
+    return d
+
+
+_IMAGE_NEEDS = {
+    "idefics3": ("image_seq_len", "fake_image_token", "global_image_token", "tile_token",
+                 "tile_size", "do_image_splitting"),
+    "qwen2_vl": ("merge_size", "patch_size", "temporal_patch_size", "vision_grid_inputs",
+                 "images_per_vision_call"),
+}
+
+
+def _image(r: _Obj) -> ImageFacts:
+    expand = r.get("expand", _enum(EXPANDS))
+    opt_int = _optional(_int(1, MAX_DIM))
+    facts = ImageFacts(
+        image_token=r.get("image_token", _str),
+        image_token_id=r.get("image_token_id", _int(0, MAX_VOCAB)),
+        tokens_per_image=r.get("tokens_per_image", _int(1, MAX_CONTEXT)),
+        feature_dim=r.get("feature_dim", _int(1, MAX_DIM)),
+        image_placeholder=r.get("image_placeholder", _str),
+        expand=expand,
+        image_seq_len=r.get("image_seq_len", opt_int, None),
+        fake_image_token=r.get("fake_image_token", _optional(_str), None),
+        global_image_token=r.get("global_image_token", _optional(_str), None),
+        tile_token=r.get("tile_token", _optional(_template("{row}", "{col}")), None),
+        tile_size=r.get("tile_size", _optional(_int(1, 8192)), None),
+        do_image_splitting=r.get("do_image_splitting", _optional(_bool), None),
+        merge_size=r.get("merge_size", _optional(_int(1, 64)), None),
+        patch_size=r.get("patch_size", _optional(_int(1, 1024)), None),
+        temporal_patch_size=r.get("temporal_patch_size", _optional(_int(1, 64)), None),
+        validated_grid=r.get("validated_grid", _optional(_list(_int(1, 1 << 16), 3, 3)), None),
+        vision_grid_inputs=r.get("vision_grid_inputs", _list(_enum(GRID_INPUTS), 0, 4), ()),
+        images_per_vision_call=r.get("images_per_vision_call", opt_int, None),
+        window_size=r.get("window_size", opt_int, None),
+        fullatt_block_indexes=r.get("fullatt_block_indexes", _optional(_list(_int(0, 4096))),
+                                    None),
+        window_count=r.get("window_count", opt_int, None),
+    )
+    r.end()
+    for key in _IMAGE_NEEDS.get(expand, ()):
+        if getattr(facts, key) in (None, ()) and key != "vision_grid_inputs":
+            raise ArtifactError(f"{r.where}: manifest key image.{key} is missing (needed by "
+                                f"image expansion {expand!r})", hint=_HINT)
+    if ("window_index" in facts.vision_grid_inputs
+            and (facts.window_size is None or facts.patch_size is None)):
+        raise ArtifactError(f"{r.where}: manifest key image.window_size is missing (needed by "
+                            f"the vision input window_index)", hint=_HINT)
+    return facts
+
+
+def _tokenizer(r: _Obj, files: dict) -> TokenizerFacts:
+    t = TokenizerFacts(
+        file=r.get("file", _listed(files, "tokenizer.file")),
+        chat_template=r.get("chat_template", _type(str, "the chat template (a string)")),
+        bos_token=r.get("bos_token", _optional(_str)),
+        eos_token=r.get("eos_token", _optional(_str)),
+        pad_token=r.get("pad_token", _optional(_str)),
+        stop_token_ids=r.get("stop_token_ids", _list(_int(0, MAX_VOCAB), 1, 64)),
+        add_special_tokens=r.get("add_special_tokens", _bool))
+    r.end()
+    return t
+
+
+def _quantization(r: _Obj | None) -> Quantization | None:
+    if r is None:
+        return None
+    q = Quantization(method=r.get("method", _str), cpu_only=r.get("cpu_only", _bool),
+                     report=r.d)
+    # The rest is the gate's report (calibration/report.py): recorded, not acted on.
+    r.seen |= set(r.d)
+    return q
+
+
+def _trt(r: _Obj | None, files: dict) -> dict | None:
+    if r is None:
+        return None
+    engines = r.get("engines", _optional(_type(dict)), None) or {}
+    for comp, e in engines.items():
+        if comp not in COMPONENTS:
+            raise _bad(r.where, f"trt.engines.{comp}", " | ".join(COMPONENTS), comp)
+        er = _Obj(e, f"trt.engines.{comp}.", r.where)
+        er.get("file", _listed(files, f"trt.engines.{comp}.file"))
+        er.get("sha256", _sha256)
+        er.seen |= set(er.d)  # bytes, profiles: build facts
+    # The plan, compat report and build facts are recorded for people and tools.
+    r.seen |= set(r.d)
+    return r.d
+
+
+# -- schema migrations ------------------------------------------------------------------
+
+def _v1_to_v2(d: dict) -> dict:
+    """Schema 1 left optional what schema 2 spells out: defaults made explicit."""
+    for key in ("quantization", "validation", "trt"):
+        d.setdefault(key, None)
+    if isinstance(d.get("decoder"), dict):
+        dec = d["decoder"]
+        dec.setdefault("logits", "last")
+        dec.setdefault("position_ids", "1d")
+        dec.setdefault("sliding_window", None)
+        dec.setdefault("num_attention_heads", dec.get("num_kv_heads"))
+    if isinstance(d.get("image"), dict):
+        d["image"].setdefault("expand", "repeat")
+    if isinstance(d.get("tokenizer"), dict):
+        d["tokenizer"].setdefault("add_special_tokens", False)
+    if isinstance(d.get("components"), dict):
+        for c in d["components"].values():
+            if isinstance(c, dict):
+                c.setdefault("data_file", None)
+    d["schema_version"] = 2
+    return d
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
+
+
+def migrate(d: Any, where: str = MANIFEST) -> dict:
+    """A manifest dict of any known schema -> schema SCHEMA_VERSION (a copy)."""
+    if not isinstance(d, dict):
+        raise _bad(where, "(top level)", "a JSON object", type(d).__name__)
+    version = d.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _bad(where, "schema_version", "an integer >= 1", version)
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(f"{where} uses manifest schema {version}, newer than this runtime",
+                            expected=f"schema <= {SCHEMA_VERSION}",
+                            hint="upgrade vlmedge (pip install -U vlmedge)")
+    d = copy.deepcopy(d)
+    while d["schema_version"] < SCHEMA_VERSION:
+        d = MIGRATIONS[d["schema_version"]](d)
+    return d
+
+
+# -- files --------------------------------------------------------------------------------
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -70,59 +592,86 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def write(directory: Path, manifest: dict[str, Any]) -> Path:
-    """Writes manifest.json (atomically: temp file + rename)."""
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise ValueError(f"manifest lacks required keys {missing}")  # a bug, not user input
-    path = directory / MANIFEST
+def write(directory: Path, manifest: "dict[str, Any] | Manifest") -> Path:
+    """Writes manifest.json atomically (temp file + rename), after the same
+    strict parse the runtime applies: an exporter bug fails here, not on the
+    device."""
+    d = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+    try:
+        Manifest.from_dict(d, where="the manifest being written")
+    except ArtifactError as e:  # a bug in the writer, not user input
+        raise ValueError(f"refusing to write an invalid manifest: {e}") from None
+    path = Path(directory) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=False, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 
 
-def load(directory: Path | str, verify: bool = True) -> dict[str, Any]:
-    """Reads and checks an artifact's manifest.
+def read_json(directory: Path | str) -> dict:
+    """manifest.json of `directory` as a dict (no checks beyond JSON): for
+    tools that edit an artifact they made. The runtime uses `load`."""
+    return _read(Path(directory))[0]
 
-    Raises ArtifactError for: a missing directory or manifest, unparseable
-    JSON, a newer schema, missing keys, a missing file, and (with verify) a
-    file whose sha256 differs from the manifest's: tampered or corrupt."""
-    directory = Path(directory)
-    if not directory.is_dir():
+
+def _read(directory: Path) -> tuple[Any, Path]:
+    if not directory.exists():
         raise ArtifactError(f"artifact directory {directory} does not exist",
                             hint="export one with: vlm-export --model demo")
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact path {directory} is a file, not an artifact directory",
+                            expected="the directory vlm-export wrote (it holds manifest.json)")
     path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ArtifactError(f"{directory} has no {MANIFEST}",
                             expected="an artifact directory written by vlm-export",
                             hint="an export that failed or was interrupted leaves none; re-export")
+    real = containment.resolve_inside(directory, MANIFEST, MANIFEST)
+    if real.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is too large for a manifest",
+                            expected=f"<= {MAX_MANIFEST_BYTES} bytes",
+                            got=f"{real.stat().st_size} bytes", hint="re-export the artifact")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e})", hint="re-export the artifact") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is not a JSON object", hint="re-export the artifact")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise ArtifactError(f"{path} has no integer schema_version", got=repr(version))
-    if version > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"artifact {directory} uses manifest schema {version}, newer than this runtime",
-            expected=f"schema <= {SCHEMA_VERSION}", hint="upgrade vlmedge (pip install -U vlmedge)")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path} lacks required keys {missing}", hint="re-export the artifact")
-    for name, entry in manifest["files"].items():
-        f = directory / name
-        if not f.is_file():
-            raise ArtifactError(f"artifact file {name} is missing from {directory}",
-                                hint="copy the whole directory, or re-export")
+        return json.loads(real.read_bytes(), parse_constant=_no_constant), path
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, NaN/Infinity and over-long integers
+        raise ArtifactError(f"{path} is not valid JSON ({str(e)[:120]})",
+                            hint="re-export the artifact") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def load(directory: Path | str, verify: bool = True) -> Manifest:
+    """Reads, parses and checks an artifact's manifest -> Manifest.
+
+    Raises ArtifactError for: a missing directory or manifest, a path that is
+    a file, invalid JSON, a newer schema, an unknown/missing/mistyped key, a
+    file name outside the artifact, a missing or resized file, and (with
+    verify) a file whose sha256 differs from the manifest's: tampered or
+    corrupt."""
+    directory = Path(directory)
+    d, path = _read(directory)
+    m = Manifest.from_dict(d, where=str(path))
+    check_files(directory, m, verify)
+    return m
+
+
+def check_files(directory: Path | str, m: Manifest, verify: bool = True) -> None:
+    """Every listed file: inside the artifact, a regular file of the recorded
+    size, and (verify) of the recorded sha256."""
+    for name, entry in m.files.items():
+        real = containment.resolve_inside(directory, name, f"files[{name!r}]")
+        size = real.stat().st_size
+        if size != entry.bytes:
+            raise ArtifactError(f"artifact file {name} has the wrong size (truncated, corrupt or "
+                                f"tampered)", expected=f"{entry.bytes} bytes", got=f"{size} bytes",
+                                hint="re-export or re-copy the artifact")
         if verify:
-            got = sha256_file(f)
-            if got != entry["sha256"]:
+            got = sha256_file(real)
+            if got != entry.sha256:
                 raise ArtifactError(
                     f"artifact file {name} does not match its manifest sha256 (corrupt or "
-                    f"tampered)", expected=entry["sha256"][:16] + "...", got=got[:16] + "...",
+                    f"tampered)", expected=entry.sha256[:16] + "...", got=got[:16] + "...",
                     hint="re-export or re-copy the artifact")
-    return manifest

@@ -14,6 +14,12 @@ def demo_model_dir() -> Path:
     return Path(str(resources.files("vlmedge.demo") / "model"))
 
 
+def demo_image() -> Path:
+    """The bundled demo scene image (package data of vlmedge.demo): a file,
+    so the runtime uses it without importing the demo's code."""
+    return Path(str(resources.files("vlmedge.demo") / "assets" / "scene.png"))
+
+
 def resolve_model_dir(model: str | Path) -> Path:
     """`demo` or a Hugging Face model directory -> a checked directory path.
 

@@ -38,6 +38,7 @@ class Options:
     threads: int = 1
     provider: str = "cpu"
     sweeps: list[str] = field(default_factory=list)
+    verify: bool = True  # check the artifacts' sha256 before benchmarking them
 
 
 def default_image(directory: Path, size=(640, 480)) -> Path:
@@ -65,7 +66,7 @@ def resized(image: Path, size: tuple[int, int], directory: Path) -> Path:
 
 
 def specs_for(o: Options) -> list[Spec]:
-    specs = artifact_specs(o.artifacts)
+    specs = artifact_specs(o.artifacts, verify=o.verify)
     if o.baseline == "torch":
         specs.insert(0, torch_spec(o.model, specs[0]))
     return specs
@@ -193,13 +194,12 @@ def _weights(spec: Spec) -> tuple[int, int]:
     """(bytes of all weights, bytes a decode step reads of them)."""
     if spec.kind == "torch":
         return spec.facts["weight_bytes"], spec.facts["decode_weight_bytes"]
-    comps = spec.manifest["components"]
+    m = spec.manifest
     sizes = {}
-    for key, comp in comps.items():
-        b = roofline.initializer_bytes(spec.path / comp["file"])
+    for key, comp in m.components.items():
+        b = roofline.initializer_bytes(_graph(spec, key))
         if b is None:  # no onnx package: the files' sizes
-            files = spec.manifest["files"]
-            b = sum(files.get(f, {}).get("bytes", 0) for f in (comp["file"], comp.get("data_file")))
+            b = sum(m.files[f].bytes for f in (comp.file, comp.data_file) if f)
         sizes[key] = b
     return sum(sizes.values()), sizes["decoder"]
 
@@ -210,9 +210,9 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
                            "random_weights": spec.random_weights}
     if spec.manifest:
         m = spec.manifest
-        rec.update(family=m["family"], target=m["target"], precision=m["precision"],
+        rec.update(family=m.family, target=m.target, precision=m.precision,
                    providers=spec.facts.get("providers"),
-                   artifact_bytes=sum(e["bytes"] for e in m["files"].values()))
+                   artifact_bytes=sum(e.bytes for e in m.files.values()))
     else:
         rec.update(precision="fp32", torch_version=spec.facts.get("torch_version"))
     rec.update(stats.summarize(runs))
@@ -252,9 +252,8 @@ def add_flops(records: list[dict], specs: list[Spec], runs: dict, machine: dict)
         if spec.kind != "onnx":
             continue
         r = runs[spec.name][-1]
-        comps = spec.manifest["components"]
-        vision = roofline.graph_flops(spec.path / comps["vision"]["file"], r["input_shapes"])
-        prefill = roofline.graph_flops(spec.path / comps["decoder"]["file"],
+        vision = roofline.graph_flops(_graph(spec, "vision"), r["input_shapes"])
+        prefill = roofline.graph_flops(_graph(spec, "decoder"),
                                        decoder_shapes(spec.manifest, r["prompt_tokens"]))
         flops[spec.name] = (vision, prefill)
     ref = next((v for k, v in flops.items() if k.startswith("onnx-fp32")),
@@ -269,14 +268,22 @@ def add_flops(records: list[dict], specs: list[Spec], runs: dict, machine: dict)
             rec[f"{stage}_compute_efficiency"] = f / (ms / 1e3) / gemm if f and ms else None
 
 
-def decoder_shapes(m: dict, prompt_tokens: int) -> dict[str, list[int]]:
-    """The decoder's input shapes for the prefill of `prompt_tokens` (empty past)."""
-    d = m["decoder"]
-    shapes = {"inputs_embeds": [1, prompt_tokens, d["hidden_size"]],
+def decoder_shapes(m, prompt_tokens: int) -> dict[str, list[int]]:
+    """The decoder's input shapes for the prefill of `prompt_tokens` (empty
+    past); m: the typed Manifest."""
+    d = m.decoder
+    shapes = {"inputs_embeds": [1, prompt_tokens, d.hidden_size],
               "attention_mask": [1, prompt_tokens],
-              "position_ids": [3, 1, prompt_tokens] if d.get("position_ids") == "mrope"
+              "position_ids": [3, 1, prompt_tokens] if d.position_ids == "mrope"
               else [1, prompt_tokens]}
-    for i in range(d["num_layers"]):
-        for t in (d["past_key"], d["past_value"]):
-            shapes[t.format(i=i)] = [1, d["num_kv_heads"], 0, d["head_dim"]]
+    for name in d.past_names():
+        shapes[name] = [1, d.num_kv_heads, 0, d.head_dim]
     return shapes
+
+
+def _graph(spec: Spec, comp: str) -> Path:
+    """A component's graph file, through the artifact's containment check."""
+    from vlmedge import containment
+    c = spec.manifest.components[comp]
+    return containment.listed_file(spec.path, c.file, f"components.{comp}.file",
+                                   spec.manifest.files)

@@ -29,33 +29,35 @@ class Spec:
     name: str  # backend and precision: torch-eager-fp32, onnx-fp32, onnx-int8, ...
     kind: str  # "torch" | "onnx"
     path: Path  # model directory (torch) or artifact directory (onnx)
-    manifest: dict[str, Any] | None = None
+    manifest: "manifest_mod.Manifest | None" = None
     random_weights: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def artifact_specs(dirs: list[Path]) -> list[Spec]:
-    """One Spec per artifact directory (manifest read, hashes not checked:
-    the worker loads it). Names say target and precision; a second artifact
-    of the same kind gets its directory name added."""
+def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
+    """One Spec per artifact directory: the manifest read and, with verify,
+    every file's sha256 checked here, once, before any timing (the workers
+    then open the artifacts without re-hashing, so load time is the
+    runtime's). Names say target and precision; a second artifact of the
+    same kind gets its directory name added."""
     specs, seen = [], set()
     for d in dirs:
-        m = manifest_mod.load(d, verify=False)
-        name = f"{m['target']}-{m['precision']}"
+        m = manifest_mod.load(d, verify=verify)
+        name = f"{m.target}-{m.precision}"
         if name in seen:
             name = f"{name}:{Path(d).name}"
         seen.add(name)
-        specs.append(Spec(name, "onnx", Path(d), m, bool(m["source"].get("random_weights"))))
+        specs.append(Spec(name, "onnx", Path(d), m, m.source.random_weights))
     return specs
 
 
 def torch_spec(model: str | None, first: Spec) -> Spec:
     """The PyTorch eager baseline: --model, else the first artifact's source
     model (random weights from its config.json if it was exported so)."""
-    src = first.manifest["source"]
-    random_weights = bool(src.get("random_weights")) and model is None
+    src = first.manifest.source
+    random_weights = src.random_weights and model is None
     if model is None:
-        path = Path(src["path"])
+        path = Path(src.path)
         if not (path / "config.json").is_file():
             raise UserInputError(
                 f"the baseline model {path} (the source of {first.path}) is not on this machine",

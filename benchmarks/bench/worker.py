@@ -65,6 +65,7 @@ class OnnxSystem:
     def __init__(self, path: str, threads: int, provider: str):
         from vlmedge.runtime import VLMSession
 
+        # verify=False: vlm-bench checked the hashes before starting the workers
         self.session = VLMSession(path, provider=provider, threads=threads, verify=False)
         self.images: dict[str, Any] = {}
 
@@ -116,7 +117,7 @@ def _vision_shapes(session, pixels, grid) -> dict[str, list[int]]:
     extra = session.vision.input_names[1:]
     if extra:
         from vlmedge.runtime import mrope
-        io = {i["name"]: i["shape"] for i in session.manifest["components"]["vision"]["inputs"]}
+        io = {t.name: list(t.shape) for t in session.manifest.components["vision"].inputs}
         feeds = mrope.vision_inputs(extra, grid, session.image_facts, io)
         shapes.update({k: list(v.shape) for k, v in feeds.items()})
     return shapes

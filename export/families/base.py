@@ -103,8 +103,27 @@ def normalization_facts(ip, default_resample: str) -> dict[str, Any]:
     }
 
 
+def sliding_window(text_config) -> int | None:
+    """The decoder's effective attention window W, or None for full attention.
+
+    Per-layer `layer_types` decide where a config has them (Gemma2 alternates;
+    Qwen2 slides only from max_window_layers on); otherwise `sliding_window`
+    counts unless `use_sliding_window` is False (Qwen2 configs carry a window
+    they do not use). The exported decoder attends to the whole past, which
+    is exact only while a sequence holds at most W tokens (HF's window mask
+    lets a query see the W keys up to and including itself)."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        sliding = "sliding_attention" in layer_types
+    else:
+        sliding = getattr(text_config, "use_sliding_window", None) is not False
+    return int(window) if sliding and window is not None else None
+
+
 def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
-    """The manifest's `decoder` section for a Llama/Qwen2-style decoder."""
+    """The manifest's `decoder` section for a Llama/Qwen2-style decoder;
+    context_length is at most the sliding window (`Family.max_context`)."""
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     return {
@@ -121,6 +140,7 @@ def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
         "present_value": "present.{i}.value",
         "logits": "last",
         "position_ids": "1d",
+        "sliding_window": sliding_window(text_config),  # int, or None: full attention
     }
 
 
@@ -137,6 +157,10 @@ class Family:
     tolerances_fp16 = {"image_features": 5e-2, "logits": 1e-1}
 
     # -- loading ---------------------------------------------------------
+    def check_config(self, config) -> None:
+        """Raise UnsupportedArchitectureError for a config this family takes
+        by name but cannot export (called before anything is loaded)."""
+
     def load_processor(self, path, trust_remote_code: bool = False):
         """The HF processor for a model directory (AutoProcessor by default)."""
         from transformers import AutoProcessor
@@ -205,8 +229,17 @@ class Family:
     def image_facts(self, model, processor) -> dict[str, Any]:
         raise NotImplementedError
 
+    def sliding_window(self, model) -> int | None:
+        """The decoder's effective attention window (see `sliding_window`)."""
+        return sliding_window(self.text_config(model.config))
+
     def max_context(self, model) -> int:
-        return int(getattr(self.text_config(model.config), "max_position_embeddings", 2048))
+        """The most tokens the artifact serves: the model's position limit, and
+        at most its sliding window, past which the exported decoder (full
+        attention over the whole past) would answer differently."""
+        limit = int(getattr(self.text_config(model.config), "max_position_embeddings", 2048))
+        window = self.sliding_window(model)
+        return limit if window is None else min(limit, window)
 
     # -- validation inputs ---------------------------------------------------
     def sample_image(self):

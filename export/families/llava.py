@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlmedge.errors import UnsupportedArchitectureError
+
 from .base import Family, GraphSpec, torch
 
 nn = torch.nn
+
+# Towers whose forward LlavaVision calls as (pixel_values, output_hidden_states)
+# on a fixed-size (N, 3, H, W) batch. Pixtral takes per-image sizes and
+# variable patch counts (another vision graph): refused, not half-exported.
+VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
 
 class LlavaVision(nn.Module):
     """pixel_values (N, 3, H, W) float32 -> image_features (N, T_img, D_text).
@@ -37,6 +45,14 @@ class Llava(Family):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
+
+    def check_config(self, config) -> None:
+        tower = getattr(getattr(config, "vision_config", None), "model_type", None)
+        if tower not in VISION_TOWERS:
+            raise UnsupportedArchitectureError(
+                "unsupported vision tower for the llava family",
+                expected=f"a vision_config of model_type {' or '.join(VISION_TOWERS)}",
+                got=repr(tower), hint="see README 'Supported models'")
 
     def vision_graph(self, model, processor) -> GraphSpec:
         ip = processor.image_processor

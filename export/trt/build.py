@@ -36,7 +36,10 @@ def peak_host_mb() -> float:
 
 
 def _load_trt_manifest(directory: Path) -> dict[str, Any]:
-    m = manifest.load(directory)  # verifies every file's sha256 before anything is built
+    """The artifact's manifest, checked as the runtime checks it (strict parse,
+    containment, every file's sha256) before anything is built, as a dict
+    that the build then edits."""
+    m = manifest.load(directory).to_dict()
     t = m.get("trt") or {}
     if m["target"] != "trt" or not t.get("plan"):
         raise ArtifactError(f"{directory} was not exported for TensorRT (target "

@@ -14,7 +14,6 @@ weight data, except for the few small constants it must see).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,14 +305,11 @@ def _targets(path: Path) -> list[tuple[str, Path]]:
     if not path.is_dir():
         raise ArtifactError(f"{path} does not exist",
                             expected="an artifact directory or .onnx file")
-    mf = path / "manifest.json"
-    if mf.is_file():
-        try:
-            comps = json.loads(mf.read_text())["components"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ArtifactError(f"{mf} is not a valid manifest ({e})",
-                                hint="re-export the artifact") from None
-        return [(name, path / c["file"]) for name, c in comps.items()]
+    if (path / "manifest.json").exists():
+        from vlmedge import containment, manifest
+        m = manifest.load(path, verify=False)  # strict parse; names checked inside the artifact
+        return [(name, containment.listed_file(path, c.file, f"components.{name}.file", m.files))
+                for name, c in m.components.items()]
     files = sorted(path.glob("*.onnx"))
     if not files:
         raise ArtifactError(f"{path} has no manifest.json and no .onnx files",
