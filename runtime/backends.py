@@ -94,12 +94,32 @@ class OrtBackend(Backend):
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ArtifactError(f"onnxruntime cannot load {path.name}: {str(e).splitlines()[0]}",
                                 hint="the file may be corrupt or need a newer onnxruntime") from None
-        super().__init__(path, [i.name for i in self.session.get_inputs()],
-                         [o.name for o in self.session.get_outputs()])
+        inputs = self.session.get_inputs()
+        super().__init__(path, [i.name for i in inputs], [o.name for o in self.session.get_outputs()])
+        # The graph's own input shapes: ints fixed, names/None dynamic.
+        self.input_shapes = {i.name: list(i.shape) for i in inputs}
         self.providers = self.session.get_providers()
+        # onnxruntime's error classes (none is exported as a base class)
+        self._errors = tuple(
+            c for c in vars(ort.capi.onnxruntime_pybind11_state).values()
+            if isinstance(c, type) and issubclass(c, Exception))
 
     def _run(self, feeds):
-        outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        for name in self.input_names:
+            want, got = self.input_shapes[name], feeds[name].shape
+            if len(want) != len(got) or any(isinstance(w, int) and w != g
+                                            for w, g in zip(want, got)):
+                raise ArtifactError(
+                    f"{self.path.name} takes {name} of shape {want}, and the artifact's "
+                    f"preprocessing or manifest gave {list(got)}",
+                    hint="the manifest disagrees with its graphs; re-export the artifact")
+        try:
+            outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        except self._errors as e:  # a graph that fails on inputs of its declared shapes
+            raise ArtifactError(f"onnxruntime failed running {self.path.name}: "
+                                f"{str(e).strip().splitlines()[0][:200]}",
+                                hint="the graph may be corrupt or not match its manifest; "
+                                     "re-export the artifact") from None
         return dict(zip(self.output_names, outs))
 
 

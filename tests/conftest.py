@@ -71,3 +71,11 @@ def demo_artifact(tmp_path_factory):
     exporter.run_export(exporter.ExportOptions(model_dir=demo_model_dir(), output=out),
                         log=lambda s: None)
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz harness's case counts (tests/test_fuzz.py), when it ran."""
+    import fuzz_stats
+
+    for line in fuzz_stats.lines():
+        terminalreporter.write_line(line)

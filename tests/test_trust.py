@@ -164,6 +164,44 @@ def test_trt_engine_name_outside_is_refused(art, secret):
         read_verified(art, "../outside/secret.onnx", files)
 
 
+def _strace_opens(args, log: Path):
+    """Runs `args` under strace, recording every file any thread opens."""
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-o", str(log),
+                        *map(str, args)], capture_output=True, text=True, timeout=300)
+    if "Operation not permitted" in r.stderr and "ptrace" in r.stderr:
+        pytest.skip("ptrace is not permitted here")
+    return r, log.read_text()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_native_code_opens_nothing_outside_the_artifact(art, secret, tmp_path):
+    """The whole process, native libraries included (onnxruntime opens graphs
+    and their external data itself), watched by strace: hostile manifests
+    never make anything open the secret beside the artifact."""
+    r, trace = _strace_opens([_bin("vlm-run"), art, "--no-stream", "-n", "2"], tmp_path / "ok")
+    assert r.returncode == 0, r.stderr
+    assert "vision.onnx.data" in trace  # the control: onnxruntime's own opens are seen
+    shutil.copy(art / "vision.onnx", secret)
+    hostile = {
+        "absolute graph": lambda a: _edit(a, lambda m: m["components"]["vision"].update(
+            file=str(secret))),
+        "dotdot graph": lambda a: _edit(a, lambda m: m["components"]["vision"].update(
+            file=os.path.relpath(secret, a))),
+        "files entry": lambda a: _edit(a, lambda m: m["files"].update(
+            {os.path.relpath(secret, a): manifest.file_entry(secret)})),
+        "data symlink": lambda a: ((a / "vision.onnx.data").unlink(),
+                                   (a / "vision.onnx.data").symlink_to(secret)),
+    }
+    for i, (name, make) in enumerate(hostile.items()):
+        copy = tmp_path / f"hostile{i}"
+        shutil.copytree(art, copy, symlinks=True)
+        make(copy)
+        r, trace = _strace_opens([_bin("vlm-run"), copy, "--no-stream", "-n", "2"],
+                                 tmp_path / f"trace{i}")
+        assert r.returncode == 2, (name, r.stderr)
+        assert "secret.onnx" not in trace, f"{name}: opened the file outside the artifact"
+
+
 # -- the typed manifest: one clear line for every malformed section ----------------------
 
 def _set(path: str, value):
@@ -523,3 +561,31 @@ def test_vlm_bench_no_verify_warns(art):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "--no-verify" in r.stderr and "not checked" in r.stderr
+
+
+# -- classes of defects the fuzz harness found (tests/test_fuzz.py) ----------------------------
+
+def test_extreme_temperature_samples_instead_of_nan(session):
+    """A temperature of 1e-300 made logits / T overflow to inf and the
+    probabilities NaN (numpy's ValueError from rng.choice)."""
+    r = session.generate(scenes.make_scene(2).image, "describe the image.", max_new_tokens=3,
+                         temperature=1e-300, repetition_penalty=1e300, seed=1)
+    greedy = session.generate(scenes.make_scene(2).image, "describe the image.",
+                              max_new_tokens=1)
+    assert r.token_ids[:1] == greedy.token_ids[:1]  # T -> 0 is greedy
+
+
+def test_preprocess_that_disagrees_with_the_graph_is_an_artifact_error(art):
+    """A manifest whose preprocessing makes pixels of another size than the
+    vision graph takes: onnxruntime's InvalidArgument came through raw."""
+    _edit(art, lambda m: m["preprocess"].update(crop=None, size=96))
+    s = _open(art)
+    with pytest.raises(ArtifactError, match=r"vision.onnx takes pixel_values of shape"):
+        s.generate(scenes.make_scene(2).image, "describe the image.", max_new_tokens=2)
+
+
+def test_error_text_from_the_artifact_stays_on_one_line(art):
+    """An unknown key with a newline in its name made a two-line error."""
+    _edit(art, lambda m: m["decoder"].update({"evil\nkey": 1}))
+    line = _one_line(_vlm_run(art, "--no-stream", "-n", "2"))
+    assert "unknown manifest key" in line

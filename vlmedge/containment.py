@@ -36,8 +36,8 @@ def check_name(name, where: str) -> str:
         raise ArtifactError(f"manifest {where} is not a file name", expected="a relative path "
                             "inside the artifact", got=repr(name)[:80], hint=_HINT)
     bad = None
-    if "\x00" in name or "\\" in name:
-        bad = "a NUL or backslash"
+    if "\\" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        bad = "a control character or backslash"
     elif name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         bad = "an absolute path"
     elif any(part in ("", ".", "..") for part in name.split("/")):

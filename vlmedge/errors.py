@@ -24,7 +24,13 @@ class VlmedgeError(Exception):
         msg = "; ".join(parts)
         if hint:
             msg += f" ({hint})"
-        super().__init__(msg)
+        # One line, whatever text from an untrusted input (a manifest key, a
+        # prompt, a library's message) ended up in it.
+        super().__init__(_one_line(msg))
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class UserInputError(VlmedgeError, ValueError):

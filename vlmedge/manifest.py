@@ -287,7 +287,8 @@ class _Obj:
     def end(self) -> None:
         unknown = sorted(set(self.d) - self.seen)
         if unknown:
-            raise ArtifactError(f"{self.where}: unknown manifest key {self.prefix}{unknown[0]}",
+            key = unknown[0] if unknown[0].isidentifier() else repr(unknown[0])
+            raise ArtifactError(f"{self.where}: unknown manifest key {self.prefix}{key}",
                                 expected="the keys of manifest schema "
                                          f"{SCHEMA_VERSION} (vlmedge/manifest.py)", hint=_HINT)
 
