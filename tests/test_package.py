@@ -46,3 +46,38 @@ def test_demo_model_is_package_data(demo_dir):
     for name in ("config.json", "model.safetensors", "tokenizer.json",
                  "processor_config.json", "generation_config.json"):
         assert (demo_dir / name).is_file(), name
+
+
+def _imports(path):
+    import ast
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def test_imports_point_one_way():
+    """runtime/ and vlmedge/ import nothing above them (DESIGN.md): no export,
+    calibration, benchmarks or demo code, no torch or transformers, even lazily."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    above = ("vlmedge.export", "vlmedge.calibration", "vlmedge.benchmarks", "vlmedge.demo",
+             "torch", "transformers")
+    bad = [f"{f.relative_to(root)}: {m}"
+           for folder in ("runtime", "vlmedge") for f in sorted((root / folder).glob("*.py"))
+           for m in _imports(f) if m.startswith(above)]
+    assert not bad, bad
+
+
+def test_vlm_run_imports_nothing_above_the_runtime():
+    """The CLI with its bundled demo image, run to the point of loading: only
+    vlmedge, vlmedge.runtime and their modules are imported."""
+    code = ("import sys, vlmedge.runtime.cli as c; from vlmedge.models import demo_image; "
+            "assert demo_image().is_file(); "
+            "above = [m for m in sys.modules if m.startswith(('vlmedge.export', "
+            "'vlmedge.calibration', 'vlmedge.benchmarks', 'vlmedge.demo', 'torch'))]; "
+            "assert not above, above; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

@@ -15,9 +15,11 @@ def demo_model_dir() -> Path:
 
 
 def demo_image() -> Path:
-    """The bundled demo scene image (package data of vlmedge.demo): a file,
-    so the runtime uses it without importing the demo's code."""
-    return Path(str(resources.files("vlmedge.demo") / "assets" / "scene.png"))
+    """The bundled demo scene image (package data of vlmedge.demo), found
+    without importing vlmedge.demo: the runtime imports nothing above it."""
+    import importlib.util
+    spec = importlib.util.find_spec("vlmedge.demo")
+    return Path(list(spec.submodule_search_locations)[0]) / "assets" / "scene.png"
 
 
 def resolve_model_dir(model: str | Path) -> Path:
