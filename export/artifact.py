@@ -8,11 +8,11 @@ validation, and renames the directory into place (an atomic rename on one
 filesystem). A run that dies leaves only a directory without a manifest,
 which never loads.
 
-Two exports to one output: the first takes `<output>.lock` (created
-exclusively, holding its pid); the second fails at once, naming the owner,
-instead of deleting the first one's work. A lock or a staging directory left
-by a process that no longer exists is stale and is cleaned up; those of a
-live process are never touched.
+Two exports to one output: the first holds an flock on `<output>.lock`
+(released by the kernel however the process ends); the second fails at
+once, naming the owner's pid, instead of deleting the first one's work.
+Staging directories (`<output>.partial-<pid>-<random>`) found by an export
+that holds the lock belong to dead exports and are removed.
 """
 from __future__ import annotations
 
@@ -58,63 +58,78 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _lock_path(output: Path) -> Path:
     return output.parent / f"{output.name}.lock"
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or "0")
-    except (OSError, ValueError):
-        return None
-
-
 @contextmanager
 def output_lock(output: Path):
-    """Holds `<output>.lock` (O_EXCL, our pid) for the duration of an export."""
+    """Holds an exclusive flock on `<output>.lock` for the duration of an
+    export. The kernel releases it when the process dies however it dies,
+    so a lock can never be stale and pid reuse cannot confuse it; the file
+    records the holder's pid for the message. Two opens of the file conflict
+    even within one process, so two threads exporting to one output are
+    refused like two processes."""
+    import fcntl
+
     path = _lock_path(output)
-    for _ in range(2):
+    while True:
+        try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise UserInputError(f"cannot open the export lock {path}: {e.strerror or e}",
+                                 hint="remove it if it is not a regular file") from None
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid = _read_pid(path)
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                raise UserInputError(f"another export (pid {pid}) is writing {output}",
-                                     hint="wait for it to finish, or choose another --output") \
-                    from None
-            path.unlink(missing_ok=True)  # stale: its owner is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        break
-    else:
-        raise UserInputError(f"cannot take the export lock {path}",
-                             hint="remove it if no export is running")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserInputError(f"another export (pid {holder}) is writing {output}",
+                                 hint="wait for it to finish, or choose another --output") \
+                from None
+        # The holder before us unlinks the file as it finishes: a lock on that
+        # unlinked file guards nothing, so lock the file the path names now.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
     finally:
-        if _read_pid(path) == os.getpid():
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # still locked: see the check above
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _remove_stale_partials(output: Path) -> None:
-    """Staging directories of dead exports (their pid is in the name)."""
-    for stale in output.parent.glob(output.name + ".partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+    """Staging directories left by exports that died: the caller holds the
+    output's lock, so no live export owns any of them."""
+    prefix = output.name + ".partial-"
+    for stale in output.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _keep_failed(tmp: Path, output: Path, manifest: dict | None) -> None:
+    """--keep-failed: the staged directory as <output>.failed, its manifest as
+    manifest.rejected.json (never loads). Best effort: a failure here (a full
+    disk) must not hide the error that failed the export."""
+    import json
+
+    failed = output.parent / f"{output.name}.failed"
+    try:
+        shutil.rmtree(failed, ignore_errors=True)
+        if manifest is not None:
+            (tmp / "manifest.rejected.json").write_text(
+                json.dumps(manifest, indent=2, default=str) + "\n")
+        tmp.rename(failed)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Staged:
@@ -136,9 +151,8 @@ def staging(output: Path, force: bool, keep_failed: bool = False):
     inspection; it never loads)."""
     with output_lock(output):
         _remove_stale_partials(output)
-        tmp = output.parent / f"{output.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)  # ours, from an earlier call in this process
-        tmp.mkdir(parents=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{output.name}.partial-{os.getpid()}-",
+                                    dir=output.parent))
         staged = Staged(tmp)
         # A SIGTERM (a job scheduler's timeout, `kill`) becomes SystemExit so the
         # clean-up below runs as it does for Ctrl-C; Python's default would die
@@ -155,13 +169,7 @@ def staging(output: Path, force: bool, keep_failed: bool = False):
         except BaseException as e:
             (tmp / manifest_mod.MANIFEST).unlink(missing_ok=True)
             if keep_failed:
-                failed = output.parent / f"{output.name}.failed"
-                shutil.rmtree(failed, ignore_errors=True)
-                if staged.manifest is not None:
-                    import json
-                    (tmp / "manifest.rejected.json").write_text(
-                        json.dumps(staged.manifest, indent=2, default=str) + "\n")
-                tmp.rename(failed)
+                _keep_failed(tmp, output, staged.manifest)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:

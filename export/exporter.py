@@ -175,15 +175,16 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
         with stage("write"):
             m = _manifest(o, loaded, tmp, graphs, context)
             m["tokenizer"]["add_special_tokens"] = _add_special_tokens(loaded, m, tmp)
+        staged.manifest = m  # written last by staging; kept with --keep-failed
         if calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
             from . import quantize
-            m = quantize.quantize(o, loaded, tmp, m, calib_data, _validate, stage, log, staged)
+            m = staged.manifest = quantize.quantize(o, loaded, tmp, m, calib_data, _validate,
+                                                    stage, log, staged)
         if o.target == "trt":
             with stage("trt"):  # profiles, static check, build_engines.sh (export/trt/prepare.py)
                 from .trt import prepare, profiles
                 limits = profiles.Limits(context, o.max_batch, o.max_images)
                 m["trt"] = prepare.prepare(tmp, m, limits, __version__, log, o.output)
-        staged.manifest = m  # kept with --keep-failed if validation fails below
         if o.validate and calib_data is None:
             with stage("validate"):
                 m["validation"] = _validate(loaded, tmp, o.precision, m)
@@ -241,11 +242,17 @@ def _validate(loaded, tmp: Path, precision: str, m: dict) -> dict[str, Any]:
 
     if precision == "fp16":
         import onnxruntime as ort
-        try:  # onnxruntime's CPU provider lacks fp16 kernels for several ops
+        from vlmedge.errors import ArtifactError
+
+        # onnxruntime's CPU provider lacks fp16 kernels for several ops: the
+        # graphs may not load, or fail to run (the runtime's ArtifactError).
+        ort_errors = tuple(c for c in vars(ort.capi.onnxruntime_pybind11_state).values()
+                           if isinstance(c, type) and issubclass(c, Exception))
+        try:
             ort.InferenceSession(str(tmp / "decoder.onnx"), providers=["CPUExecutionProvider"])
             return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
                                      manifest=m)
-        except Exception as e:  # onnxruntime's own error types are not exported
+        except (ArtifactError,) + ort_errors as e:
             return {"skipped": True, "passed": True, "tokens_match": None,
                     "max_abs_diff_logits": None, "max_abs_diff_image_features": None,
                     "reason": f"onnxruntime CPU cannot run the fp16 graphs "

@@ -169,12 +169,20 @@ def _bad_weight_file(files: list[Path]) -> Path | None:
     return None
 
 
+def _checkpoint_message(text: str) -> bool:
+    """torch.load's and transformers' RuntimeErrors about the file itself."""
+    return any(k in text for k in ("PytorchStreamReader", "zip archive", "central directory",
+                                   "unpickl", "state_dict", "size mismatch", "storage"))
+
+
 def _from_pretrained(transformers, path: Path, files: list[Path], trust_remote_code: bool):
     try:
         return transformers.AutoModelForImageTextToText.from_pretrained(
             path, use_safetensors=any(f.suffix == ".safetensors" for f in files),
             trust_remote_code=trust_remote_code)
     except _weights_error_types() as e:
+        if type(e) is RuntimeError and not _checkpoint_message(str(e)):
+            raise  # out of memory, a transformers bug: not a corrupt file
         bad = _bad_weight_file(files)
         where = bad or (files[0] if len(files) == 1 else
                         f"{path} ({', '.join(f.name for f in files)})")

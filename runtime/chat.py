@@ -20,6 +20,7 @@ does (the manifest's image "expand"):
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -36,9 +37,51 @@ def _raise(message: str):
 
 # What a chat template can raise while rendering: jinja2's own errors (the
 # sandbox's SecurityError among them) and Python's, from a template that
-# calls a method the wrong way.
+# calls a method the wrong way or asks for too much memory.
 _RENDER_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError,
-                  OverflowError)
+                  OverflowError, MemoryError, ZeroDivisionError)
+
+# A chat template is the artifact's code: bounded in size, in what one
+# render may build ('x' * 10**13) or loop over (nested range()), and in time
+# at load. Real templates are a few kilobytes and loop over the messages.
+MAX_TEMPLATE_CHARS = 64 * 1024
+MAX_RENDER_ITEMS = 100_000
+PROBE_TIMEOUT_S = 5.0
+
+
+def _bounded_environment(budget: threading.local):
+    """jinja2's immutable sandbox, with '*' and '**' capped and range()
+    drawing on a per-render budget (budget.left, reset by render())."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > 64:
+                    raise SecurityError("exponent too large for a chat template")
+                return left ** right
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
+                        and len(seq) * n > MAX_RENDER_ITEMS:
+                    raise SecurityError("repetition too large for a chat template")
+            return left * right
+
+    def bounded_range(*args):
+        r = range(*args)
+        left = getattr(budget, "left", MAX_RENDER_ITEMS) - len(r)
+        if left < 0:
+            raise SecurityError(f"the template's loops exceed {MAX_RENDER_ITEMS} items")
+        budget.left = left
+        return r
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
+    env.globals.pop("lipsum", None)  # lipsum(10**5) builds megabytes of text: no template needs it
+    env.globals["range"] = bounded_range
+    env.globals["raise_exception"] = _raise
+    return env
 
 
 class ChatTokenizer:
@@ -53,7 +96,6 @@ class ChatTokenizer:
     def __init__(self, directory: Path, facts: TokenizerFacts, image: ImageFacts,
                  files: Mapping):
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
 
         self._template_errors = (TemplateError,) + _RENDER_ERRORS
@@ -63,11 +105,18 @@ class ChatTokenizer:
         except UnicodeDecodeError:
             raise ArtifactError(f"tokenizer {facts.file} is not UTF-8 text",
                                 hint="re-export the artifact") from None
+        except OSError as e:
+            raise ArtifactError(f"tokenizer {facts.file} cannot be read: {e.strerror or e}",
+                                hint="check the artifact directory's permissions") from None
         except Exception as e:  # tokenizers raises a bare Exception for bad files
             raise ArtifactError(f"cannot read tokenizer {facts.file}: {str(e)[:160]}",
                                 hint="re-export the artifact") from None
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
+        if len(facts.chat_template) > MAX_TEMPLATE_CHARS:
+            raise ArtifactError("the manifest's chat template is too long",
+                                expected=f"<= {MAX_TEMPLATE_CHARS} characters",
+                                got=str(len(facts.chat_template)), hint="re-export the artifact")
+        self._budget = threading.local()
+        env = _bounded_environment(self._budget)
         try:
             self.template = env.from_string(facts.chat_template)
         except self._template_errors as e:
@@ -85,7 +134,43 @@ class ChatTokenizer:
         self._image_texts = sorted({t for t in (image.image_token, image.image_placeholder,
                                                 image.fake_image_token, image.global_image_token)
                                     if t})
-        self.render("describe the image.")  # a template that cannot render fails at load
+        self._probe()
+
+    def _probe(self) -> None:
+        """Renders and tokenizes a sample prompt once, in a thread with a time
+        limit: a template that fails, hangs, drops the image or renders
+        nothing fails here, at load, not on the first request."""
+        result: dict = {}
+
+        def run():
+            try:
+                result["ids"] = self.prompt_ids("describe the image.", with_image=True,
+                                                image_grid=self._probe_grid())
+            except (ArtifactError, UserInputError) as e:
+                result["error"] = e
+
+        t = threading.Thread(target=run, name="vlmedge-template-probe", daemon=True)
+        t.start()
+        t.join(PROBE_TIMEOUT_S)
+        if t.is_alive():
+            raise ArtifactError("the manifest's chat template does not finish rendering",
+                                expected=f"a render in under {PROBE_TIMEOUT_S:.0f} s",
+                                hint="re-export the artifact")
+        if "error" in result:
+            raise result["error"]
+        if self.image_token_id not in result["ids"]:
+            raise ArtifactError("the manifest's chat template does not place the image",
+                                expected=f"the image placeholder {self.image.image_placeholder!r} "
+                                         f"in the rendered prompt", hint="re-export the artifact")
+
+    def _probe_grid(self):
+        """A small valid image grid for the sample prompt of each expansion."""
+        if self.expand == "idefics3":
+            return (1, 1)
+        if self.expand == "qwen2_vl":
+            m = self.image.merge_size
+            return (1, m, m)
+        return None
 
     def check_text(self, question: str) -> None:
         """A prompt's text: valid Unicode (no lone surrogates, e.g. from
@@ -107,6 +192,7 @@ class ChatTokenizer:
 
     def render(self, question: str, with_image: bool = True) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        self._budget.left = MAX_RENDER_ITEMS
         try:
             return self.template.render(messages=[{"role": "user", "content": content}],
                                         add_generation_prompt=True, **self.special)
@@ -132,8 +218,8 @@ class ChatTokenizer:
             head, sep, tail = text.partition(placeholder)
             if sep:
                 text = head + idefics3_image_text(self.image, self._tile_grid(image_grid)) + tail
-            return self.encode(text)
-        ids = self.encode(text)
+            return self._nonempty(self.encode(text))
+        ids = self._nonempty(self.encode(text))
         count = self.tokens_per_image
         if with_image and self.expand == "qwen2_vl":
             if image_grid is None:
@@ -146,6 +232,13 @@ class ChatTokenizer:
         for t in ids:
             out.extend([t] * count if t == self.image_token_id else [t])
         return out
+
+    @staticmethod
+    def _nonempty(ids: list[int]) -> list[int]:
+        if not ids:
+            raise ArtifactError("the manifest's chat template renders an empty prompt",
+                                hint="re-export the artifact")
+        return ids
 
     def _tile_grid(self, image_grid) -> tuple[int, int]:
         if image_grid is None:

@@ -390,7 +390,7 @@ _TILING_OPTIONAL = {"idefics3": ("global_image",)}
 
 def _check_tiling(tiling) -> dict:
     method = tiling.get("method") if isinstance(tiling, dict) else None
-    if method not in _TILING_KEYS:
+    if not isinstance(method, str) or method not in _TILING_KEYS:
         raise UserInputError("ImagePreprocessor: unknown tiling method",
                              expected=" | ".join(map(repr, _TILING_KEYS)) + " or tiling None",
                              got=repr(method if isinstance(tiling, dict) else tiling),

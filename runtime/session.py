@@ -22,7 +22,10 @@ Threads: a call holds the session lock only while the model runs a stage
 (prepare = preprocess + vision + prefill, then each decode step), never while
 the caller holds a streamed piece: a half-read stream() blocks nothing, and
 every call's state (KV cache, sampler, timings) is its own. Preprocessing
-buffers are per thread.
+buffers are per thread. With native TensorRT engines each live generation
+holds KV-cache slots on the device (runtime/trt_backend.py, at most 4 a
+session): more generations at once than that is a clear TensorRTError, so
+use one session per concurrent stream there.
 """
 from __future__ import annotations
 
@@ -49,12 +52,31 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    stop_reason: str  # "stop_token" | "stop_string" | "max_new_tokens"
+    # "stop_token" | "stop_string" | "max_new_tokens" | "constraint_complete"
+    stop_reason: str
     timings: dict[str, Any] = field(default_factory=dict)
+    # With choices: the choice; with json_schema: the parsed JSON; else None.
+    value: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "stop_reason": self.stop_reason, "timings": self.timings}
+                "stop_reason": self.stop_reason, "timings": self.timings, "value": self.value}
+
+
+@dataclass
+class EncodedImage:
+    """An image run through preprocessing and the vision graph once
+    (VLMSession.encode), to be passed where an image goes: generate(),
+    stream() and the watch loop then skip both stages, and the KV cache of
+    each prompt prefix up to and including the image tokens is kept, so a
+    further question prefills only its own tokens."""
+    features: np.ndarray          # (N, T_img, D) image_features
+    grid: Any                     # the tile/patch grid (None for fixed-size families)
+    timings: dict[str, float]     # preprocess_ms, vision_ms
+    owner: int                    # id() of the session that made it
+    prefixes: dict = field(default_factory=dict, repr=False)  # prefix ids -> KVCache
+
+    MAX_PREFIXES = 8  # distinct prompt prefixes kept (one per chat template variant)
 
 
 def _ms(t0: float) -> float:
@@ -130,12 +152,9 @@ class VLMSession:
         """The checked path of a component's graph: listed, inside, and its
         external weight data only the component's own listed data file."""
         c = self.manifest.components[comp]
-        path = containment.listed_file(self.directory, c.file, f"components.{comp}.file",
-                                       self.manifest.files)
-        containment.check_onnx_external_data(
-            self.directory, c.file, path.read_bytes(), self.manifest.files,
-            allowed={c.data_file} if c.data_file else set())
-        return path
+        return containment.checked_graph(self.directory, c.file, f"components.{comp}.file",
+                                         self.manifest.files,
+                                         allowed={c.data_file} if c.data_file else set())
 
     def _check_graph_io(self) -> None:
         """The graphs' inputs/outputs are the ones the manifest describes: a
@@ -198,6 +217,22 @@ class VLMSession:
         """Any supported image -> float32 pixel_values ((1, 3, H, W) for llava;
         preprocess() gives the shapes of the other families, and their grid)."""
         return self.preprocess(image, layout)[0]
+
+    def encode(self, image, layout: str = "RGB") -> EncodedImage:
+        """Preprocess and encode `image` once, for several questions or for
+        frames that did not change (see EncodedImage)."""
+        _check_single_image(image)
+        if isinstance(image, EncodedImage):
+            return image
+        timings: dict[str, float] = {}
+        with self._lock:
+            t = time.perf_counter()
+            pixels, grid = self._preprocess(image, layout)
+            timings["preprocess_ms"] = _ms(t)
+            t = time.perf_counter()
+            feats = self.encode_image(pixels, grid)
+            timings["vision_ms"] = _ms(t)
+        return EncodedImage(feats, grid, timings, id(self))
 
     def encode_image(self, pixel_values: np.ndarray, image_grid=None) -> np.ndarray:
         """pixel_values -> image_features (N, T_img, D).
@@ -288,19 +323,30 @@ class VLMSession:
                      + (f" (this model's sliding window is {self.facts.sliding_window})"
                         if self.facts.sliding_window else ""))
 
-    def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start):
+    def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
+                constraint=None):
         """The decode primitive every generation path uses: yields tokens from
-        the prefill's `logits` and `cache` until a stop token, a stop string
-        or max_new_tokens. The lock is taken per decoder step and released
-        before each yield."""
+        the prefill's `logits` and `cache` until a stop token, a stop string,
+        a constraint's whole answer or max_new_tokens. `constraint`
+        (runtime/constrained.py) masks the logits before each token. The lock
+        is taken per decoder step and released before each yield."""
         history: list[int] = []
         decode_ms: list[float] = []
         timings["decode_ms"] = decode_ms
         stop_ids = set(self.chat.stop_token_ids)
+        stop_list = [t for t in stop_ids if t < logits.shape[0]]
         # decode_ms[i]: sampling token i plus the decoder step that yields the
         # logits for token i+1; the consumer's time between tokens is excluded.
         for i in range(max_new_tokens):
             t = time.perf_counter()
+            if constraint is not None:
+                if constraint.must_stop():
+                    timings["stop_reason"] = "constraint_complete"
+                    break
+                allowed = constraint.allowed()[:logits.shape[0]]
+                if constraint.complete():
+                    allowed[stop_list] = True
+                logits = np.where(allowed, logits, -np.inf).astype(np.float32)
             token = sampling.next_token(logits, history, rng, **opts)
             sample_ms = _ms(t)
             if i == 0:
@@ -308,6 +354,8 @@ class VLMSession:
             if token in stop_ids:
                 timings["stop_reason"] = "stop_token"
                 break
+            if constraint is not None:
+                constraint.advance(token)
             history.append(token)
             yield token
             if i + 1 == max_new_tokens:
@@ -320,11 +368,15 @@ class VLMSession:
                 logits, cache = self.step(self.embed_token(token), cache)
             decode_ms.append(sample_ms + _ms(t))
         timings.setdefault("stop_reason", "max_new_tokens")
+        if constraint is not None and constraint.must_stop():
+            timings["stop_reason"] = "constraint_complete"
         n = len(decode_ms)
         timings["tokens_per_s"] = n / (sum(decode_ms) / 1000.0) if n else 0.0
 
     def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict):
         """Preprocess, vision and prefill for one request (under the lock)."""
+        if isinstance(image, EncodedImage):
+            return self._prepare_encoded(image, prompt, max_new_tokens, timings)
         pixels = grid = feats = None
         with self._lock:
             if image is not None:
@@ -343,8 +395,44 @@ class VLMSession:
             timings["prefill_ms"] = _ms(t)
         return ids, logits, cache
 
+    def _constraint(self, choices, json_schema):
+        from .constrained import constraint_for
+        return constraint_for(self.chat, self.facts.vocab_size, self.chat.stop_token_ids,
+                              choices=choices, json_schema=json_schema)
+
+    def _prepare_encoded(self, enc: EncodedImage, prompt: str, max_new_tokens: int,
+                         timings: dict):
+        """_prepare for an EncodedImage: no preprocessing or vision; the prompt
+        prefix through the image tokens from its cache where it was seen."""
+        if enc.owner != id(self):
+            raise UserInputError("this EncodedImage was made by another session",
+                                 hint="encode the image with the session that answers")
+        timings.update(enc.timings, image_reused=True)
+        ids = self.chat.prompt_ids(prompt, with_image=True, image_grid=enc.grid)
+        self._check_context(len(ids), max_new_tokens)
+        image_at = np.flatnonzero(np.asarray(ids) == self.chat.image_token_id)
+        cut = int(image_at[-1]) + 1 if image_at.size else 0
+        t = time.perf_counter()
+        with self._lock:
+            if cut == 0 or cut >= len(ids):  # no image tokens, or nothing after them
+                logits, cache = self.prefill(ids, enc.features, self.empty_cache(), enc.grid)
+                timings["prefix_reused"] = False
+            else:
+                key = tuple(ids[:cut])
+                prefix = enc.prefixes.get(key)
+                timings["prefix_reused"] = prefix is not None
+                if prefix is None:
+                    _, prefix = self.prefill(ids[:cut], enc.features, self.empty_cache(),
+                                             enc.grid)
+                    if len(enc.prefixes) < EncodedImage.MAX_PREFIXES:
+                        enc.prefixes[key] = prefix
+                logits, cache = self.prefill(ids[cut:], None, prefix, enc.grid)
+        timings["prefill_ms"] = _ms(t)
+        return ids, logits, cache
+
     def _run(self, image, prompt, max_new_tokens, temperature, top_k, top_p,
-             repetition_penalty, stop, seed, layout) -> Iterator[tuple[int, dict, list[int]]]:
+             repetition_penalty, stop, seed, layout, constraint=None
+             ) -> Iterator[tuple[int, dict, list[int]]]:
         """One request, checked first, then prepared and decoded: yields
         (token, timings, prompt ids) and finally (-1, timings, ids)."""
         _check_request(image, prompt, max_new_tokens, stop, seed)
@@ -356,8 +444,12 @@ class VLMSession:
         rng = np.random.default_rng(seed)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
-        for token in self._decode(logits, cache, max_new_tokens, rng, opts, stop, timings,
-                                  t_start):
+        tokens = self._decode(logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
+                              constraint)
+        # The decode loop owns the prefill cache now: holding it here too would
+        # keep its buffers (a TensorRT KV slot) alive for the whole generation.
+        del logits, cache
+        for token in tokens:
             yield token, timings, ids
         timings["total_ms"] = _ms(t_start)
         yield -1, timings, ids
@@ -365,7 +457,9 @@ class VLMSession:
     def generate(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, stop: list[str] | None = None,
-                 seed: int | None = None, layout: str = "RGB") -> GenerationResult:
+                 seed: int | None = None, layout: str = "RGB",
+                 choices: list[str] | None = None,
+                 json_schema: dict | None = None) -> GenerationResult:
         """Answer `prompt` about `image`.
 
         image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
@@ -374,11 +468,17 @@ class VLMSession:
         prompt.
         Greedy when temperature == 0; `seed` makes sampling repeatable.
         Stops at any of the manifest's stop token ids or any `stop` string.
+        Structured answers: `choices` (the answer is exactly one of them; the
+        result's .value) or `json_schema` (the answer is JSON matching it,
+        parsed in .value; needs llguidance). An answer that max_new_tokens
+        cuts before it is whole raises IncompleteAnswerError.
         Timings (ms): preprocess_ms, vision_ms, prefill_ms, ttft_ms,
         decode_ms (per token), total_ms; tokens_per_s over the decode steps."""
+        constraint = self._constraint(choices, json_schema)
         tokens: list[int] = []
         for token, timings, ids in self._run(image, prompt, max_new_tokens, temperature, top_k,
-                                             top_p, repetition_penalty, stop, seed, layout):
+                                             top_p, repetition_penalty, stop, seed, layout,
+                                             constraint):
             if token >= 0:
                 tokens.append(token)
         text = self.chat.decode(tokens)
@@ -387,7 +487,8 @@ class VLMSession:
                 if s in text:
                     text = text[: text.index(s)]
         reason = timings.pop("stop_reason")
-        return GenerationResult(text, tokens, len(ids), reason, timings)
+        return GenerationResult(text, tokens, len(ids), reason, timings,
+                                _structured_value(constraint, text, max_new_tokens))
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, **kw) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens arrive; every piece
@@ -397,21 +498,24 @@ class VLMSession:
         of the last stream to finish."""
         opts = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=None, stop=None,
                     seed=None, layout="RGB")
+        structured = {k: kw.pop(k, None) for k in ("choices", "json_schema")}
         unknown = set(kw) - set(opts)
         if unknown:
             raise UserInputError(f"unknown option(s) {sorted(unknown)}",
-                                 expected=", ".join(sorted(opts)))
+                                 expected=", ".join(sorted(opts) + sorted(structured)))
         opts.update(kw)
         _check_request(image, prompt, max_new_tokens, opts["stop"], opts["seed"])
         sampling.check(opts["temperature"], opts["top_k"], opts["top_p"],
                        opts["repetition_penalty"])
         self.chat.check_text(prompt)
-        return self._stream(image, prompt, max_new_tokens, opts)
+        constraint = self._constraint(**structured)
+        return self._stream(image, prompt, max_new_tokens, opts, constraint)
 
-    def _stream(self, image, prompt, max_new_tokens, opts) -> Iterator[str]:
+    def _stream(self, image, prompt, max_new_tokens, opts, constraint) -> Iterator[str]:
         dec = StreamDecoder(self.chat)
         timings: dict[str, Any] = {}
-        for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts):
+        for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts,
+                                           constraint=constraint):
             if token >= 0:
                 piece = dec.push(token)
                 if piece:
@@ -420,6 +524,7 @@ class VLMSession:
         if tail:
             yield tail
         self.last_timings = timings
+        _structured_value(constraint, self.chat.decode(dec.ids), max_new_tokens)
 
     def ask(self, image, questions: list[str], max_new_tokens: int = 32,
             layout: str = "RGB") -> list[GenerationResult]:
@@ -493,6 +598,19 @@ def _check_single_image(image) -> None:
                              f"{len(image)} images",
                              hint="call generate once per image; multi-image prompts are not "
                                   "supported yet")
+
+
+def _structured_value(constraint, text: str, max_new_tokens: int):
+    """The structured answer's value, or IncompleteAnswerError when the
+    token budget ended it before it was whole."""
+    if constraint is None:
+        return None
+    if not constraint.complete():
+        from vlmedge.errors import IncompleteAnswerError
+        raise IncompleteAnswerError(
+            f"the {constraint.kind} answer was cut by max_new_tokens={max_new_tokens} before it "
+            f"was whole", got=repr(text)[:80], hint="raise max_new_tokens")
+    return constraint.value(text.strip())
 
 
 def _native_trt(m: "manifest_mod.Manifest", provider: str) -> bool:

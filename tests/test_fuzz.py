@@ -78,7 +78,10 @@ def world(tiny_llava_artifact, tmp_path_factory):
     shutil.copy(art / "vision.onnx", secret)  # a graph: the most tempting thing to run
     (outside / "tokenizer.json").write_bytes((art / "tokenizer.json").read_bytes())
     base = json.loads((art / "manifest.json").read_text())
-    return {"art": art, "outside": os.path.realpath(outside), "secret": secret, "base": base}
+    from vlmedge.manifest import file_entry
+    e = file_entry(secret)
+    return {"art": art, "outside": os.path.realpath(outside), "secret": secret, "base": base,
+            "secret_sha": e["sha256"], "secret_size": e["bytes"]}
 
 
 def _case(target: str, fn, world):
@@ -90,7 +93,7 @@ def _case(target: str, fn, world):
         outcome = "ok"
     except VlmedgeError as e:
         outcome = type(e).__name__
-        assert "\n" not in str(e), str(e)  # one line at the CLI
+        assert str(e).isprintable(), str(e)  # one line at the CLI, no terminal controls
     finally:
         _AUDIT.active = False
     leaked = [p for p in _AUDIT.opened if p.startswith(world["outside"] + os.sep)]
@@ -130,7 +133,18 @@ def _json_values(world):
         _hostile_names(world))
     return st.recursive(scalars, lambda kids: st.one_of(
         st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=3)),
-        max_leaves=6)
+        max_leaves=12)
+
+
+HOSTILE_TEMPLATES = [
+    "", "{% if false %}{% endif %}", "{{ 'x' * 10**13 }}", "{{ 2 ** 100000 }}",
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ cycler.__init__.__globals__ }}",
+    "{{ raise_exception('\x1b[2J boom') }}", "{% for m in messages %}{{ m['content'] }}",
+    "{{ messages[0]['content'][0]['type'] }} <image> {{ messages[0]['content'][1]['text'] }}",
+    "{{ bos_token }}<user> <image> {{ messages[0]['content'][1]['text'] }} <end><assistant>",
+    "{{ self.__init__ }}", "{% set x = namespace(a=1) %}{{ x.a }}<image>",
+    "{{ lipsum(100000) }}", "{{ '%s' % ('x' * 100000) }}"]
 
 
 @st.composite
@@ -139,7 +153,17 @@ def mutated_manifest(draw, world):
     paths = list(_paths(m))
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(paths))
-        op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
+        op = draw(st.sampled_from(["replace", "replace", "delete", "add", "file", "template"]))
+        if op == "file" and isinstance(m, dict) and isinstance(m.get("files"), dict):
+            # a hostile name listed with a real entry (or the secret's own hash)
+            entry = draw(st.sampled_from([{"sha256": world["secret_sha"],
+                                           "bytes": world["secret_size"]},
+                                          {"sha256": "0" * 64, "bytes": 1}]))
+            m["files"][draw(_hostile_names(world))] = entry
+            continue
+        if op == "template" and isinstance(m, dict) and isinstance(m.get("tokenizer"), dict):
+            m["tokenizer"]["chat_template"] = draw(st.sampled_from(HOSTILE_TEMPLATES))
+            continue
         parent, key = (None, None) if not path else (_get(m, path[:-1]), path[-1])
         if op == "replace" or parent is None:
             value = draw(_json_values(world))
@@ -193,6 +217,33 @@ def test_fuzz_manifests(world):
         case()
     finally:
         path.write_text(json.dumps(world["base"]))
+
+
+# -- graph bytes: the external-data reader (vlmedge/onnx_refs.py) ------------------------------
+
+def test_fuzz_graph_bytes(world):
+    """The stdlib protobuf walker on mutated graphs: a result or OnnxParseError,
+    never another exception, never slow."""
+    from vlmedge.onnx_refs import OnnxParseError, scan
+
+    base = (world["art"] / "embed.onnx").read_bytes()
+
+    @_settings(300)
+    @given(flips=st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)),
+                          max_size=8),
+           cut=st.integers(0, len(base)), junk=st.binary(max_size=32))
+    def case(flips, cut, junk):
+        data = bytearray(base)
+        for pos, value in flips:
+            data[pos] = value
+        data = bytes(data[:cut]) + junk
+        try:
+            scan(data)
+            outcome = "ok"
+        except OnnxParseError:
+            outcome = "OnnxParseError"
+        fuzz_stats.record("graph bytes", outcome)
+    case()
 
 
 # -- images ------------------------------------------------------------------------------

@@ -109,10 +109,14 @@ def test_symlink_leaving_the_artifact_is_refused(art, secret):
 
 
 def test_symlink_inside_the_artifact_is_allowed(art):
+    want = _open(art).generate(scenes.make_scene(4).image, "describe the image.",
+                               max_new_tokens=4).token_ids
     (art / "tok-real.json").write_bytes((art / "tokenizer.json").read_bytes())
     (art / "tokenizer.json").unlink()
     (art / "tokenizer.json").symlink_to("tok-real.json")
-    assert _open(art).generate(None, "hello", max_new_tokens=2).token_ids is not None
+    got = _open(art).generate(scenes.make_scene(4).image, "describe the image.",
+                              max_new_tokens=4).token_ids
+    assert got == want
 
 
 def _relocate_external_data(art: Path, graph: str, new_location: str) -> None:
@@ -154,6 +158,63 @@ def test_external_data_reader_matches_onnx(tiny_llava_artifact):
         want = {e.value for t in proto.graph.initializer for e in t.external_data
                 if e.key == "location"}
         assert want and external_data_locations(path.read_bytes()) == want
+
+
+def test_graph_in_a_subfolder_is_refused(art):
+    """onnxruntime resolves a graph's external data beside the graph: from
+    sub/vision.onnx, 'vision.onnx.data' would be an unlisted sub/ file."""
+    (art / "sub").mkdir()
+    shutil.copy(art / "vision.onnx", art / "sub" / "vision.onnx")
+    (art / "sub" / "vision.onnx.data").write_bytes(
+        bytes((art / "vision.onnx.data").stat().st_size))  # zeros: other weights
+    _edit(art, lambda m: (m["files"].update({"sub/vision.onnx": manifest.file_entry(
+        art / "sub" / "vision.onnx")}), m["components"]["vision"].update(file="sub/vision.onnx")))
+    with pytest.raises(ArtifactError, match="does not lie directly in the artifact"):
+        _open(art)
+
+
+def test_graph_symlinked_into_a_subfolder_is_refused(art):
+    (art / "models").mkdir()
+    shutil.move(art / "vision.onnx", art / "models" / "v.onnx")
+    (art / "vision.onnx").symlink_to("models/v.onnx")
+    (art / "models" / "vision.onnx.data").write_bytes(b"\0" * 16)
+    with pytest.raises(ArtifactError, match="does not lie directly in the artifact"):
+        _open(art)
+
+
+@pytest.mark.parametrize("name", ["*/_ORT_MEM_ADDR_/*", "vision onnx", "v\u00e9.onnx",
+                                  "a\\b.onnx"])
+def test_unusual_file_names_are_refused(art, name):
+    _edit(art, lambda m: m["files"].update({name: m["files"]["vision.onnx"]}))
+    with pytest.raises(ArtifactError, match=r"A-Za-z0-9"):
+        _open(art)
+
+
+def test_ep_context_node_is_refused(art):
+    """An EPContext node names an execution-provider cache file of its own."""
+    import onnx
+    from onnx import helper
+
+    node = helper.make_node("EPContext", ["input_ids"], ["inputs_embeds"], domain="com.microsoft",
+                            embed_mode=0, ep_cache_context="../outside/engine.bin")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input_ids", 7, [1, 2])],
+                              [helper.make_tensor_value_info("inputs_embeds", 1, [1, 2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(art / "embed.onnx"))
+    _edit(art, lambda m: m["files"].update({"embed.onnx": manifest.file_entry(
+        art / "embed.onnx")}))
+    with pytest.raises(ArtifactError, match="EPContext"):
+        _open(art)
+
+
+def test_check_trt_holds_graphs_to_the_same_rules(art):
+    from vlmedge.export.trt.compat import check_path
+
+    shutil.copy(art / "decoder.onnx.data", art / "unlisted.data")
+    _relocate_external_data(art, "decoder.onnx", "unlisted.data")
+    with pytest.raises(ArtifactError, match="not listed"):
+        check_path(art)
 
 
 def test_trt_engine_name_outside_is_refused(art, secret):
@@ -239,7 +300,39 @@ MALFORMED = {
     "unknown_key": (_set("decoder.rope_scaling", 2.0), "decoder.rope_scaling"),
     "bool_as_int": (_set("decoder.num_layers", True), "decoder.num_layers"),
     "empty_manifest": (lambda m: m.clear(), "schema_version"),
+    "deep_nesting": (lambda m: m.update(validation=_nested(600)), "nests deeper"),
+    "mrope_without_qwen_image": (lambda m: m["decoder"].update(position_ids="mrope",
+                                                               mrope_section=[2, 1, 1]),
+                                 "decoder.position_ids"),
+    "tiling_method_list": (_set("preprocess.tiling", {"method": [1]}), "preprocess.tiling"),
+    "template_renders_nothing": (_set("tokenizer.chat_template", "{% if false %}{% endif %}"),
+                                 "empty prompt"),
+    "template_without_image": (_set("tokenizer.chat_template", "{{ bos_token }} hello"),
+                               "does not place the image"),
+    "template_huge_string": (_set("tokenizer.chat_template", "{{ 'x' * 10**13 }}"),
+                             "chat template"),
+    "template_nested_loops": (_set("tokenizer.chat_template",
+                                   "{% for a in range(100000) %}{% for b in range(100000) %}"
+                                   "{% endfor %}{% endfor %}"), "chat template"),
+    "template_too_long": (_set("tokenizer.chat_template", "x" * 70_000), "too long"),
+    "trt_engines_without_plan": (lambda m: _fake_engines(m, plan=False), "trt.plan"),
+    "trt_engines_partial": (lambda m: _fake_engines(m, comps=("vision",)), "trt.engines"),
 }
+
+
+def _nested(depth):
+    node = []
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+def _fake_engines(m, plan=True, comps=("vision", "embed", "decoder")):
+    m["target"] = "trt"
+    m["trt"] = {"engines": {c: {"file": f"{c}.onnx", "sha256": m["files"][f"{c}.onnx"]["sha256"]}
+                            for c in comps}}
+    if plan:
+        m["trt"]["plan"] = {"components": {c: {"profiles": [{"name": "p"}]} for c in comps}}
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -248,7 +341,7 @@ def test_malformed_manifest_is_one_artifact_error(art, case):
     _edit(art, change)
     with pytest.raises(ArtifactError) as e:
         _open(art)
-    assert key in str(e.value) and "\n" not in str(e.value)
+    assert key in str(e.value) and str(e.value).isprintable()
 
 
 @pytest.mark.parametrize("case", ["no_present_key", "template_sandbox", "preprocess_size_1e6"])
@@ -484,7 +577,7 @@ def test_bad_call_is_a_user_error(session, case):
     image, prompt = kw.pop("image"), kw.pop("prompt")
     with pytest.raises(UserInputError) as e:
         session.generate(image, prompt, **kw)
-    assert "\n" not in str(e.value)
+    assert str(e.value).isprintable()
     if case == "two_images":
         assert "one image per prompt" in str(e.value)
     with pytest.raises(UserInputError):  # stream() checks when called, not when first read
@@ -589,3 +682,46 @@ def test_error_text_from_the_artifact_stays_on_one_line(art):
     _edit(art, lambda m: m["decoder"].update({"evil\nkey": 1}))
     line = _one_line(_vlm_run(art, "--no-stream", "-n", "2"))
     assert "unknown manifest key" in line
+
+
+def test_error_text_cannot_drive_the_terminal(art):
+    """A template's raise_exception text with ESC sequences (clear screen, set
+    the window title), a vertical tab and a line separator comes out escaped."""
+    _edit(art, _set("tokenizer.chat_template",
+                    "{{ raise_exception('\x1b[2J\x1b]0;pwned\x07 evil\x0bsecond\u2028third') }}"))
+    line = _one_line(_vlm_run(art, "--no-stream", "-n", "2"))
+    assert line.isprintable() and "\\x1b[2J" in line
+
+
+def test_two_threads_exporting_to_one_output(tmp_path):
+    """The export lock holds within one process too (it was keyed on the pid)."""
+    from vlmedge.export import artifact
+
+    out = tmp_path / "out"
+    with artifact.output_lock(out):
+        errors = []
+
+        def second():
+            try:
+                with artifact.output_lock(out):
+                    pass
+            except UserInputError as e:
+                errors.append(str(e))
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(30)
+        assert errors and f"pid {os.getpid()}" in errors[0]
+    assert not (tmp_path / "out.lock").exists()
+    with artifact.output_lock(out):  # free again
+        pass
+
+
+def test_lock_file_symlink_is_not_followed(tmp_path, secret):
+    from vlmedge.export import artifact
+
+    before = secret.read_bytes()
+    (tmp_path / "out.lock").symlink_to(secret)
+    with pytest.raises(UserInputError, match="cannot open the export lock"):
+        with artifact.output_lock(tmp_path / "out"):
+            pass
+    assert secret.read_bytes() == before

@@ -30,7 +30,13 @@ class VlmedgeError(Exception):
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """Every character that is not printable (newlines, ESC sequences, vertical
+    tabs, line separators) escaped, so an error is one line that cannot
+    drive the user's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class UserInputError(VlmedgeError, ValueError):
@@ -55,6 +61,16 @@ class MissingDependencyError(VlmedgeError, ImportError):
 
 class ContextOverflowError(VlmedgeError, ValueError):
     """Prompt + image tokens + new tokens exceed the model's context length."""
+
+
+class SourceError(VlmedgeError):
+    """A frame source (camera, stream, video file, folder) that cannot be
+    opened or that failed while reading."""
+
+
+class IncompleteAnswerError(VlmedgeError):
+    """A constrained answer (choices, JSON schema) that max_new_tokens cut
+    before it was whole: reported instead of returned as if it were valid."""
 
 
 class ValidationError(VlmedgeError):

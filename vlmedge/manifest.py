@@ -66,6 +66,7 @@ from .errors import ArtifactError
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a manifest
+MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "qwen2_vl", "qwen2_5_vl")
 TARGETS = ("onnx", "trt")
@@ -240,6 +241,7 @@ class Manifest:
             raw=d,
         )
         r.end()
+        _cross_check(m, where)
         for tid in m.tokenizer.stop_token_ids:
             if tid >= m.decoder.vocab_size:
                 raise _bad(where, "tokenizer.stop_token_ids", f"ids < vocab_size "
@@ -248,6 +250,27 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
+
+
+# How each image expansion is preprocessed (runtime/chat.py, runtime/preprocess.py).
+_EXPAND_TILING = {"repeat": None, "idefics3": "idefics3", "qwen2_vl": "qwen2_vl_patches"}
+
+
+def _cross_check(m: "Manifest", where: str) -> None:
+    """Sections that must agree with each other, checked here rather than
+    failing deep inside the runtime."""
+    tiling = m.preprocess.get("tiling")
+    method = tiling.get("method") if isinstance(tiling, dict) else tiling
+    want = _EXPAND_TILING[m.image.expand]
+    if method != want:
+        raise _bad(where, "preprocess.tiling", f"tiling {want!r} for image expansion "
+                   f"{m.image.expand!r}", method)
+    if (m.decoder.position_ids == "mrope") != (m.image.expand == "qwen2_vl"):
+        raise _bad(where, "decoder.position_ids", "'mrope' exactly for image expansion "
+                   "'qwen2_vl'", m.decoder.position_ids)
+    if m.image.image_token_id >= m.decoder.vocab_size and m.image.expand != "repeat":
+        raise _bad(where, "image.image_token_id", f"< vocab_size {m.decoder.vocab_size}",
+                   m.image.image_token_id)
 
 
 # -- reading JSON strictly -----------------------------------------------------------
@@ -523,13 +546,23 @@ def _trt(r: _Obj | None, files: dict) -> dict | None:
     if r is None:
         return None
     engines = r.get("engines", _optional(_type(dict)), None) or {}
+    if engines and set(engines) != set(COMPONENTS):
+        raise _bad(r.where, "trt.engines", f"an engine for each of {', '.join(COMPONENTS)}",
+                   sorted(engines))
     for comp, e in engines.items():
-        if comp not in COMPONENTS:
-            raise _bad(r.where, f"trt.engines.{comp}", " | ".join(COMPONENTS), comp)
         er = _Obj(e, f"trt.engines.{comp}.", r.where)
         er.get("file", _listed(files, f"trt.engines.{comp}.file"))
         er.get("sha256", _sha256)
         er.seen |= set(er.d)  # bytes, profiles: build facts
+        # The runtime reads each engine's optimization-profile names from the plan.
+        plan = r.get("plan", _type(dict))
+        pc = plan.get("components", {}).get(comp) if isinstance(plan.get("components"),
+                                                                dict) else None
+        profiles = pc.get("profiles") if isinstance(pc, dict) else None
+        if not isinstance(profiles, list) or not profiles or not all(
+                isinstance(p, dict) and isinstance(p.get("name"), str) for p in profiles):
+            raise _bad(r.where, f"trt.plan.components.{comp}.profiles",
+                       "a list of {name, ...} profiles", profiles)
     # The plan, compat report and build facts are recorded for people and tools.
     r.seen |= set(r.d)
     return r.d
@@ -566,6 +599,8 @@ def migrate(d: Any, where: str = MANIFEST) -> dict:
     """A manifest dict of any known schema -> schema SCHEMA_VERSION (a copy)."""
     if not isinstance(d, dict):
         raise _bad(where, "(top level)", "a JSON object", type(d).__name__)
+    if _depth(d) > MAX_DEPTH:
+        raise ArtifactError(f"{where} nests deeper than {MAX_DEPTH} levels", hint=_HINT)
     version = d.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _bad(where, "schema_version", "an integer >= 1", version)
@@ -632,12 +667,25 @@ def _read(directory: Path) -> tuple[Any, Path]:
         raise ArtifactError(f"{path} is too large for a manifest",
                             expected=f"<= {MAX_MANIFEST_BYTES} bytes",
                             got=f"{real.stat().st_size} bytes", hint="re-export the artifact")
+    data = containment.read_bytes(real, MANIFEST)
     try:
-        return json.loads(real.read_bytes(), parse_constant=_no_constant), path
+        d = json.loads(data, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         # ValueError covers JSONDecodeError, NaN/Infinity and over-long integers
         raise ArtifactError(f"{path} is not valid JSON ({str(e)[:120]})",
                             hint="re-export the artifact") from None
+    if _depth(d) > MAX_DEPTH:
+        raise ArtifactError(f"{path} nests deeper than {MAX_DEPTH} levels",
+                            expected="a manifest written by vlm-export", hint="re-export the artifact")
+    return d, path
+
+
+def _depth(node, level: int = 0) -> int:
+    """Nesting depth of a JSON value, without recursing past MAX_DEPTH + 1."""
+    if level > MAX_DEPTH or not isinstance(node, (dict, list)):
+        return level
+    children = node.values() if isinstance(node, dict) else node
+    return max((_depth(c, level + 1) for c in children), default=level + 1)
 
 
 def _no_constant(name: str):
@@ -670,7 +718,11 @@ def check_files(directory: Path | str, m: Manifest, verify: bool = True) -> None
                                 f"tampered)", expected=f"{entry.bytes} bytes", got=f"{size} bytes",
                                 hint="re-export or re-copy the artifact")
         if verify:
-            got = sha256_file(real)
+            try:
+                got = sha256_file(real)
+            except OSError as e:
+                raise ArtifactError(f"artifact file {name} cannot be read: {e.strerror or e}",
+                                    hint="check the artifact directory's permissions") from None
             if got != entry.sha256:
                 raise ArtifactError(
                     f"artifact file {name} does not match its manifest sha256 (corrupt or "

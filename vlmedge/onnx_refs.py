@@ -1,11 +1,15 @@
-"""The external-data file names an ONNX model refers to, read from its bytes
-with the standard library alone (the lean runtime has no `onnx` package).
+"""The files an ONNX model refers to, read from its bytes with the standard
+library alone (the lean runtime has no `onnx` package).
 
 An ONNX tensor whose data_location is EXTERNAL names a file in its
 `external_data` entry "location", relative to the model file; onnxruntime
 opens it. An artifact's graph is untrusted, so the runtime reads those names
 first and holds them to the artifact's containment rules
 (vlmedge/containment.py).
+
+It also reports EPContext nodes: onnxruntime's execution-provider contexts
+name a cache or engine file of their own (attribute ep_cache_context) that an
+execution provider deserializes; an artifact never has them.
 
 Only the protobuf messages that can hold a TensorProto are walked (field
 numbers from onnx.proto, ONNX IR 10):
@@ -14,7 +18,7 @@ numbers from onnx.proto, ONNX IR 10):
     TrainingInfoProto initialization 1, algorithm 2          (GraphProto)
     GraphProto        node 1, initializer 5, sparse_initializer 15
     FunctionProto     node 7, attribute_proto 11
-    NodeProto         attribute 5
+    NodeProto         op_type 4, attribute 5
     AttributeProto    t 5, g 6, tensors 10, graphs 11, sparse_tensor 22, sparse_tensors 23
     SparseTensorProto values 1, indices 2                     (TensorProto)
     TensorProto       external_data 13 (StringStringEntryProto key 1, value 2)
@@ -82,9 +86,13 @@ _CHILDREN = {
 }
 
 
-def _walk(buf: memoryview, kind: str, depth: int, out: set[str]) -> None:
+def _walk(buf: memoryview, kind: str, depth: int, out: set[str], ops: set[str]) -> None:
     if depth > MAX_DEPTH:
         raise OnnxParseError(f"messages nested deeper than {MAX_DEPTH}")
+    if kind == "node":
+        for field, wire, value in _fields(buf):
+            if field == 4 and wire == 2:
+                ops.add(bytes(value).decode("utf-8", "replace"))
     if kind == "tensor":
         for field, wire, value in _fields(buf):
             if field == 13 and wire == 2:  # external_data entry
@@ -99,11 +107,18 @@ def _walk(buf: memoryview, kind: str, depth: int, out: set[str]) -> None:
     for field, wire, value in _fields(buf):
         child = children.get(field)
         if child is not None and wire == 2:
-            _walk(value, child, depth + 1, out)
+            _walk(value, child, depth + 1, out, ops)
+
+
+def scan(model: bytes | bytearray | memoryview) -> tuple[set[str], set[str]]:
+    """(the `location` of every external-data tensor, every node op_type) of a
+    serialized ModelProto, subgraphs and functions included."""
+    out: set[str] = set()
+    ops: set[str] = set()
+    _walk(memoryview(model), "model", 0, out, ops)
+    return out, ops
 
 
 def external_data_locations(model: bytes | bytearray | memoryview) -> set[str]:
     """The `location` of every external-data tensor in a serialized ModelProto."""
-    out: set[str] = set()
-    _walk(memoryview(model), "model", 0, out)
-    return out
+    return scan(model)[0]

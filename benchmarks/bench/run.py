@@ -285,5 +285,6 @@ def _graph(spec: Spec, comp: str) -> Path:
     """A component's graph file, through the artifact's containment check."""
     from vlmedge import containment
     c = spec.manifest.components[comp]
-    return containment.listed_file(spec.path, c.file, f"components.{comp}.file",
-                                   spec.manifest.files)
+    return containment.checked_graph(spec.path, c.file, f"components.{comp}.file",
+                                     spec.manifest.files,
+                                     allowed={c.data_file} if c.data_file else set())

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmedge import manifest
+from vlmedge import containment, manifest
 from vlmedge.errors import ArtifactError, TensorRTError, UserInputError
 from vlmedge.lazy import require
 
@@ -141,21 +141,31 @@ def build_engines(directory: Path | str, *, workspace_mb: int | None = DEFAULT_W
             m["files"].pop(e["file"], None)
         t.update(engines=None, tensorrt_version=None, compute_capability=None)
         manifest.write(directory, m)
-    cache_path = Path(timing_cache) if timing_cache else directory / TIMING_CACHE
+    if timing_cache:
+        cache_path = Path(timing_cache)  # the user's own
+    else:
+        # A cache that came with the artifact is unlisted bytes TensorRT would
+        # deserialize: start a fresh one instead (this build writes it).
+        cache_path = directory / TIMING_CACHE
+        cache_path.unlink(missing_ok=True)
     engines, seconds = {}, {}
     for comp, spec in m["components"].items():
         pc = t["plan"]["components"][comp]
         path = directory / engine_file(comp)
         t0 = time.perf_counter()
         if adopt:
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise ArtifactError(f"--adopt: {path.name} is missing from {directory}",
                                     hint="run build_engines.sh first, or build without --adopt")
-            _check_deserializes(trt, path, len(pc["profiles"]))
+            real = containment.resolve_inside(directory, path.name, f"--adopt {path.name}")
+            _check_deserializes(trt, real, len(pc["profiles"]))
         else:
             log(f"[build] {comp}: {len(pc['profiles'])} profile(s) "
                 f"({', '.join(p['name'] for p in pc['profiles'])}) ...")
-            engine = build_one(trt, directory / spec["file"], pc, workspace_mb=workspace_mb,
+            graph = containment.checked_graph(
+                directory, spec["file"], f"components.{comp}.file", m["files"],
+                allowed={spec["data_file"]} if spec.get("data_file") else set())
+            engine = build_one(trt, graph, pc, workspace_mb=workspace_mb,
                                cache_path=cache_path, log=log)
             _save_atomic(path, engine)
             del engine  # the serialized engine's host copy

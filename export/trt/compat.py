@@ -308,7 +308,9 @@ def _targets(path: Path) -> list[tuple[str, Path]]:
     if (path / "manifest.json").exists():
         from vlmedge import containment, manifest
         m = manifest.load(path, verify=False)  # strict parse; names checked inside the artifact
-        return [(name, containment.listed_file(path, c.file, f"components.{name}.file", m.files))
+        # every graph and its external data checked as the runtime checks them
+        return [(name, containment.checked_graph(path, c.file, f"components.{name}.file", m.files,
+                                                 allowed={c.data_file} if c.data_file else set()))
                 for name, c in m.components.items()]
     files = sorted(path.glob("*.onnx"))
     if not files:
