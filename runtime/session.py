@@ -202,16 +202,18 @@ class VLMSession:
         from .image_io import load_image
         return self.preprocessor.preprocess(load_image(image, layout=layout))
 
-    def preprocess(self, image, layout: str = "RGB") -> tuple[np.ndarray, Any]:
+    def preprocess(self, image, layout: str = "RGB", copy: bool = True
+                   ) -> tuple[np.ndarray, Any]:
         """Any supported image -> (pixel_values float32, image_grid), the inputs
         of encode_image, chat.prompt_ids and prefill for this artifact:
         (1, 3, H, W) and None (llava); (N, 3, S, S) tiles and (rows, cols)
         (idefics3); (num_patches, 3*T*P*P) and (t, h, w) patches (qwen2_vl).
-        The array is the caller's own (a copy of the reused buffer).
-        See ImagePreprocessor.preprocess."""
+        The array is the caller's own (a copy of this thread's reused buffer;
+        copy=False hands out the buffer itself, valid until this thread's next
+        call: for timing loops). See ImagePreprocessor.preprocess."""
         _check_single_image(image)
         pixels, grid = self._preprocess(image, layout)
-        return pixels.copy(), grid
+        return (pixels.copy() if copy else pixels), grid
 
     def pixel_values(self, image, layout: str = "RGB") -> np.ndarray:
         """Any supported image -> float32 pixel_values ((1, 3, H, W) for llava;
@@ -323,13 +325,32 @@ class VLMSession:
                      + (f" (this model's sliding window is {self.facts.sliding_window})"
                         if self.facts.sliding_window else ""))
 
+    def decode(self, logits: np.ndarray, cache: KVCache, max_new_tokens: int, *,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None,
+               stop: list[str] | None = None, constraint=None, force_length: bool = False,
+               timings: dict | None = None, t_start: float | None = None) -> Iterator[int]:
+        """The decode primitive, public: tokens from a prefill's `logits` (V,)
+        and `cache` (see prefill). force_length: stop tokens masked, exactly
+        max_new_tokens tokens (benchmarks). `timings`, if given, receives
+        decode_ms (per token), ttft_ms (from t_start), tokens_per_s,
+        stop_reason and kv_cache_bytes (the final cache's size)."""
+        sampling.check(temperature, top_k, top_p, repetition_penalty)
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+        return self._decode(logits, cache, max_new_tokens, np.random.default_rng(seed), opts,
+                            stop, {} if timings is None else timings,
+                            time.perf_counter() if t_start is None else t_start, constraint,
+                            force_length)
+
     def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
-                constraint=None):
-        """The decode primitive every generation path uses: yields tokens from
-        the prefill's `logits` and `cache` until a stop token, a stop string,
-        a constraint's whole answer or max_new_tokens. `constraint`
-        (runtime/constrained.py) masks the logits before each token. The lock
-        is taken per decoder step and released before each yield."""
+                constraint=None, force_length=False):
+        """The decode loop every generation path uses (generate, stream, ask,
+        the watch loop, vlm-bench): yields tokens from the prefill's `logits`
+        and `cache` until a stop token, a stop string, a constraint's whole
+        answer or max_new_tokens. `constraint` (runtime/constrained.py) masks
+        the logits before each token. The lock is taken per decoder step and
+        released before each yield."""
         history: list[int] = []
         decode_ms: list[float] = []
         timings["decode_ms"] = decode_ms
@@ -347,6 +368,9 @@ class VLMSession:
                 if constraint.complete():
                     allowed[stop_list] = True
                 logits = np.where(allowed, logits, -np.inf).astype(np.float32)
+            if force_length:  # a benchmark's forced length: never stop early
+                logits = logits.copy()
+                logits[stop_list] = -np.inf
             token = sampling.next_token(logits, history, rng, **opts)
             sample_ms = _ms(t)
             if i == 0:
@@ -370,6 +394,7 @@ class VLMSession:
         timings.setdefault("stop_reason", "max_new_tokens")
         if constraint is not None and constraint.must_stop():
             timings["stop_reason"] = "constraint_complete"
+        timings["kv_cache_bytes"] = cache.nbytes
         n = len(decode_ms)
         timings["tokens_per_s"] = n / (sum(decode_ms) / 1000.0) if n else 0.0
 

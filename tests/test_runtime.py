@@ -188,3 +188,19 @@ def test_vlm_run_json(tiny_llava_artifact):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "text" in out and "ttft_ms" in out["timings"]
+
+
+def test_decode_primitive_equals_generate_and_forces_length(tiny_session):
+    """VLMSession.decode is the loop generate() runs; force_length (the
+    benchmark's) masks stop tokens and yields exactly n tokens."""
+    s = tiny_session
+    img = scenes.make_scene(8).image
+    want = s.generate(img, "describe the image.", max_new_tokens=12)
+    enc = s.encode(img)
+    ids = s.chat.prompt_ids("describe the image.")
+    logits, cache = s.prefill(ids, enc.features, s.empty_cache())
+    assert list(s.decode(logits, cache, 12)) == want.token_ids
+    timings = {}
+    forced = list(s.decode(logits, cache, 20, force_length=True, timings=timings))
+    assert len(forced) == 20 and not set(forced) & set(s.chat.stop_token_ids)
+    assert len(timings["decode_ms"]) == 19 and timings["kv_cache_bytes"] > 0

@@ -161,7 +161,9 @@ def test_drop_stale_answers_the_newest_frame(session):
     assert ids == sorted(set(ids))  # in order, each frame at most once
     for ev in events:
         start = ev.capture_ts + ev.frame_age_ms / 1000.0  # the answer's start
-        newer = [i for i, ts in pushed if ts < start - 0.1 and i > ev.frame_id]
+        # slack for the capture thread and the encode on a loaded machine; a
+        # queue would fall further behind with every answer (0.14 s each)
+        newer = [i for i, ts in pushed if ts < start - 0.4 and i > ev.frame_id]
         assert not newer, (ev.frame_id, newer[:3])  # a queue would answer stale frames
     assert max(ev.frame_age_ms for ev in events) < 1000
 
@@ -298,3 +300,21 @@ def test_soak_short(demo_artifact):
     assert out["answer_errors"] == 0 and out["watch"]["answers"] == 3000
     assert out["thread_growth"] == 0 and out["fd_growth"] == 0
     assert out["rss_growth_mb"] < 5, out
+
+
+def test_opencv_capture_path_reads_a_stream(video, session):
+    """The OpenCV path (cameras, RTSP, GStreamer) on what it can open here: the
+    MP4 through VideoCapture; its end is a SourceError, as an unplugged camera."""
+    pytest.importorskip("cv2")
+    from vlmedge.runtime.sources import CaptureSource
+
+    src = CaptureSource(str(video))
+    frames = []
+    with pytest.raises(SourceError, match="stopped delivering frames"):
+        for f in src:
+            frames.append(f)
+    src.close()
+    assert len(frames) == len(SEEDS) * FRAMES_PER_SCENE
+    assert frames[0].rgb.shape == (128, 128, 3) and frames[0].rgb.dtype == np.uint8
+    first = session.generate(frames[0].rgb, "describe the image.").text
+    assert first == _truth(0, "caption")  # RGB order, not OpenCV's BGR

@@ -73,14 +73,12 @@ class OnnxSystem:
         return {"providers": self.session.providers}
 
     def run(self, image_path: str, prompt: str, new_tokens: int) -> dict[str, Any]:
-        import numpy as np
         from vlmedge.errors import ContextOverflowError
 
         s = self.session
         image = _cached_image(self.images, image_path)
-        stop = np.array(s.chat.stop_token_ids, np.int64)
         t_start = time.perf_counter()
-        pixels, grid = s.preprocess(image)
+        pixels, grid = s.preprocess(image, copy=False)  # as generate() does: no copy timed
         preprocess_ms = _ms(t_start)
         ids = s.chat.prompt_ids(prompt, with_image=True, image_grid=grid)
         if len(ids) + new_tokens > s.context_length:
@@ -93,22 +91,16 @@ class OnnxSystem:
         t = time.perf_counter()
         logits, cache = s.prefill(ids, feats, s.empty_cache(), grid)
         prefill_ms = _ms(t)
-        tokens, decode_ms, ttft_ms = [], [], 0.0
-        for i in range(new_tokens):
-            t = time.perf_counter()
-            logits[stop] = -np.inf  # forced length: never stop early
-            token = int(np.argmax(logits))
-            tokens.append(token)
-            if i == 0:
-                ttft_ms = _ms(t_start)
-            if i + 1 == new_tokens:
-                break
-            logits, cache = s.step(s.embed_token(token), cache)
-            decode_ms.append(_ms(t))
+        # The session's own decode loop, its stop tokens masked: exactly new_tokens.
+        timings: dict = {}
+        tokens = list(s.decode(logits, cache, new_tokens, force_length=True, timings=timings,
+                               t_start=t_start))
+        decode_ms, ttft_ms = timings["decode_ms"], timings["ttft_ms"]
         return {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms, "prefill_ms": prefill_ms,
                 "ttft_ms": ttft_ms, "decode_ms": decode_ms, "total_ms": _ms(t_start),
                 "prompt_tokens": len(ids), "new_tokens": len(tokens), "token_ids": tokens[:8],
-                "kv_cache_bytes": cache.nbytes, "input_shapes": _vision_shapes(s, pixels, grid)}
+                "kv_cache_bytes": timings["kv_cache_bytes"],
+                "input_shapes": _vision_shapes(s, pixels, grid)}
 
 
 def _vision_shapes(session, pixels, grid) -> dict[str, list[int]]:
