@@ -6,13 +6,15 @@ to both sides (preprocessing parity is tested separately):
 
 - image features: max |ORT - torch| of the vision graph's output;
 - first-step logits: max |ORT - torch| at the last prompt position;
-- 16 greedy tokens: ORT with the KV cache vs PyTorch full recompute (no
+- 16 greedy tokens: the runtime's own decode loop (VLMSession.decode, the
+  one generate() runs) with the KV cache vs PyTorch full recompute (no
   cache; the image is encoded once per prompt where positions are 1-D), stop
   tokens ignored; fewer where the artifact's context (a sliding window) ends
   sooner, and both sides stop right after a generated image token, which is
   compared but never fed back (it would be taken for an image slot);
 - cached decode equals recompute: the ORT decoder run once over the whole
-  sequence gives the same last logits as the cached step-by-step run.
+  sequence gives the same logits for the last token as the cached
+  step-by-step run.
 """
 from __future__ import annotations
 
@@ -97,26 +99,26 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None,
 
 
 def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int, grid=None):
-    """n greedy tokens with the KV cache -> (tokens, first step's logits (V,),
-    max |cached - recomputed last logits|, stopped at the image token).
+    """n greedy tokens through the runtime's own decode loop (KV cache, stop
+    tokens ignored, as in the reference) -> (tokens, first step's logits (V,),
+    max |cached - recomputed logits| that chose the last token, stopped at the
+    image token).
 
     Stops right after a generated image token (session.chat.image_token_id),
     as `_torch_greedy` does: it is compared but never fed back. The recompute
-    then covers ids + tokens without it, against the logits that chose it."""
+    runs the whole sequence but that last token in one prefill."""
     image_token_id = session.chat.image_token_id
     logits, cache = session.prefill(ids, feats, session.empty_cache(), grid)
     first = logits.copy()
-    tokens, fed = [], []
-    for _ in range(n):
-        t = int(np.argmax(logits))
+    timings: dict = {}
+    tokens = []
+    for t in session.decode(logits, cache, n, ignore_stop_tokens=True, timings=timings):
         tokens.append(t)
         if t == image_token_id:
             break
-        logits, cache = session.step(session.embed_token(t), cache)
-        fed.append(t)
-    # Full recompute of the same sequence in one prefill: must equal the cache.
-    full, _ = session.prefill(ids + fed, feats, session.empty_cache(), grid)
-    return tokens, first, float(np.abs(full - logits).max()), len(fed) < len(tokens)
+    full, _ = session.prefill(ids + tokens[:-1], feats, session.empty_cache(), grid)
+    d_cache = float(np.abs(full - timings["last_logits"]).max())
+    return tokens, first, d_cache, tokens[-1] == image_token_id
 
 
 def validate(family, model, processor, artifact_dir: Path, precision: str,

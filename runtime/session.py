@@ -76,7 +76,9 @@ class EncodedImage:
     owner: int                    # id() of the session that made it
     prefixes: dict = field(default_factory=dict, repr=False)  # prefix ids -> KVCache
 
-    MAX_PREFIXES = 8  # distinct prompt prefixes kept (one per chat template variant)
+    # Distinct prompt prefixes kept. With native TensorRT engines each kept
+    # prefix holds a device KV slot (4 a session) until the EncodedImage goes.
+    MAX_PREFIXES = 8
 
 
 def _ms(t0: float) -> float:
@@ -329,22 +331,26 @@ class VLMSession:
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, constraint=None, force_length: bool = False,
-               timings: dict | None = None, t_start: float | None = None) -> Iterator[int]:
+               ignore_stop_tokens: bool = False, timings: dict | None = None,
+               t_start: float | None = None) -> Iterator[int]:
         """The decode primitive, public: tokens from a prefill's `logits` (V,)
         and `cache` (see prefill). force_length: stop tokens masked, exactly
-        max_new_tokens tokens (benchmarks). `timings`, if given, receives
-        decode_ms (per token), ttft_ms (from t_start), tokens_per_s,
-        stop_reason and kv_cache_bytes (the final cache's size)."""
+        max_new_tokens tokens (benchmarks); ignore_stop_tokens: stop tokens
+        may be chosen but do not stop (validation against a reference that
+        ignores them). `timings`, if given, receives decode_ms (per token),
+        ttft_ms (from t_start), tokens_per_s, stop_reason, kv_cache_bytes
+        (the final cache's size) and last_logits (the model's logits the
+        last token was chosen from)."""
         sampling.check(temperature, top_k, top_p, repetition_penalty)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
         return self._decode(logits, cache, max_new_tokens, np.random.default_rng(seed), opts,
                             stop, {} if timings is None else timings,
                             time.perf_counter() if t_start is None else t_start, constraint,
-                            force_length)
+                            force_length, ignore_stop_tokens)
 
     def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
-                constraint=None, force_length=False):
+                constraint=None, force_length=False, ignore_stop_tokens=False):
         """The decode loop every generation path uses (generate, stream, ask,
         the watch loop, vlm-bench): yields tokens from the prefill's `logits`
         and `cache` until a stop token, a stop string, a constraint's whole
@@ -360,6 +366,7 @@ class VLMSession:
         # logits for token i+1; the consumer's time between tokens is excluded.
         for i in range(max_new_tokens):
             t = time.perf_counter()
+            timings["last_logits"] = logits  # the model's, before any mask
             if constraint is not None:
                 if constraint.must_stop():
                     timings["stop_reason"] = "constraint_complete"
@@ -375,7 +382,7 @@ class VLMSession:
             sample_ms = _ms(t)
             if i == 0:
                 timings["ttft_ms"] = _ms(t_start)
-            if token in stop_ids:
+            if token in stop_ids and not ignore_stop_tokens:
                 timings["stop_reason"] = "stop_token"
                 break
             if constraint is not None:

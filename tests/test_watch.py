@@ -318,3 +318,22 @@ def test_opencv_capture_path_reads_a_stream(video, session):
     assert frames[0].rgb.shape == (128, 128, 3) and frames[0].rgb.dtype == np.uint8
     first = session.generate(frames[0].rgb, "describe the image.").text
     assert first == _truth(0, "caption")  # RGB order, not OpenCV's BGR
+
+
+def test_ctrl_c_stops_cleanly_with_a_summary(demo_artifact, tmp_path):
+    import signal
+
+    long_video = write_video(tmp_path / "long.mp4", SEEDS * 4, 10)  # 20 s at 10 fps
+    p = subprocess.Popen([_bin("vlm-watch"), str(demo_artifact), "--source", str(long_video),
+                          "-q", "describe the image."], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()  # the loop is running
+        assert json.loads(first)["frame_id"] >= 0
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "vlm-watch: stopped:" in err and "frames in" in err
