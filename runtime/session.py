@@ -344,13 +344,13 @@ class VLMSession:
         sampling.check(temperature, top_k, top_p, repetition_penalty)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
+        timings = {} if timings is None else timings
         return self._decode(logits, cache, max_new_tokens, np.random.default_rng(seed), opts,
-                            stop, {} if timings is None else timings,
-                            time.perf_counter() if t_start is None else t_start, constraint,
-                            force_length, ignore_stop_tokens)
+                            stop, timings, time.perf_counter() if t_start is None else t_start,
+                            constraint, force_length, ignore_stop_tokens, state=timings)
 
     def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
-                constraint=None, force_length=False, ignore_stop_tokens=False):
+                constraint=None, force_length=False, ignore_stop_tokens=False, state=None):
         """The decode loop every generation path uses (generate, stream, ask,
         the watch loop, vlm-bench): yields tokens from the prefill's `logits`
         and `cache` until a stop token, a stop string, a constraint's whole
@@ -366,7 +366,8 @@ class VLMSession:
         # logits for token i+1; the consumer's time between tokens is excluded.
         for i in range(max_new_tokens):
             t = time.perf_counter()
-            timings["last_logits"] = logits  # the model's, before any mask
+            if state is not None:  # decode()'s callers: the model's logits, before any mask
+                state["last_logits"] = logits
             if constraint is not None:
                 if constraint.must_stop():
                     timings["stop_reason"] = "constraint_complete"
@@ -399,6 +400,7 @@ class VLMSession:
                 logits, cache = self.step(self.embed_token(token), cache)
             decode_ms.append(sample_ms + _ms(t))
         timings.setdefault("stop_reason", "max_new_tokens")
+        timings["new_tokens"] = len(history)
         if constraint is not None and constraint.must_stop():
             timings["stop_reason"] = "constraint_complete"
         timings["kv_cache_bytes"] = cache.nbytes
@@ -473,6 +475,7 @@ class VLMSession:
         timings: dict[str, Any] = {}
         t_start = time.perf_counter()
         ids, logits, cache = self._prepare(image, prompt, max_new_tokens, layout, timings)
+        timings["prompt_tokens"] = len(ids)
         rng = np.random.default_rng(seed)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
