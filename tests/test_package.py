@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-CLIS = ["vlm-export", "vlm-run", "vlm-bench", "vlm-eval"]
+CLIS = ["vlm-export", "vlm-run", "vlm-bench", "vlm-eval", "vlm-watch", "vlm-serve"]
 
 
 def _bin(name):
