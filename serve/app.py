@@ -130,8 +130,13 @@ def create_app(artifact, options: ServeOptions | None = None, **kw):
         pool.submit(job)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
+            # The first event decides the status: an error before any token (a bad
+            # image, a context overflow) is an HTTP error, as OpenAI answers it.
+            first = await _first_event(job, request, o.timeout_s)
+            if first[0] == "error":
+                raise first[1]
             metrics.count(200)
-            return StreamingResponse(_sse(job, cid, created, model_id, request, body),
+            return StreamingResponse(_sse(job, cid, created, model_id, body, first),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         result = await _wait(job, request, o.timeout_s)
@@ -181,7 +186,21 @@ async def _wait(job: Job, request, timeout_s: float):
                 raise OpenAIError(504, "the request timed out", code="timeout") from None
 
 
-async def _sse(job: Job, cid: str, created: int, model: str, request, body: dict):
+async def _first_event(job: Job, request, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await asyncio.wait_for(job.pieces.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+                raise OpenAIError(499, "the client closed the request") from None
+            if time.monotonic() > deadline:
+                job.cancelled.set()
+                raise OpenAIError(504, "the request timed out", code="timeout") from None
+
+
+async def _sse(job: Job, cid: str, created: int, model: str, body: dict, first):
     def chunk(delta: dict, finish=None, **extra) -> str:
         d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
@@ -191,8 +210,9 @@ async def _sse(job: Job, cid: str, created: int, model: str, request, body: dict
         body["stream_options"].get("include_usage")
     try:
         yield chunk({"role": "assistant", "content": ""})
+        pending = [first]
         while True:
-            kind, value = await job.pieces.get()
+            kind, value = pending.pop() if pending else await job.pieces.get()
             if kind == "piece":
                 yield chunk({"content": value})
             elif kind == "done":

@@ -315,3 +315,12 @@ def test_page_in_a_real_browser(server, session, tmp_path):
             browser.close()
     assert not error and answer == want
     assert (out / "serve-page.png").stat().st_size > 5000
+
+
+def test_stream_errors_before_the_first_token_are_http_errors(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        list(client.chat.completions.create(
+            model="demo", max_tokens=4000, stream=True,
+            messages=_messages(scenes.make_scene(1).image, "describe the image.")))
+    assert e.value.code == "context_length_exceeded"
