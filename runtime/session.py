@@ -350,7 +350,8 @@ class VLMSession:
                             constraint, force_length, ignore_stop_tokens, state=timings)
 
     def _decode(self, logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
-                constraint=None, force_length=False, ignore_stop_tokens=False, state=None):
+                constraint=None, force_length=False, ignore_stop_tokens=False, state=None,
+                cancel=None):
         """The decode loop every generation path uses (generate, stream, ask,
         the watch loop, vlm-bench): yields tokens from the prefill's `logits`
         and `cache` until a stop token, a stop string, a constraint's whole
@@ -365,6 +366,9 @@ class VLMSession:
         # decode_ms[i]: sampling token i plus the decoder step that yields the
         # logits for token i+1; the consumer's time between tokens is excluded.
         for i in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                timings["stop_reason"] = "cancelled"
+                break
             t = time.perf_counter()
             if state is not None:  # decode()'s callers: the model's logits, before any mask
                 state["last_logits"] = logits
@@ -465,7 +469,7 @@ class VLMSession:
         return ids, logits, cache
 
     def _run(self, image, prompt, max_new_tokens, temperature, top_k, top_p,
-             repetition_penalty, stop, seed, layout, constraint=None
+             repetition_penalty, stop, seed, layout, constraint=None, cancel=None
              ) -> Iterator[tuple[int, dict, list[int]]]:
         """One request, checked first, then prepared and decoded: yields
         (token, timings, prompt ids) and finally (-1, timings, ids)."""
@@ -480,7 +484,7 @@ class VLMSession:
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
         tokens = self._decode(logits, cache, max_new_tokens, rng, opts, stop, timings, t_start,
-                              constraint)
+                              constraint, cancel=cancel)
         # The decode loop owns the prefill cache now: holding it here too would
         # keep its buffers (a TensorRT KV slot) alive for the whole generation.
         del logits, cache
@@ -494,7 +498,8 @@ class VLMSession:
                  repetition_penalty: float | None = None, stop: list[str] | None = None,
                  seed: int | None = None, layout: str = "RGB",
                  choices: list[str] | None = None,
-                 json_schema: dict | None = None) -> GenerationResult:
+                 json_schema: dict | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
         """Answer `prompt` about `image`.
 
         image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
@@ -513,7 +518,7 @@ class VLMSession:
         tokens: list[int] = []
         for token, timings, ids in self._run(image, prompt, max_new_tokens, temperature, top_k,
                                              top_p, repetition_penalty, stop, seed, layout,
-                                             constraint):
+                                             constraint, cancel):
             if token >= 0:
                 tokens.append(token)
         text = self.chat.decode(tokens)
@@ -522,8 +527,9 @@ class VLMSession:
                 if s in text:
                     text = text[: text.index(s)]
         reason = timings.pop("stop_reason")
-        return GenerationResult(text, tokens, len(ids), reason, timings,
-                                _structured_value(constraint, text, max_new_tokens))
+        value = None if reason == "cancelled" else \
+            _structured_value(constraint, text, max_new_tokens)
+        return GenerationResult(text, tokens, len(ids), reason, timings, value)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, **kw) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens arrive; every piece
@@ -534,6 +540,7 @@ class VLMSession:
         opts = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=None, stop=None,
                     seed=None, layout="RGB")
         structured = {k: kw.pop(k, None) for k in ("choices", "json_schema")}
+        cancel = kw.pop("cancel", None)
         unknown = set(kw) - set(opts)
         if unknown:
             raise UserInputError(f"unknown option(s) {sorted(unknown)}",
@@ -544,13 +551,13 @@ class VLMSession:
                        opts["repetition_penalty"])
         self.chat.check_text(prompt)
         constraint = self._constraint(**structured)
-        return self._stream(image, prompt, max_new_tokens, opts, constraint)
+        return self._stream(image, prompt, max_new_tokens, opts, constraint, cancel)
 
-    def _stream(self, image, prompt, max_new_tokens, opts, constraint) -> Iterator[str]:
+    def _stream(self, image, prompt, max_new_tokens, opts, constraint, cancel) -> Iterator[str]:
         dec = StreamDecoder(self.chat)
         timings: dict[str, Any] = {}
         for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts,
-                                           constraint=constraint):
+                                           constraint=constraint, cancel=cancel):
             if token >= 0:
                 piece = dec.push(token)
                 if piece:
@@ -559,7 +566,8 @@ class VLMSession:
         if tail:
             yield tail
         self.last_timings = timings
-        _structured_value(constraint, self.chat.decode(dec.ids), max_new_tokens)
+        if timings.get("stop_reason") != "cancelled":
+            _structured_value(constraint, self.chat.decode(dec.ids), max_new_tokens)
 
     def ask(self, image, questions: list[str], max_new_tokens: int = 32,
             layout: str = "RGB") -> list[GenerationResult]:

@@ -115,13 +115,17 @@ class WorkerPool:
                 raise OpenAIError(504, "the request waited in the queue past its timeout",
                                   code="timeout")
             if not r.stream:
-                result = session.generate(image, r.prompt, **r.options)
+                result = session.generate(image, r.prompt, cancel=job.cancelled, **r.options)
+                if result.stop_reason == "cancelled":
+                    self.metrics.count_cancelled()
+                    return  # the client went away or the request timed out: nobody waits
                 self.metrics.observe_generation(result.timings)
                 job.resolve(result)
                 return
             opts = dict(r.options)
             n_max = opts.pop("max_new_tokens")
-            pieces = session.stream(image, r.prompt, max_new_tokens=n_max, **opts)
+            pieces = session.stream(image, r.prompt, max_new_tokens=n_max, cancel=job.cancelled,
+                                    **opts)
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():

@@ -204,3 +204,18 @@ def test_decode_primitive_equals_generate_and_forces_length(tiny_session):
     forced = list(s.decode(logits, cache, 20, force_length=True, timings=timings))
     assert len(forced) == 20 and not set(forced) & set(s.chat.stop_token_ids)
     assert len(timings["decode_ms"]) == 19 and timings["kv_cache_bytes"] > 0
+
+
+def test_cancel_stops_between_tokens(tiny_session):
+    cancel = threading.Event()
+    cancel.set()
+    r = tiny_session.generate(scenes.make_scene(2).image, "describe the image.",
+                              max_new_tokens=10, cancel=cancel)
+    assert r.stop_reason == "cancelled" and r.token_ids == []
+    pieces = []
+    cancel = threading.Event()
+    for p in tiny_session.stream(scenes.make_scene(2).image, "describe the image.",
+                                 max_new_tokens=10, cancel=cancel):
+        pieces.append(p)
+        cancel.set()  # after the first piece
+    assert len(pieces) == 1 and tiny_session.last_timings["stop_reason"] == "cancelled"

@@ -324,3 +324,34 @@ def test_stream_errors_before_the_first_token_are_http_errors(server):
             model="demo", max_tokens=4000, stream=True,
             messages=_messages(scenes.make_scene(1).image, "describe the image.")))
     assert e.value.code == "context_length_exceeded"
+
+
+def test_pixel_limit_and_timeout(tiny_llava_artifact):
+    """A 128x128 image over a 10,000-pixel limit is refused before decoding; a
+    generation past the request timeout is answered 504 and cancelled."""
+    s = Server(tiny_llava_artifact[0], max_pixels=10_000, timeout_s=0.6)
+    try:
+        body = {"model": "m", "max_tokens": 8,
+                "messages": _messages(scenes.make_scene(1).image, "describe the image.")}
+        status, err = s.post("/v1/chat/completions", json.dumps(body).encode())
+        assert status == 400 and err["error"]["code"] == "image_too_large"
+        session = s.app.state.pool.sessions[0]
+        real = session.embed_token
+
+        def slow_embed(token):  # each decode step 0.05 s: 200 tokens would take 10 s
+            time.sleep(0.05)
+            return real(token)
+        session.embed_token = slow_embed
+        body = {"model": "m", "max_tokens": 200, "messages": [{"role": "user",
+                                                               "content": "hello"}]}
+        t = time.monotonic()
+        status, err = s.post("/v1/chat/completions", json.dumps(body).encode())
+        assert status == 504 and err["error"]["code"] == "timeout", err
+        assert time.monotonic() - t < 5
+        for _ in range(50):
+            if "vlmedge_cancelled_total 1" in s.get("/metrics")[1]:
+                break
+            time.sleep(0.1)
+        assert "vlmedge_cancelled_total 1" in s.get("/metrics")[1]
+    finally:
+        s.stop()
