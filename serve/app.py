@@ -12,6 +12,7 @@ tokens; a waiting one is cancelled before a worker takes it.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import socket
@@ -86,7 +87,7 @@ def create_app(artifact, options: ServeOptions | None = None, **kw):
         if o.api_key is None:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {o.api_key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {o.api_key}".encode()):
             raise OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                               code="invalid_api_key")
 
