@@ -38,6 +38,9 @@ def main(
     seed: Optional[int] = typer.Option(None, "--seed", help="Makes sampling repeatable."),
     provider: str = typer.Option("auto", "--provider", help="auto | cpu | cuda | trt"),
     threads: int = typer.Option(0, "--threads", help="CPU threads per graph (0: default)."),
+    max_image_tokens: Optional[int] = typer.Option(
+        None, "--max-image-tokens", help="Image-token budget: SmolVLM tiles / Qwen2-VL pixels "
+        "scaled so the image takes at most this many tokens (less vision and prefill time)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + timings)."),
     choices: Optional[str] = typer.Option(
@@ -65,7 +68,8 @@ def main(
         questions = prompt or [DEFAULT_QUESTION]
         structured = structured_options(choices, json_schema)
         session = VLMSession(artifact_dir, provider=provider, threads=threads or None,
-                             allow_fallback=provider == "auto")
+                             allow_fallback=provider == "auto",
+                             max_image_tokens=max_image_tokens)
         opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed, **structured)
         image = session.encode(image)  # once, whatever the number of questions

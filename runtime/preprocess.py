@@ -279,8 +279,10 @@ class ImagePreprocessor:
         normalize_to_chw(u8, self._scale, self._mean, self._std, out=out[0])
         return out
 
-    def preprocess(self, image, layout: str = "RGB") -> tuple[np.ndarray, tuple | None]:
-        """Image -> (pixel_values float32, image_grid), by the config's tiling:
+    def preprocess(self, image, layout: str = "RGB", tiling: dict | None = None
+                   ) -> tuple[np.ndarray, tuple | None]:
+        """Image -> (pixel_values float32, image_grid), by the config's tiling
+        (or `tiling`, a budgeted variant of it: see image_budget.py):
 
           None              (1, 3, H, W) (what __call__ returns, buffer reused); grid None
           idefics3          (N, 3, S, S) tiles: rows x cols row-major, then the
@@ -290,7 +292,9 @@ class ImagePreprocessor:
 
         Equal to the HF image processor's pixel_values for one image (Idefics3's
         without its padding) and its rows/cols or image_grid_thw."""
-        tiling = self.config["tiling"]
+        if tiling is not None:
+            tiling = _check_tiling(tiling)
+        tiling = tiling or self.config["tiling"]
         if tiling is None:
             return self(image, layout), None
         rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)

@@ -99,12 +99,15 @@ class VLMSession:
     manifest: the manifest as a dict or Manifest instead of the directory's
     manifest.json: the exporter opens its staged artifact this way, before it
     writes manifest.json (last, after validation).
+    max_image_tokens: this session's default image-token budget (None: the
+    artifact's own preprocessing); each call can set its own (image_budget.py).
     A session is safe to use from several threads (see the module docstring;
     use one session per thread for parallel throughput)."""
 
     def __init__(self, artifact_dir: str | Path, provider: str = "auto",
                  threads: int | None = None, allow_fallback: bool = False, verify: bool = True,
-                 manifest: "manifest_mod.Manifest | dict | None" = None):
+                 manifest: "manifest_mod.Manifest | dict | None" = None,
+                 max_image_tokens: int | None = None):
         check_threads(threads)
         if not isinstance(provider, str):
             raise UserInputError("provider must be a string", got=type(provider).__name__)
@@ -148,6 +151,12 @@ class VLMSession:
         self._local = threading.local()  # per-thread preprocessing buffers
         self._dtype = np.float16 if m.precision == "fp16" else np.float32
         self.preprocessor  # the manifest's preprocess config checked now, not on first image
+        if max_image_tokens is not None and (not isinstance(max_image_tokens, int) or
+                                             isinstance(max_image_tokens, bool) or
+                                             max_image_tokens < 1):
+            raise UserInputError("max_image_tokens must be a positive integer",
+                                 got=repr(max_image_tokens)[:40])
+        self.max_image_tokens = max_image_tokens
         self.last_timings: dict[str, Any] = {}
 
     def _graph_path(self, comp: str) -> Path:
@@ -199,10 +208,19 @@ class VLMSession:
             self._local.pre = pre
         return pre
 
-    def _preprocess(self, image, layout: str) -> tuple[np.ndarray, Any]:
-        """preprocess() without the copy: the buffer is consumed by the caller's stage."""
+    def _preprocess(self, image, layout: str, max_image_tokens: int | None = None
+                    ) -> tuple[np.ndarray, Any]:
+        """preprocess() without the copy: the buffer is consumed by the caller's
+        stage. max_image_tokens: the budget (None: the session's default)."""
         from .image_io import load_image
-        return self.preprocessor.preprocess(load_image(image, layout=layout))
+        rgb = load_image(image, layout=layout)
+        budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
+        if budget is None:
+            return self.preprocessor.preprocess(rgb)
+        from .image_budget import budget_tiling
+        tiling = budget_tiling(self.preprocessor.config["tiling"], self.image_facts,
+                               rgb.shape[:2], budget)
+        return self.preprocessor.preprocess(rgb, tiling=tiling)
 
     def preprocess(self, image, layout: str = "RGB", copy: bool = True
                    ) -> tuple[np.ndarray, Any]:
@@ -222,7 +240,8 @@ class VLMSession:
         preprocess() gives the shapes of the other families, and their grid)."""
         return self.preprocess(image, layout)[0]
 
-    def encode(self, image, layout: str = "RGB") -> EncodedImage:
+    def encode(self, image, layout: str = "RGB", max_image_tokens: int | None = None
+               ) -> EncodedImage:
         """Preprocess and encode `image` once, for several questions or for
         frames that did not change (see EncodedImage)."""
         _check_single_image(image)
@@ -231,7 +250,7 @@ class VLMSession:
         timings: dict[str, float] = {}
         with self._lock:
             t = time.perf_counter()
-            pixels, grid = self._preprocess(image, layout)
+            pixels, grid = self._preprocess(image, layout, max_image_tokens)
             timings["preprocess_ms"] = _ms(t)
             t = time.perf_counter()
             feats = self.encode_image(pixels, grid)
@@ -411,7 +430,8 @@ class VLMSession:
         n = len(decode_ms)
         timings["tokens_per_s"] = n / (sum(decode_ms) / 1000.0) if n else 0.0
 
-    def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict):
+    def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict,
+                 max_image_tokens: int | None = None):
         """Preprocess, vision and prefill for one request (under the lock)."""
         if isinstance(image, EncodedImage):
             return self._prepare_encoded(image, prompt, max_new_tokens, timings)
@@ -419,7 +439,7 @@ class VLMSession:
         with self._lock:
             if image is not None:
                 t = time.perf_counter()
-                pixels, grid = self._preprocess(image, layout)
+                pixels, grid = self._preprocess(image, layout, max_image_tokens)
                 timings["preprocess_ms"] = _ms(t)
             # The image's token count follows its grid (idefics3 tiles, qwen2_vl patches).
             ids = self.chat.prompt_ids(prompt, with_image=image is not None, image_grid=grid)
@@ -469,8 +489,8 @@ class VLMSession:
         return ids, logits, cache
 
     def _run(self, image, prompt, max_new_tokens, temperature, top_k, top_p,
-             repetition_penalty, stop, seed, layout, constraint=None, cancel=None
-             ) -> Iterator[tuple[int, dict, list[int]]]:
+             repetition_penalty, stop, seed, layout, constraint=None, cancel=None,
+             max_image_tokens=None) -> Iterator[tuple[int, dict, list[int]]]:
         """One request, checked first, then prepared and decoded: yields
         (token, timings, prompt ids) and finally (-1, timings, ids)."""
         _check_request(image, prompt, max_new_tokens, stop, seed)
@@ -478,8 +498,10 @@ class VLMSession:
         self.chat.check_text(prompt)
         timings: dict[str, Any] = {}
         t_start = time.perf_counter()
-        ids, logits, cache = self._prepare(image, prompt, max_new_tokens, layout, timings)
+        ids, logits, cache = self._prepare(image, prompt, max_new_tokens, layout, timings,
+                                           max_image_tokens)
         timings["prompt_tokens"] = len(ids)
+        timings["image_tokens"] = ids.count(self.chat.image_token_id)
         rng = np.random.default_rng(seed)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
@@ -499,7 +521,8 @@ class VLMSession:
                  seed: int | None = None, layout: str = "RGB",
                  choices: list[str] | None = None,
                  json_schema: dict | None = None,
-                 cancel: threading.Event | None = None) -> GenerationResult:
+                 cancel: threading.Event | None = None,
+                 max_image_tokens: int | None = None) -> GenerationResult:
         """Answer `prompt` about `image`.
 
         image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
@@ -518,7 +541,7 @@ class VLMSession:
         tokens: list[int] = []
         for token, timings, ids in self._run(image, prompt, max_new_tokens, temperature, top_k,
                                              top_p, repetition_penalty, stop, seed, layout,
-                                             constraint, cancel):
+                                             constraint, cancel, max_image_tokens):
             if token >= 0:
                 tokens.append(token)
         text = self.chat.decode(tokens)
@@ -541,6 +564,7 @@ class VLMSession:
                     seed=None, layout="RGB")
         structured = {k: kw.pop(k, None) for k in ("choices", "json_schema")}
         cancel = kw.pop("cancel", None)
+        budget = kw.pop("max_image_tokens", None)
         unknown = set(kw) - set(opts)
         if unknown:
             raise UserInputError(f"unknown option(s) {sorted(unknown)}",
@@ -551,13 +575,15 @@ class VLMSession:
                        opts["repetition_penalty"])
         self.chat.check_text(prompt)
         constraint = self._constraint(**structured)
-        return self._stream(image, prompt, max_new_tokens, opts, constraint, cancel)
+        return self._stream(image, prompt, max_new_tokens, opts, constraint, cancel, budget)
 
-    def _stream(self, image, prompt, max_new_tokens, opts, constraint, cancel) -> Iterator[str]:
+    def _stream(self, image, prompt, max_new_tokens, opts, constraint, cancel, budget
+                ) -> Iterator[str]:
         dec = StreamDecoder(self.chat)
         timings: dict[str, Any] = {}
         for token, timings, _ in self._run(image, prompt, max_new_tokens, **opts,
-                                           constraint=constraint, cancel=cancel):
+                                           constraint=constraint, cancel=cancel,
+                                           max_image_tokens=budget):
             if token >= 0:
                 piece = dec.push(token)
                 if piece:

@@ -65,6 +65,9 @@ def main(
                                          "instead of stdout."),
     provider: str = typer.Option("auto", "--provider", help="auto | cpu | cuda | trt"),
     threads: int = typer.Option(0, "--threads", help="CPU threads per graph (0: default)."),
+    max_image_tokens: Optional[int] = typer.Option(
+        None, "--max-image-tokens", help="Image-token budget: SmolVLM tiles / Qwen2-VL pixels "
+        "scaled so the image takes at most this many tokens (less vision and prefill time)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live status line."),
 ) -> None:
     with cli_errors("vlm-watch"):
@@ -83,7 +86,8 @@ def main(
         structured = structured_options(choices, json_schema)
         src = open_source(source, fps=fps, realtime=realtime)
         session = VLMSession(artifact_dir, provider=provider, threads=threads or None,
-                             allow_fallback=provider == "auto")
+                             allow_fallback=provider == "auto",
+                             max_image_tokens=max_image_tokens)
         out = open(jsonl, "w", buffering=1) if jsonl else sys.stdout
         stats = WatchStats()
         status = _Status(stats, quiet)

@@ -557,3 +557,19 @@ def test_torch_reference_encodes_the_image_once_where_positions_are_1d(family, l
     np.testing.assert_allclose(fast_first, slow_first, rtol=0, atol=1e-5)
     assert len(calls) - n_fast == 6  # the reference recompute: once per token
     assert n_fast == (1 if family == "idefics3" else 6)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_image_token_budget_through_the_session(family, family_artifacts):
+    """max_image_tokens on a tiled / patched family: the image takes at most
+    the budget (far fewer tokens than by default) and the answer still runs
+    through the same graphs."""
+    s = _session(family_artifacts[family][0])
+    img = np.asarray(scenes.make_scene(5).image.convert("RGB").resize((384, 256)))
+    full = s.generate(img, QUESTION, max_new_tokens=3)
+    budget = 4 if family == "idefics3" else 6
+    small = s.generate(img, QUESTION, max_new_tokens=3, max_image_tokens=budget)
+    assert small.timings["image_tokens"] <= budget < full.timings["image_tokens"]
+    assert small.timings["vision_ms"] > 0 and len(small.token_ids) >= 1
+    enc = s.encode(img, max_image_tokens=budget)
+    assert s.generate(enc, QUESTION, max_new_tokens=3).token_ids == small.token_ids

@@ -1,0 +1,70 @@
+"""An image-token budget: how much of an image becomes tokens, per call.
+
+Image tokens cost vision time and prefill: a 640 x 480 camera frame is 13
+SmolVLM tiles (832 tokens, ~17 s of vision on 2 cores), where one tile (64
+tokens) may answer "is the door open?". The budget caps the tokens within
+what the exported graphs take (they take any tile count or patch grid):
+
+    idefics3   the image's long side is resized to the largest multiple of the
+               tile size whose tiling (rows x cols tiles + the global one, or
+               the global one alone) fits: tokens = tiles x image_seq_len
+    qwen2_vl   max_pixels = budget x (patch x merge)^2, so smart_resize keeps
+               the merged patches, the image tokens, within the budget
+    repeat     (LLaVA) the image always takes tokens_per_image: a smaller
+               budget is an error
+
+The preprocessing stays the HF processor's, run with those settings
+(Idefics3ImageProcessor size={"longest_edge": L}, Qwen2VLImageProcessor
+max_pixels), so a budgeted image is what the processor would have made.
+"""
+from __future__ import annotations
+
+from vlmedge.errors import UserInputError
+
+from .preprocess import idefics3_encoder_size, idefics3_resized_size
+
+
+def idefics3_tiles(h: int, w: int, longest_edge: int, tile: int, splitting: bool) -> int:
+    """Frames the Idefics3 tiling makes of an h x w image at `longest_edge`."""
+    if not splitting:
+        return 1
+    rh, rw = idefics3_resized_size(h, w, longest_edge)
+    eh, ew = idefics3_encoder_size(rh, rw, tile)
+    if eh <= tile and ew <= tile:
+        return 1
+    return ((eh - tile) // tile + 1) * ((ew - tile) // tile + 1) + 1
+
+
+def budget_tiling(tiling: dict | None, image, shape: tuple[int, int], max_tokens: int) -> dict | None:
+    """The tiling for an h x w image within `max_tokens` image tokens (None:
+    the artifact's own); `image` is the manifest's ImageFacts."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise UserInputError("max_image_tokens must be a positive integer",
+                             got=repr(max_tokens)[:40])
+    h, w = shape
+    if tiling is None:  # a fixed-size image
+        if max_tokens < image.tokens_per_image:
+            raise UserInputError("this model's image always takes "
+                                 f"{image.tokens_per_image} tokens",
+                                 expected=f"max_image_tokens >= {image.tokens_per_image}",
+                                 got=str(max_tokens))
+        return None
+    if tiling["method"] == "idefics3":
+        tile, per_tile = tiling["tile_size"], image.image_seq_len
+        if max_tokens < per_tile:
+            raise UserInputError("an image takes at least one tile",
+                                 expected=f"max_image_tokens >= {per_tile}", got=str(max_tokens))
+        top = tiling["longest_edge"] or max(h, w)
+        for k in range(max(top // tile, 1), 0, -1):
+            edge = min(k * tile, top)
+            if idefics3_tiles(h, w, edge, tile, tiling["do_image_splitting"]) * per_tile \
+                    <= max_tokens:
+                return {**tiling, "longest_edge": edge}
+        return {**tiling, "longest_edge": tile}
+    unit = (tiling["patch_size"] * tiling["merge_size"]) ** 2  # pixels per image token
+    max_pixels = min(tiling["max_pixels"], max_tokens * unit)
+    if max_pixels < tiling["min_pixels"]:
+        raise UserInputError("max_image_tokens is below this model's smallest image",
+                             expected=f">= {-(-tiling['min_pixels'] // unit)}",
+                             got=str(max_tokens))
+    return {**tiling, "max_pixels": max_pixels}
