@@ -48,6 +48,9 @@ def main(
         1, "--max-batch", help="--target trt: most sequences per decoder call (profile maximum)."),
     max_images: int = typer.Option(
         1, "--max-images", help="--target trt: most images per prompt (vision profile maximum)."),
+    max_image_tokens: Optional[int] = typer.Option(
+        None, "--max-image-tokens", help="The artifact's default image-token budget (SmolVLM "
+        "tiles / Qwen2-VL pixels scaled to fit; a call can set its own)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     keep_failed: bool = typer.Option(
         False, "--keep-failed", help="On failed validation keep the artifact as <output>.failed."),
@@ -88,7 +91,7 @@ def main(
             model_dir=Path(), output=output or _default_output(model, target, precision),
             target=target, precision=precision, validate=validate,
             random_weights=random_weights, max_context=max_context, max_batch=max_batch,
-            max_images=max_images, force=force,
+            max_images=max_images, max_image_tokens=max_image_tokens, force=force,
             keep_failed=keep_failed, trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, calib=calib, calib_size=calib_size,
             calib_method=calib_method, accuracy_target=accuracy_target, min_cosine=min_cosine,

@@ -35,6 +35,7 @@ class ExportOptions:
     max_context: int | None = None
     max_batch: int = 1  # --target trt: optimization-profile limits (export/trt/profiles.py)
     max_images: int = 1
+    max_image_tokens: int | None = None  # the artifact's default image-token budget
     force: bool = False
     keep_failed: bool = False
     trust_remote_code: bool = False
@@ -66,6 +67,8 @@ def check_options(o: ExportOptions) -> None:
     quantize.check(o)  # --calib* options, INT8 targets
     if o.max_context is not None and o.max_context < 2:
         raise UserInputError("--max-context must be >= 2", got=str(o.max_context))
+    if o.max_image_tokens is not None and o.max_image_tokens < 1:
+        raise UserInputError("--max-image-tokens must be >= 1", got=str(o.max_image_tokens))
 
 
 def _tokenizer_facts(loaded: loading.LoadedModel, out: Path) -> dict[str, Any]:
@@ -174,6 +177,9 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                     convert_fp16(tmp / f"{key}.onnx")
         with stage("write"):
             m = _manifest(o, loaded, tmp, graphs, context)
+            if o.max_image_tokens is not None:
+                _check_image_budget(m, o.max_image_tokens)
+                m["image"]["max_image_tokens"] = o.max_image_tokens
             m["tokenizer"]["add_special_tokens"] = _add_special_tokens(loaded, m, tmp)
         staged.manifest = m  # written last by staging; kept with --keep-failed
         if calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
@@ -202,6 +208,15 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
         summary["trt"] = {"check_passed": m["trt"]["compat"]["passed"],
                           **prepare.finish(o.output, log)}
     return summary
+
+
+def _check_image_budget(m: dict, budget: int) -> None:
+    """--max-image-tokens must fit the family: at least one tile / the fixed
+    image's tokens (the runtime applies it per image, runtime/image_budget.py)."""
+    from vlmedge.runtime.image_budget import budget_tiling
+
+    typed = manifest.Manifest.from_dict(m, where="the manifest being built")
+    budget_tiling(typed.preprocess.get("tiling"), typed.image, (512, 512), budget)
 
 
 def _manifest(o: ExportOptions, loaded, tmp: Path, graphs: dict, context: int) -> dict[str, Any]:

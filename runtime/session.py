@@ -100,7 +100,8 @@ class VLMSession:
     manifest.json: the exporter opens its staged artifact this way, before it
     writes manifest.json (last, after validation).
     max_image_tokens: this session's default image-token budget (None: the
-    artifact's own preprocessing); each call can set its own (image_budget.py).
+    manifest's image.max_image_tokens, else the artifact's own preprocessing);
+    each call can set its own (image_budget.py).
     A session is safe to use from several threads (see the module docstring;
     use one session per thread for parallel throughput)."""
 
@@ -156,7 +157,9 @@ class VLMSession:
                                              max_image_tokens < 1):
             raise UserInputError("max_image_tokens must be a positive integer",
                                  got=repr(max_image_tokens)[:40])
-        self.max_image_tokens = max_image_tokens
+        # the caller's budget, else the artifact's default (vlm-export --max-image-tokens)
+        self.max_image_tokens = max_image_tokens if max_image_tokens is not None \
+            else m.image.max_image_tokens
         self.last_timings: dict[str, Any] = {}
 
     def _graph_path(self, comp: str) -> Path:

@@ -94,3 +94,40 @@ def test_session_budget_on_the_demo_model(demo_artifact):
         s.generate(img, "describe the image.", max_image_tokens=5)
     with pytest.raises(UserInputError, match="max_image_tokens"):
         VLMSession(demo_artifact, provider="cpu", max_image_tokens=-1)
+
+
+def test_artifact_default_budget(tiny_llava_dir, tmp_path):
+    """vlm-export --max-image-tokens records the artifact's default budget;
+    a session uses it unless the caller sets its own; one that does not fit
+    the family fails the export in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlmedge.demo import scenes
+    from vlmedge.runtime import VLMSession
+
+    exe = str(Path(sys.executable).parent / "vlm-export")
+    art = tmp_path / "art"
+    r = subprocess.run([exe, "--model", str(tiny_llava_dir), "-o", str(art), "--no-validate",
+                        "--max-image-tokens", "20"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["image"]["max_image_tokens"] == 20
+    s = VLMSession(art, provider="cpu", threads=1)
+    assert s.max_image_tokens == 20
+    img = scenes.make_scene(3).image
+    assert s.generate(img, "describe the image.", max_new_tokens=2).token_ids
+    m["image"]["max_image_tokens"] = 5  # below the fixed image's 17 tokens
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserInputError, match="always takes 17 tokens"):
+        VLMSession(art, provider="cpu", threads=1).generate(img, "describe the image.")
+    ok = VLMSession(art, provider="cpu", threads=1, max_image_tokens=17)  # the caller's wins
+    assert ok.generate(img, "describe the image.", max_new_tokens=2).token_ids
+    r = subprocess.run([exe, "--model", str(tiny_llava_dir), "-o", str(tmp_path / "bad"),
+                        "--no-validate", "--max-image-tokens", "5"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "always takes 17 tokens" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("vlm-export: error:")
+    assert not (tmp_path / "bad").exists()

@@ -33,7 +33,8 @@ Sections (schema 2):
                      "mrope" (+ mrope_section), sliding_window
     image            ImageFacts: the image token, tokens per image, feature size,
                      how the placeholder expands ("repeat" | "idefics3" |
-                     "qwen2_vl", runtime/chat.py) and that expansion's facts
+                     "qwen2_vl", runtime/chat.py) and that expansion's facts;
+                     max_image_tokens, the default image-token budget (optional)
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling); its keys are
                      checked by runtime/preprocess.py when a session opens
@@ -171,6 +172,8 @@ class ImageFacts:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] | None = None
     window_count: int | None = None
+    # the artifact's default image-token budget (vlm-export --max-image-tokens)
+    max_image_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -506,6 +509,7 @@ def _image(r: _Obj) -> ImageFacts:
         fullatt_block_indexes=r.get("fullatt_block_indexes", _optional(_list(_int(0, 4096))),
                                     None),
         window_count=r.get("window_count", opt_int, None),
+        max_image_tokens=r.get("max_image_tokens", _optional(_int(1, MAX_CONTEXT)), None),
     )
     r.end()
     for key in _IMAGE_NEEDS.get(expand, ()):
