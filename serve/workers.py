@@ -129,14 +129,17 @@ class WorkerPool:
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():
-                        self.metrics.count_cancelled()
                         break
                     if time.monotonic() > job.deadline:
                         raise OpenAIError(504, "the request ran past its timeout", code="timeout")
                     job.emit("piece", piece)
             finally:
                 pieces.close()  # a cancelled generation stops here, between tokens
-            if not job.cancelled.is_set():
+            # Cancelled either here or inside the session (cancel=, between its
+            # tokens): whichever saw it first, it is counted once.
+            if job.cancelled.is_set():
+                self.metrics.count_cancelled()
+            else:
                 timings = dict(session.last_timings)
                 self.metrics.observe_generation(timings)
                 job.emit("done", timings)
