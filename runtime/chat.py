@@ -100,14 +100,12 @@ class ChatTokenizer:
 
         self._template_errors = (TemplateError,) + _RENDER_ERRORS
         path = containment.listed_file(directory, facts.file, "tokenizer.file", files)
+        data = containment.read_bytes(path, facts.file)  # unreadable: one ArtifactError
         try:
-            self.tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+            self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         except UnicodeDecodeError:
             raise ArtifactError(f"tokenizer {facts.file} is not UTF-8 text",
                                 hint="re-export the artifact") from None
-        except OSError as e:
-            raise ArtifactError(f"tokenizer {facts.file} cannot be read: {e.strerror or e}",
-                                hint="check the artifact directory's permissions") from None
         except Exception as e:  # tokenizers raises a bare Exception for bad files
             raise ArtifactError(f"cannot read tokenizer {facts.file}: {str(e)[:160]}",
                                 hint="re-export the artifact") from None

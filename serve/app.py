@@ -133,14 +133,14 @@ def create_app(artifact, options: ServeOptions | None = None, **kw):
         if req.stream:
             # The first event decides the status: an error before any token (a bad
             # image, a context overflow) is an HTTP error, as OpenAI answers it.
-            first = await _first_event(job, request, o.timeout_s)
+            first = await _until(job.pieces.get, job, request, o.timeout_s)
             if first[0] == "error":
                 raise first[1]
             metrics.count(200)
             return StreamingResponse(_sse(job, cid, created, model_id, body, first),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        result = await _wait(job, request, o.timeout_s)
+        result = await _until(lambda: asyncio.shield(job.future), job, request, o.timeout_s)
         metrics.count(200)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [{"index": 0, "finish_reason": _finish(result.stop_reason),
@@ -172,26 +172,14 @@ async def _read_json(request, limit: int):
         raise OpenAIError(400, "the request body is not valid JSON") from None
 
 
-async def _wait(job: Job, request, timeout_s: float):
-    """The job's result; a client that disconnects cancels it."""
+async def _until(next_value, job: Job, request, timeout_s: float):
+    """Awaits next_value() in half-second slices; a client that disconnects
+    (499) or a timeout (504) cancels the job. The result of a non-streaming
+    job (next_value = the shielded future) or a stream's first event."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise OpenAIError(499, "the client closed the request") from None
-            if time.monotonic() > deadline:
-                job.cancelled.set()
-                raise OpenAIError(504, "the request timed out", code="timeout") from None
-
-
-async def _first_event(job: Job, request, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return await asyncio.wait_for(job.pieces.get(), timeout=0.5)
+            return await asyncio.wait_for(next_value(), timeout=0.5)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 job.cancelled.set()
