@@ -20,7 +20,7 @@ Sections (schema 2):
 
     schema_version   int; older versions are migrated (MIGRATIONS), newer refused
     vlmedge_version  exporter version
-    family           "llava" | "idefics3" | "qwen2_vl" | "qwen2_5_vl"
+    family           "llava" | "idefics3" | "smolvlm" | "qwen2_vl" | "qwen2_5_vl"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
     source           Source: path, architecture, content_hash, random_weights
     files            {name: FileEntry(sha256, bytes)} for every file the runtime opens
@@ -69,7 +69,7 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a manifest
 MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
-FAMILIES = ("llava", "idefics3", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 TARGETS = ("onnx", "trt")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 COMPONENTS = ("vision", "embed", "decoder")

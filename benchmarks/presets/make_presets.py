@@ -24,8 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # -- published configs (architecture-defining keys) ---------------------------
-# HuggingFaceTB/SmolVLM-256M-Instruct and -500M-Instruct: SigLIP-base/16 at 512
-# px, pixel shuffle x4 (64 tokens per 512 px tile), SmolLM2-135M / -360M.
+# HuggingFaceTB/SmolVLM-256M-Instruct and -500M-Instruct (and SmolVLM2-500M):
+# SigLIP-base/16 at 512 px, pixel shuffle x4 (64 tokens per 512 px tile),
+# SmolLM2-135M / -360M.
 _SMOLVLM_VISION = {
     "hidden_size": 768, "image_size": 512, "intermediate_size": 3072,
     "max_image_size": {"longest_edge": 512}, "model_type": "idefics3_vision",
@@ -33,18 +34,22 @@ _SMOLVLM_VISION = {
     "size": {"longest_edge": 2048}, "tie_word_embeddings": False, "use_base_siglip": False}
 
 
-def _smolvlm(text: dict) -> dict:
+def _smolvlm(text: dict, v2: bool = False) -> dict:
+    """SmolVLM (v1: Idefics3ForConditionalGeneration) or SmolVLM2
+    (SmolVLMForConditionalGeneration, model_type "smolvlm"): the same
+    architecture, tokens and image settings under another class name."""
+    arch, model_type = ("SmolVLM", "smolvlm") if v2 else ("Idefics3", "idefics3")
     return {
-        "architectures": ["Idefics3ForConditionalGeneration"], "image_token_id": 49190,
-        "model_type": "idefics3", "scale_factor": 4, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 49280,
+        "architectures": [f"{arch}ForConditionalGeneration"], "image_token_id": 49190,
+        "model_type": model_type, "scale_factor": 4, "tie_word_embeddings": False,
+        "torch_dtype": "float32" if v2 else "bfloat16", "use_cache": True, "vocab_size": 49280,
         "text_config": {"architectures": ["VLlama3ForCausalLM"], "head_dim": 64,
                         "hidden_act": "silu", "is_llama_config": True,
                         "max_position_embeddings": 8192, "model_type": "llama",
                         "pad_token_id": 2, "rms_norm_eps": 1e-05, "rope_theta": 100000,
                         "tie_word_embeddings": False, "vocab_size": 49280,
                         "bos_token_id": 1, "eos_token_id": 2, **text},
-        "vision_config": dict(_SMOLVLM_VISION)}
+        "vision_config": {**_SMOLVLM_VISION, "model_type": f"{model_type}_vision"}}
 
 
 SMOLVLM_256M = _smolvlm({"hidden_size": 576, "intermediate_size": 1536,
@@ -53,6 +58,11 @@ SMOLVLM_256M = _smolvlm({"hidden_size": 576, "intermediate_size": 1536,
 SMOLVLM_500M = _smolvlm({"hidden_size": 960, "intermediate_size": 2560,
                          "num_attention_heads": 15, "num_hidden_layers": 32,
                          "num_key_value_heads": 5, "initializer_range": 0.02})
+# HuggingFaceTB/SmolVLM2-500M-Video-Instruct: SmolVLM-500M's architecture as
+# transformers' SmolVLMForConditionalGeneration (processor SmolVLMProcessor).
+SMOLVLM2_500M = _smolvlm({"hidden_size": 960, "intermediate_size": 2560,
+                          "num_attention_heads": 15, "num_hidden_layers": 32,
+                          "num_key_value_heads": 5, "initializer_range": 0.02}, v2=True)
 
 # llava-hf/llava-1.5-7b-hf's vision tower and projector (CLIP ViT-L/14 at 336
 # px, second-to-last layer, 576 patch tokens, 2-layer GELU MLP) with the
@@ -102,6 +112,14 @@ SMOLVLM_TEMPLATE = (
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+# SmolVLM2's: SmolVLM's with a <video> branch (vlmedge exports images only).
+SMOLVLM2_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}"
+    "{{ '<video>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}"
     "{{ message['role'].upper() + ': '}}{% endif %}"
@@ -220,6 +238,37 @@ def write_smolvlm(out: Path, config: dict) -> None:
     _json(out / "config.json", config)
 
 
+def write_smolvlm2(out: Path, config: dict) -> None:
+    """The published layout: tokenizer (naming its image tokens, where
+    SmolVLMProcessor reads them), preprocessor_config.json (the image
+    processor), processor_config.json (image_seq_len) and the chat template.
+    Not written through SmolVLMProcessor, which needs a video processor
+    (torchvision) and num2words; the smolvlm family builds an image-only one."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+        SmolVLMImageProcessorPil)
+
+    tok = fast_tokenizer(build_tokenizer(SMOLVLM_SPECIALS, ["<|endoftext|>", "<|im_start|>",
+                                                            "<|im_end|>"]),
+                         bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                         pad_token="<|im_end|>", unk_token="<|endoftext|>",
+                         extra_special_tokens={
+                             "fake_image_token": "<fake_token_around_image>",
+                             "image_token": "<image>", "global_image_token": "<global-img>",
+                             "end_of_utterance_token": "<end_of_utterance>"})
+    tok.save_pretrained(out)
+    SmolVLMImageProcessorPil(
+        do_convert_rgb=True, do_resize=True, size={"longest_edge": 2048}, resample=1,
+        do_image_splitting=True, max_image_size={"longest_edge": 512}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        do_pad=True).save_pretrained(out)
+    _json(out / "processor_config.json", {"image_seq_len": 64,
+                                          "processor_class": "SmolVLMProcessor"})
+    (out / "chat_template.jinja").write_text(SMOLVLM2_TEMPLATE)
+    _json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, 49279],
+                                           "pad_token_id": 2})
+    _json(out / "config.json", config)
+
+
 def write_llava(out: Path, config: dict) -> None:
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -266,6 +315,7 @@ def _json(path: Path, obj: dict) -> None:
 PRESETS = {
     "smolvlm-256m": (write_smolvlm, SMOLVLM_256M),
     "smolvlm-500m": (write_smolvlm, SMOLVLM_500M),
+    "smolvlm2-500m": (write_smolvlm2, SMOLVLM2_500M),
     "llava-1.5-tinyllama": (write_llava, LLAVA_15_TINYLLAMA),
     "qwen2-vl-2b": (write_qwen2_vl, QWEN2_VL_2B),
 }

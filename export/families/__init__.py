@@ -7,8 +7,10 @@ from .base import Family
 from .idefics3 import Idefics3
 from .llava import Llava
 from .qwen2_vl import Qwen2VL, Qwen25VL
+from .smolvlm import SmolVLM
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), Qwen2VL(), Qwen25VL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), SmolVLM(), Qwen2VL(),
+                                                    Qwen25VL())}
 
 
 def register(family: Family) -> Family:
