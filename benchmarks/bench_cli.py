@@ -38,7 +38,8 @@ def _threads(n: int) -> int:
     return n or os.cpu_count() or 1
 
 
-def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider) -> None:
+def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider,
+          max_image_tokens=None) -> None:
     """Argument checks before anything loads: one clear line each."""
     from vlmedge.benchmarks.bench.run import SWEEPS
 
@@ -60,6 +61,8 @@ def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, prov
         raise UserInputError(f"--image {image} is not a file", expected="an image file")
     if provider not in ("cpu", "cuda", "auto"):
         raise UserInputError(f"unknown --provider {provider!r}", expected="cpu | cuda | auto")
+    if max_image_tokens is not None and max_image_tokens < 1:
+        raise UserInputError("--max-image-tokens must be >= 1", got=str(max_image_tokens))
 
 
 @app.command()
@@ -86,6 +89,9 @@ def main(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     report: Optional[Path] = typer.Option(
         None, "--report", help="Write report.md and PNG plots to this directory."),
+    max_image_tokens: Optional[int] = typer.Option(
+        None, "--max-image-tokens", help="Image-token budget for every system (the baseline's "
+        "processor gets the same tiling), e.g. 64: one SmolVLM tile."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="Check every artifact file's sha256 against its "
@@ -93,14 +99,15 @@ def main(
 ) -> None:
     with cli_errors("vlm-bench"):
         sweeps = list(sweep or [])
-        check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider)
+        check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider,
+              max_image_tokens)
         from vlmedge.benchmarks.bench import report as report_mod
         from vlmedge.benchmarks.bench.run import Options, run_bench
 
         opts = Options(artifacts=list(artifact_dirs), baseline=baseline, model=model,
                        image=image, prompt=prompt, new_tokens=new_tokens, runs=runs,
                        warmup=warmup, threads=_threads(threads), provider=provider,
-                       sweeps=sweeps, verify=verify)
+                       sweeps=sweeps, verify=verify, max_image_tokens=max_image_tokens)
         if not verify:
             print("vlm-bench: warning: --no-verify: the artifacts' sha256 are not checked; a "
                   "tampered or corrupt artifact is benchmarked as it is", file=sys.stderr)

@@ -19,6 +19,7 @@ app = make_app(
     "Examples:\n\n"
     "  vlm-export                                  # the bundled demo model -> ./demo-onnx-fp32\n\n"
     "  vlm-export --model ./SmolVLM-256M --precision fp16\n\n"
+    "  vlm-export --model ./SmolVLM-256M --precision int4 --calib ./frames  # ort flavour, 4-bit\n\n"
     "  vlm-export --model benchmarks/presets/smolvlm-256m --random-weights  # latency planning")
 
 
@@ -34,7 +35,12 @@ def main(
                               help="Hugging Face model directory, or 'demo' (the bundled model)."),
     target: str = typer.Option("onnx", "--target", "-t", help="onnx | trt"),
     precision: str = typer.Option("fp32", "--precision", "-p",
-                                  help="fp32 | fp16 (GPU graphs) | int8 | int8-dynamic"),
+                                  help="fp32 | fp16 (GPU graphs) | int8 | int8-dynamic | int4 "
+                                  "(weight-only, ort decoder flavour)"),
+    decoder_flavour: Optional[str] = typer.Option(
+        None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
+        "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
+        "int8/int4; CPU and CUDA EPs). Default: ort for int4, else portable."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Artifact directory (default: <model>-<target>-<precision>)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
@@ -89,7 +95,8 @@ def main(
 
         opts = ExportOptions(
             model_dir=Path(), output=output or _default_output(model, target, precision),
-            target=target, precision=precision, validate=validate,
+            target=target, precision=precision, decoder_flavour=decoder_flavour,
+            validate=validate,
             random_weights=random_weights, max_context=max_context, max_batch=max_batch,
             max_images=max_images, max_image_tokens=max_image_tokens, force=force,
             keep_failed=keep_failed, trust_remote_code=trust_remote_code,
@@ -110,7 +117,8 @@ def main(
 
 
 def _print_summary(s: dict) -> None:
-    print(f"wrote {s['output']} ({s['family']}, {s['target']}, {s['precision']}"
+    print(f"wrote {s['output']} ({s['family']}, {s['target']}, {s['precision']}, "
+          f"{s['decoder_flavour']} decoder"
           f"{', random weights' if s['random_weights'] else ''}):")
     for name, size in s["files"].items():
         print(f"  {name:24s} {size / 1e6:10.2f} MB")
@@ -126,7 +134,14 @@ def _print_summary(s: dict) -> None:
               f"{v['max_abs_diff_image_features']:.2e}, cached vs recompute="
               f"{v['cached_vs_recompute_max_abs_diff']:.2e}")
     q = s.get("quantization")
-    if q:
+    if q and q["method"] == "weight-only":
+        scene = "" if q["scene_accuracy"] is None else (
+            f", scene accuracy {100 * q['scene_accuracy']:.1f}% (fp32 "
+            f"{100 * q['scene_accuracy_fp32']:.1f}%)")
+        gate = ("accuracy gate skipped (random weights)" if q["agreement"] is None else
+                f"top-1 agreement {100 * q['agreement']:.2f}%{scene}")
+        print(f"quantization: weight-only decoder, {q['size_ratio']:.3f}x its fp32 size, {gate}")
+    elif q:
         ex = sum(len(v) for v in q["excluded_nodes"].values())
         scene = "" if q["scene_accuracy"] is None else (
             f", scene accuracy {100 * q['scene_accuracy']:.1f}% (fp32 "

@@ -1,8 +1,10 @@
 """HF model directory -> artifact directory, stage by stage.
 
-Stages: load, vision, embedding, decoder, (fp16), write, validate; for
+Stages: load, vision, embedding, decoder (portable: torch.onnx; ort: the
+onnxruntime-genai builder, export/ort_decoder.py), (fp16), write, validate; for
 --precision int8 | int8-dynamic, validate (fp32) then the INT8 stage
-(export/quantize.py). Each
+(export/quantize.py); for int8 | int4 with the ort flavour, validate (fp32)
+then the weight-only stage (export/weight_only.py). Each
 prints its elapsed time; the result is a summary dict (also the --json
 output). See vlmedge/manifest.py for what the manifest holds.
 """
@@ -20,8 +22,12 @@ from vlmedge.runtime.cli_common import stage as timed_stage
 from . import artifact, loading
 from .onnx_export import export_graph
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 TARGETS = ("onnx", "trt")
+FLAVOURS = ("portable", "ort")
+# What each decoder flavour takes (export/ort_decoder.py: weight-only int8/int4)
+FLAVOUR_PRECISIONS = {"portable": ("fp32", "fp16", "int8", "int8-dynamic"),
+                      "ort": ("fp32", "int8", "int4")}
 
 
 @dataclass
@@ -30,6 +36,8 @@ class ExportOptions:
     output: Path
     target: str = "onnx"
     precision: str = "fp32"
+    # "portable" | "ort"; None: ort for int4 (weight-only needs it), else portable
+    decoder_flavour: str | None = None
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
@@ -51,11 +59,31 @@ class ExportOptions:
     progress: bool = False  # progress bars on stderr while collecting (the CLI sets it)
 
 
+def flavour(o: ExportOptions) -> str:
+    """The decoder flavour the export builds (--decoder-flavour, or its default)."""
+    if o.decoder_flavour is not None:
+        return o.decoder_flavour
+    return "ort" if o.precision == "int4" else "portable"
+
+
 def check_options(o: ExportOptions) -> None:
     if o.target not in TARGETS:
         raise UserInputError(f"unknown --target {o.target!r}", expected=" | ".join(TARGETS))
     if o.precision not in PRECISIONS:
         raise UserInputError(f"unknown --precision {o.precision!r}", expected=" | ".join(PRECISIONS))
+    if flavour(o) not in FLAVOURS:
+        raise UserInputError(f"unknown --decoder-flavour {o.decoder_flavour!r}",
+                             expected=" | ".join(FLAVOURS))
+    if flavour(o) == "ort" and o.target == "trt":
+        raise UserInputError("--target trt needs --decoder-flavour portable",
+                             got="--decoder-flavour ort",
+                             hint="the ort flavour uses onnxruntime contrib ops TensorRT lacks")
+    if o.precision not in FLAVOUR_PRECISIONS[flavour(o)]:
+        raise UserInputError(
+            f"--decoder-flavour {flavour(o)} takes --precision "
+            f"{' | '.join(FLAVOUR_PRECISIONS[flavour(o)])}", got=f"--precision {o.precision}",
+            hint="int4 is weight-only MatMulNBits, built for the ort flavour; fp16 and "
+                 "int8-dynamic are portable-flavour precisions")
     if o.target == "trt" and o.precision not in ("fp16", "int8"):
         raise UserInputError(f"--target trt takes --precision fp16 or int8, not {o.precision}",
                              hint="fp16 graphs, or int8 with explicit Q/DQ nodes (TensorRT cannot "
@@ -151,13 +179,20 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
         return timed_stage(name, log, times)
 
     calib_data = None
-    if o.precision in ("int8", "int8-dynamic"):  # bad calibration data fails before the export
-        from . import quantize
-        calib_data = quantize.calibration_data(o, log)
+    from . import quantize
+    native = flavour(o) == "ort"
+    # Weight-only int8/int4 (ort flavour) is round-to-nearest: data serves only the
+    # accuracy gate, which random weights cannot pass or fail meaningfully.
+    ungated = native and o.random_weights
+    if o.precision in quantize.CALIBRATED and not ungated:
+        calib_data = quantize.calibration_data(o, log)  # bad data fails before the export
     with stage("load"):
         loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code, o.allow_pickle,
                               log=log)
     fam, model, proc = loaded.family, loaded.model, loaded.processor
+    if native:  # before the slow export: a model the builder cannot take fails now
+        from . import ort_decoder
+        ort_decoder.check(loaded)
     limit = fam.max_context(model)
     context = min(o.max_context or limit, limit)
     if o.max_context and o.max_context > limit:
@@ -167,23 +202,32 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     with artifact.staging(o.output, o.force, o.keep_failed) as staged:
         tmp = staged.path
         graphs = {"vision": fam.vision_graph(model, proc), "embed": fam.embed_graph(model),
-                  "decoder": fam.decoder_graph(model)}
-        for stage_name, key in (("vision", "vision"), ("embedding", "embed"), ("decoder", "decoder")):
+                  "decoder": None if native else fam.decoder_graph(model)}
+        for stage_name, key in (("vision", "vision"), ("embedding", "embed")):
             with stage(stage_name):
                 export_graph(graphs[key], tmp / f"{key}.onnx")
+        with stage("decoder-ort" if native else "decoder"):
+            if native:  # fp32 first: parity with PyTorch is proved on it, then weights shrink
+                ort_decoder.build(loaded, tmp, "fp32", log)
+            else:
+                export_graph(graphs["decoder"], tmp / "decoder.onnx")
         if o.precision == "fp16":
             with stage("fp16"):
                 for key in graphs:
                     convert_fp16(tmp / f"{key}.onnx")
         with stage("write"):
             m = _manifest(o, loaded, tmp, graphs, context)
+            m["decoder"]["flavour"] = flavour(o)
             if o.max_image_tokens is not None:
                 _check_image_budget(m, o.max_image_tokens)
                 m["image"]["max_image_tokens"] = o.max_image_tokens
             m["tokenizer"]["add_special_tokens"] = _add_special_tokens(loaded, m, tmp)
         staged.manifest = m  # written last by staging; kept with --keep-failed
-        if calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
-            from . import quantize
+        if native and o.precision != "fp32":  # fp32 parity, then weight-only int8/int4
+            from . import weight_only
+            m = staged.manifest = weight_only.quantize(o, loaded, tmp, m, calib_data, _validate,
+                                                       stage, log, staged)
+        elif calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
             m = staged.manifest = quantize.quantize(o, loaded, tmp, m, calib_data, _validate,
                                                     stage, log, staged)
         if o.target == "trt":
@@ -191,7 +235,7 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                 from .trt import prepare, profiles
                 limits = profiles.Limits(context, o.max_batch, o.max_images)
                 m["trt"] = prepare.prepare(tmp, m, limits, __version__, log, o.output)
-        if o.validate and calib_data is None:
+        if o.validate and o.precision not in quantize.CALIBRATED:  # else validated above
             with stage("validate"):
                 m["validation"] = _validate(loaded, tmp, o.precision, m)
             if not m["validation"].get("passed", True):
@@ -199,8 +243,7 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
                     "exported model does not match PyTorch: " + _figures(m["validation"]),
                     hint="see the per-prompt figures with --json; --keep-failed keeps the artifact")
         summary = _summary(o, o.output, m, times)
-        if calib_data is not None:
-            from . import quantize
+        if m.get("quantization"):
             summary["quantization"] = quantize.summary(m)
         # the manifest is written last, by staging, then the directory is renamed into place
     if o.target == "trt":  # the artifact is in place: build engines where TensorRT imports
@@ -292,6 +335,7 @@ def _summary(o: ExportOptions, out: Path, m: dict, times: dict) -> dict[str, Any
         "family": m["family"],
         "target": m["target"],
         "precision": m["precision"],
+        "decoder_flavour": m["decoder"].get("flavour", "portable"),
         "random_weights": m["source"]["random_weights"],
         "files": {name: e["bytes"] for name, e in m["files"].items()},
         "total_bytes": sum(e["bytes"] for e in m["files"].values()),

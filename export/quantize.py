@@ -19,6 +19,8 @@ from vlmedge.errors import UserInputError, ValidationError
 from vlmedge.models import demo_model_dir
 
 INT8_PRECISIONS = ("int8", "int8-dynamic")
+# Precisions held to an accuracy gate on calibration data (int4: export/weight_only.py)
+CALIBRATED = INT8_PRECISIONS + ("int4",)
 CACHE_OFF = "off"
 
 
@@ -34,10 +36,14 @@ def check(o) -> None:
     from vlmedge.calibration import dataset, gate, int8
 
     int8_opts = (o.calib, o.calib_size, o.calib_cache)
-    if o.precision not in INT8_PRECISIONS:
+    if o.precision not in CALIBRATED:
         if any(v is not None for v in int8_opts):
             raise UserInputError("--calib, --calib-size and --calib-cache apply to --precision "
-                                 "int8 | int8-dynamic", got=f"--precision {o.precision}")
+                                 "int8 | int8-dynamic | int4", got=f"--precision {o.precision}")
+        return
+    if o.precision == "int4":
+        dataset.check_calib_size(o.calib_size)
+        gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop)
         return
     dataset.check_calib_size(o.calib_size)
     int8.check_options(o.precision, o.calib_method,
@@ -101,12 +107,13 @@ def summary(m: dict) -> dict[str, Any] | None:
     if not q:
         return None
     final = q["accuracy"]["final"]
+    size = q["size"] or {}
     return {"method": q["method"], "cpu_only": q["cpu_only"],
             "calibration": {k: q["calibration"].get(k) for k in
                             ("source", "hash", "samples", "holdout_samples", "method", "cache")},
             "excluded_nodes": {g: [n["node"] for n in nodes]
-                               for g, nodes in q["excluded_nodes"].items()},
+                               for g, nodes in q.get("excluded_nodes", {}).items()},
             "cosine_mean": final["cosine_mean"], "agreement": final["agreement"],
             "scene_accuracy": final.get("scene_accuracy"),
             "scene_accuracy_fp32": final.get("scene_accuracy_fp32"),
-            "size_ratio": q["size"]["ratio"], "passed": q["accuracy"]["passed"]}
+            "size_ratio": size.get("ratio"), "passed": q["accuracy"]["passed"]}

@@ -122,6 +122,17 @@ class OrtBackend(Backend):
                                      "re-export the artifact") from None
         return dict(zip(self.output_names, outs))
 
+    def run_bound(self, io) -> None:
+        """Runs an IOBinding prepared by the caller (runtime/decoders.py binds
+        the ort flavour's KV buffers as both input and output)."""
+        try:
+            self.session.run_with_iobinding(io)
+        except self._errors as e:
+            raise ArtifactError(f"onnxruntime failed running {self.path.name}: "
+                                f"{str(e).strip().splitlines()[0][:200]}",
+                                hint="the graph may be corrupt or not match its manifest; "
+                                     "re-export the artifact") from None
+
 
 def warn(msg: str) -> None:
     print(f"vlmedge: warning: {msg}", file=sys.stderr)

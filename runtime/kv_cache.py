@@ -6,12 +6,44 @@ present arrays of one step are the past of the next, handed over by
 reference: Python never copies the cache per token (the concatenation
 happens once, inside the graph). A cache is immutable once made, so one
 prefix cache can seed several continuations (`VLMSession.ask`).
+
+The onnxruntime-native decoder flavour (runtime/decoders.py) writes into one
+preallocated KVBuffer in place instead; its caches are views of a buffer's
+first `length` rows, and stay valid in the same way (see KVBuffer).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+
+@dataclass(eq=False)
+class KVBuffer:
+    """Preallocated KV memory of the ort decoder flavour: per layer k, v arrays of
+    (1, kv_heads, capacity, head_dim), bound as both past and present.
+
+    `frontier` is the number of rows written by the last step. A step from a
+    cache of `length == frontier` rows extends the buffer in place; a step from
+    a shorter cache (someone already wrote past its end: a second answer from
+    one prefix) copies that cache's rows into a new buffer first. Rows below a
+    cache's length are never written again, so every KVCache stays valid.
+    Steps run under the session lock, which makes check-and-extend atomic."""
+    arrays: tuple  # numpy arrays (host buffers); () when the buffer is on a device
+    values: tuple  # onnxruntime OrtValues over the same memory, bound to the graph
+    capacity: int
+    frontier: int = 0
+
+    def host(self) -> list[np.ndarray]:
+        """The buffers as host arrays (a device buffer is copied)."""
+        return list(self.arrays) if self.arrays else [v.numpy() for v in self.values]
+
+    @property
+    def nbytes(self) -> int:
+        if self.arrays:
+            return sum(a.nbytes for a in self.arrays)
+        return sum(int(np.prod(v.shape())) * 4 for v in self.values)
 
 
 @dataclass(frozen=True)
@@ -21,6 +53,9 @@ class KVCache:
     # Next position = length + position_offset; nonzero only where positions
     # do not count tokens one by one (mrope: an image takes fewer positions).
     position_offset: int = 0
+    # The ort flavour's shared buffer (arrays are then its full-capacity arrays,
+    # of which the first `length` rows are this cache's).
+    buffer: Any = field(default=None, compare=False)
 
     @classmethod
     def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int, batch: int = 1,
@@ -46,4 +81,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Memory the cache holds (a shared buffer: its whole capacity)."""
+        if self.buffer is not None:
+            return self.buffer.nbytes
         return sum(a.nbytes for a in self.arrays)

@@ -44,6 +44,7 @@ from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 from . import mrope, sampling
 from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
+from .decoders import open_decoder
 from .kv_cache import KVCache
 
 
@@ -145,12 +146,15 @@ class VLMSession:
         self.facts = m.decoder            # typed: vlmedge.manifest.Decoder
         self.image_facts = m.image        # typed: vlmedge.manifest.ImageFacts
         self.chat = ChatTokenizer(self.directory, m.tokenizer, m.image, m.files)
-        # Decoder positions: 1-D (Llama) or mrope (Qwen2-VL, 3 rows from the image grid).
-        self._positions = mrope.position_strategy(self.facts, self.image_facts)
         self.context_length = self.facts.context_length
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread preprocessing buffers
         self._dtype = np.float16 if m.precision == "fp16" else np.float32
+        # The decoder flavour's runner (runtime/decoders.py); positions are 1-D
+        # (Llama) or mrope (Qwen2-VL, 3 rows from the image grid).
+        self._runner = open_decoder(self.decoder, m,
+                                    mrope.position_strategy(self.facts, self.image_facts),
+                                    self._dtype)
         self.preprocessor  # the manifest's preprocess config checked now, not on first image
         if max_image_tokens is not None and (not isinstance(max_image_tokens, int) or
                                              isinstance(max_image_tokens, bool) or
@@ -179,7 +183,8 @@ class VLMSession:
             "vision": ({"pixel_values", *self.manifest.image.vision_grid_inputs},
                        {"image_features"}),
             "embed": ({"input_ids"}, {"inputs_embeds"}),
-            "decoder": ({"inputs_embeds", "attention_mask", "position_ids", *f.past_names()},
+            "decoder": ({"inputs_embeds", "attention_mask", *f.past_names()} |
+                        ({"position_ids"} if f.flavour == "portable" else set()),
                         {"logits", *f.present_names()}),
         }
         for comp, (inputs, outputs) in want.items():
@@ -309,20 +314,7 @@ class VLMSession:
         ids (the S token ids of inputs_embeds) and image_grid are needed only
         where positions follow the image layout (mrope) and the chunk holds
         image tokens; `prefill` passes them."""
-        f = self.facts
-        s = inputs_embeds.shape[1]
-        total = cache.length + s
-        positions, offset = self._positions(cache.length, cache.position_offset, s, ids, image_grid)
-        feeds = {
-            "inputs_embeds": inputs_embeds.astype(self._dtype, copy=False),
-            "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": positions,
-            **cache.feeds(f.past_key, f.past_value),
-        }
-        out = self.decoder.run(feeds)
-        logits = out["logits"][0, -1].astype(np.float32, copy=False)
-        return logits, KVCache.from_outputs(out, f.num_layers, f.present_key, f.present_value,
-                                            offset)
+        return self._runner.step(self.decoder, inputs_embeds, cache, ids, image_grid)
 
     def prefill(self, ids: list[int], image_features: np.ndarray | None, cache: KVCache,
                 image_grid=None) -> tuple[np.ndarray, KVCache]:
@@ -332,8 +324,7 @@ class VLMSession:
         return self.step(self.embed_prompt(ids, image_features), cache, ids, image_grid)
 
     def empty_cache(self) -> KVCache:
-        f = self.facts
-        return KVCache.empty(f.num_layers, f.num_kv_heads, f.head_dim, dtype=self._dtype)
+        return self._runner.empty_cache()
 
     def embed_token(self, token: int) -> np.ndarray:
         return self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]

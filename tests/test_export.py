@@ -118,7 +118,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, tiny_llava_dir):
         args += ["--model", d]
         want = "pickle"
     else:
-        args += ["--precision", "int4"]
+        args += ["--precision", "int3"]
         want = "unknown --precision"
     r = _run(*args)
     assert r.returncode != 0

@@ -20,6 +20,8 @@ _EXTRAS = {
                  "pip install 'vlmedge[trt]' from NVIDIA's index)"),
     "onnxruntime": ("", "pip install onnxruntime (or onnxruntime-gpu)"),
     "cuda": ("trt", "pip install cuda-python (NVIDIA's CUDA bindings, used with TensorRT)"),
+    "onnxruntime_genai": ("export", "pip install 'vlmedge[export]' (onnxruntime-genai: its model "
+                          "builder makes the ort decoder flavour)"),
     "llguidance": ("structured", "pip install 'vlmedge[structured]' (llguidance)"),
     "av": ("camera", "pip install 'vlmedge[camera]' (PyAV, for video files)"),
     "cv2": ("camera", "pip install opencv-python-headless (or your platform's OpenCV: "

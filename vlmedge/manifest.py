@@ -22,6 +22,7 @@ Sections (schema 2):
     vlmedge_version  exporter version
     family           "llava" | "idefics3" | "smolvlm" | "qwen2_vl" | "qwen2_5_vl"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
+                     | "int4" (weight-only, the ort decoder flavour)
     source           Source: path, architecture, content_hash, random_weights
     files            {name: FileEntry(sha256, bytes)} for every file the runtime opens
     components       {vision|embed|decoder: Component(file, data_file, precision,
@@ -30,7 +31,11 @@ Sections (schema 2):
     decoder          Decoder: layers, heads, sizes, context_length (the most
                      tokens served: a sliding-window model's window), past/present
                      name templates with "{i}", logits "last", position_ids "1d" |
-                     "mrope" (+ mrope_section), sliding_window
+                     "mrope" (+ mrope_section), sliding_window; flavour
+                     "portable" (standard ops: position_ids input, present =
+                     concat(past, new)) | "ort" (onnxruntime's GroupQueryAttention
+                     with rotary inside, no position_ids, one preallocated KV
+                     buffer per layer shared by past and present: runtime/decoders.py)
     image            ImageFacts: the image token, tokens per image, feature size,
                      how the placeholder expands ("repeat" | "idefics3" |
                      "qwen2_vl", runtime/chat.py) and that expansion's facts;
@@ -71,7 +76,8 @@ MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 TARGETS = ("onnx", "trt")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
 EXPANDS = ("repeat", "idefics3", "qwen2_vl")
 GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
@@ -137,6 +143,7 @@ class Decoder:
     position_ids: str
     mrope_section: tuple[int, ...] | None
     sliding_window: int | None
+    flavour: str = "portable"  # FLAVOURS; absent in older manifests: portable
 
     def past_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.num_layers)
@@ -271,6 +278,12 @@ def _cross_check(m: "Manifest", where: str) -> None:
     if (m.decoder.position_ids == "mrope") != (m.image.expand == "qwen2_vl"):
         raise _bad(where, "decoder.position_ids", "'mrope' exactly for image expansion "
                    "'qwen2_vl'", m.decoder.position_ids)
+    if m.decoder.flavour == "ort" and m.decoder.position_ids != "1d":
+        raise _bad(where, "decoder.flavour", "'portable' for mrope positions (the ort "
+                   "flavour computes 1-D rotary positions inside its attention)", "ort")
+    if m.decoder.flavour == "ort" and m.target == "trt":
+        raise _bad(where, "decoder.flavour", "'portable' for target 'trt' (TensorRT has no "
+                   "onnxruntime contrib ops)", "ort")
     if m.image.image_token_id >= m.decoder.vocab_size and m.image.expand != "repeat":
         raise _bad(where, "image.image_token_id", f"< vocab_size {m.decoder.vocab_size}",
                    m.image.image_token_id)
@@ -465,6 +478,7 @@ def _decoder(r: _Obj) -> Decoder:
         position_ids=position_ids,
         mrope_section=r.get("mrope_section", _optional(_list(_int(0, 1 << 16), 3, 3)), None),
         sliding_window=r.get("sliding_window", _optional(_int(1, MAX_CONTEXT))),
+        flavour=r.get("flavour", _enum(FLAVOURS), "portable"),
     )
     r.end()
     if position_ids == "mrope" and d.mrope_section is None:

@@ -39,6 +39,9 @@ class Options:
     provider: str = "cpu"
     sweeps: list[str] = field(default_factory=list)
     verify: bool = True  # check the artifacts' sha256 before benchmarking them
+    # image-token budget for every system (runtime/image_budget.py; the baseline's
+    # HF processor gets the same settings): None = each model's own preprocessing
+    max_image_tokens: int | None = None
 
 
 def default_image(directory: Path, size=(640, 480)) -> Path:
@@ -128,7 +131,7 @@ def run_bench(o: Options, progress: Callable[[int, int], None],
         image = o.image or default_image(tmp)
         log(f"roofline probe ({o.threads} thread(s)) ...")
         before = roofline.measure(o.threads)
-        systems = [SystemProcess(s, o.threads, o.provider) for s in specs]
+        systems = [SystemProcess(s, o.threads, o.provider, o.max_image_tokens) for s in specs]
         try:
             for s in systems:
                 log(f"loading {s.name} ({s.spec.path}) in its own process ...")
@@ -167,6 +170,7 @@ def run_bench(o: Options, progress: Callable[[int, int], None],
                    "image": str(o.image) if o.image else "default 640x480 demo-scene frame",
                    "image_size": image_size, "prompt": o.prompt, "new_tokens": o.new_tokens,
                    "runs": o.runs, "warmup": o.warmup, "provider": o.provider,
+                   "max_image_tokens": o.max_image_tokens,
                    "sweeps": list(o.sweeps), "order": [s.name for s in systems]},
         "systems": records,
         "ratios": rat,
@@ -211,7 +215,7 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
     if spec.manifest:
         m = spec.manifest
         rec.update(family=m.family, target=m.target, precision=m.precision,
-                   providers=spec.facts.get("providers"),
+                   decoder_flavour=m.decoder.flavour, providers=spec.facts.get("providers"),
                    artifact_bytes=sum(e.bytes for e in m.files.values()))
     else:
         rec.update(precision="fp32", torch_version=spec.facts.get("torch_version"))

@@ -26,7 +26,7 @@ class WorkerError(VlmedgeError):
 
 @dataclass
 class Spec:
-    name: str  # backend and precision: torch-eager-fp32, onnx-fp32, onnx-int8, ...
+    name: str  # backend and precision: torch-eager-fp32, onnx-fp32, onnx-int8, ort-int4, ...
     kind: str  # "torch" | "onnx"
     path: Path  # model directory (torch) or artifact directory (onnx)
     manifest: "manifest_mod.Manifest | None" = None
@@ -43,7 +43,8 @@ def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
     specs, seen = [], set()
     for d in dirs:
         m = manifest_mod.load(d, verify=verify)
-        name = f"{m.target}-{m.precision}"
+        # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4
+        name = f"ort-{m.precision}" if m.decoder.flavour == "ort" else f"{m.target}-{m.precision}"
         if name in seen:
             name = f"{name}:{Path(d).name}"
         seen.add(name)
@@ -70,8 +71,10 @@ def torch_spec(model: str | None, first: Spec) -> Spec:
 
 
 class SystemProcess:
-    def __init__(self, spec: Spec, threads: int, provider: str = "cpu"):
+    def __init__(self, spec: Spec, threads: int, provider: str = "cpu",
+                 max_image_tokens: int | None = None):
         self.spec, self.threads, self.provider = spec, threads, provider
+        self.max_image_tokens = max_image_tokens
         self.proc: subprocess.Popen | None = None
         self.ready: dict[str, Any] = {}
 
@@ -87,7 +90,8 @@ class SystemProcess:
             [sys.executable, "-m", "vlmedge.benchmarks.bench.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
         self._send({"kind": self.spec.kind, "path": str(self.spec.path), "threads": self.threads,
-                    "provider": self.provider, "random_weights": self.spec.random_weights})
+                    "provider": self.provider, "random_weights": self.spec.random_weights,
+                    "max_image_tokens": self.max_image_tokens})
         self.ready = self._receive()
         return self.ready
 

@@ -62,15 +62,17 @@ def _ms(t0: float) -> float:
 class OnnxSystem:
     """An artifact through the vlmedge runtime's stages (runtime/session.py)."""
 
-    def __init__(self, path: str, threads: int, provider: str):
+    def __init__(self, path: str, threads: int, provider: str, max_image_tokens=None):
         from vlmedge.runtime import VLMSession
 
         # verify=False: vlm-bench checked the hashes before starting the workers
-        self.session = VLMSession(path, provider=provider, threads=threads, verify=False)
+        self.session = VLMSession(path, provider=provider, threads=threads, verify=False,
+                                  max_image_tokens=max_image_tokens)
         self.images: dict[str, Any] = {}
 
     def facts(self) -> dict[str, Any]:
-        return {"providers": self.session.providers}
+        return {"providers": self.session.providers,
+                "decoder_flavour": self.session.facts.flavour}
 
     def run(self, image_path: str, prompt: str, new_tokens: int) -> dict[str, Any]:
         from vlmedge.errors import ContextOverflowError
@@ -133,7 +135,8 @@ class TorchSystem:
     vision; TTFT and decode per token from a stopping criterion, which
     generate() calls once per new token."""
 
-    def __init__(self, path: str, threads: int, random_weights: bool):
+    def __init__(self, path: str, threads: int, random_weights: bool,
+                 max_image_tokens: int | None = None):
         from pathlib import Path
 
         from vlmedge.export import loading
@@ -146,6 +149,7 @@ class TorchSystem:
         self.torch = torch
         loaded = loading.load(Path(path), random_weights=random_weights)
         self.family, self.model, self.processor = loaded.family, loaded.model, loaded.processor
+        self.max_image_tokens = max_image_tokens
         self.images: dict[str, Any] = {}
         self.vision_ms: list[float] = []
         inner = self.model.model
@@ -160,6 +164,9 @@ class TorchSystem:
             return out
 
         inner.get_image_features = timed_image_features  # instance attribute: forward() finds it
+
+    def _budget(self, image) -> None:
+        _budget_processor(self.family, self.model, self.processor, image, self.max_image_tokens)
 
     def facts(self) -> dict[str, Any]:
         """Bytes a decode step reads: the decoder's weights (without the
@@ -189,6 +196,8 @@ class TorchSystem:
 
         self.vision_ms.clear()
         t_start = time.perf_counter()
+        if self.max_image_tokens is not None:
+            self._budget(image)
         inputs = self.family.hf_inputs(self.processor, image, prompt)
         preprocess_ms = _ms(t_start)
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -216,6 +225,37 @@ class TorchSystem:
                 "kv_cache_bytes": _cache_bytes(out)}
 
 
+def _budget_processor(family, model, processor, image, max_tokens: int) -> None:
+    """Sets the HF image processor to the tiling the runtime's image-token budget
+    picks for `image` (runtime/image_budget.py), so the baseline encodes the
+    same tokens: Idefics3/SmolVLM longest_edge, Qwen2-VL max_pixels."""
+    from types import SimpleNamespace
+
+    from vlmedge.runtime.image_budget import budget_tiling
+
+    facts = SimpleNamespace(**family.image_facts(model, processor))
+    tiling = budget_tiling(family.preprocess_config(processor).get("tiling"), facts,
+                           (image.height, image.width), max_tokens)
+    ip = processor.image_processor
+    if tiling is None:  # a fixed-size image: nothing to set
+        return
+    if tiling["method"] == "idefics3":
+        ip.size = _with(ip.size, longest_edge=tiling["longest_edge"])
+    else:  # qwen2_vl: max_pixels, where this transformers keeps it
+        ip.max_pixels = tiling["max_pixels"]
+        key = "max_pixels" if "max_pixels" in ip.size else "longest_edge"
+        ip.size = _with(ip.size, **{key: tiling["max_pixels"]})
+
+
+def _with(size, **changes):
+    """An image processor's `size` (a dict, or transformers' SizeDict dataclass)
+    with `changes` applied."""
+    import dataclasses
+    if dataclasses.is_dataclass(size):
+        return dataclasses.replace(size, **changes)
+    return {**size, **changes}
+
+
 def _cache_bytes(out) -> int | None:
     cache = getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
@@ -227,8 +267,10 @@ def _cache_bytes(out) -> int | None:
 
 def _open(spec: dict[str, Any]):
     if spec["kind"] == "onnx":
-        return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"))
-    return TorchSystem(spec["path"], spec["threads"], bool(spec.get("random_weights")))
+        return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"),
+                          spec.get("max_image_tokens"))
+    return TorchSystem(spec["path"], spec["threads"], bool(spec.get("random_weights")),
+                       spec.get("max_image_tokens"))
 
 
 def _gpu_memory_mb() -> float | None:

@@ -1,0 +1,129 @@
+"""The onnxruntime-native decoder flavour ("ort"), built with onnxruntime-genai's
+model builder (DESIGN.md, "The artifact directory"; runtime/decoders.py runs it).
+
+The builder is what the field maintains for exactly this graph: per layer a
+GroupQueryAttention with rotary inside (no position_ids input), the RMSNorm +
+residual fusions, optionally MatMulNBits 4/8-bit block-quantized weights, and a
+KV cache shared by past and present. It takes a Hugging Face *text* model, so
+the VLM's language model and LM head are saved as a plain CausalLM checkpoint
+(same weights, same config) in a scratch directory first. Options used:
+
+    exclude_embeds=true   the graph takes inputs_embeds (the image features are
+                          scattered into them by the runtime, as for the portable graph)
+    prune_lm_head=true    logits of the last position only, (B, 1, V), as the
+                          portable graph (a 1,000-token prefill skips 999 LM-head rows)
+    filename=decoder.onnx the artifact's component file (+ decoder.onnx.data)
+
+Weight-only precisions: "int8" / "int4" are the builder's MatMulNBits with
+block size 32, symmetric, round-to-nearest; onnxruntime's CPU kernels quantize
+the activations to int8 on the fly (accuracy_level 4).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from vlmedge.errors import UnsupportedArchitectureError, UserInputError
+from vlmedge.lazy import require
+
+# The text decoders the builder takes with inputs_embeds, by the text config's
+# model_type -> the CausalLM architecture name it dispatches on.
+TEXT_MODELS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "mistral": "MistralForCausalLM"}
+BUILDER_PRECISIONS = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+BLOCK_SIZE = 32  # MatMulNBits block: 32 weights share one scale (llama.cpp q4_0's block)
+
+
+def check(loaded) -> None:
+    """Refuse in one line a model whose decoder the ort flavour cannot take."""
+    fam, model = loaded.family, loaded.model
+    tc = fam.text_config(model.config)
+    if fam.decoder_facts(model, 0)["position_ids"] != "1d":
+        raise UnsupportedArchitectureError(
+            f"--decoder-flavour ort does not take {fam.name} yet: its decoder uses mrope "
+            "positions from the image grid, and the ort flavour computes 1-D rotary "
+            "positions inside its attention", hint="use --decoder-flavour portable")
+    if tc.model_type not in TEXT_MODELS:
+        raise UnsupportedArchitectureError(
+            f"--decoder-flavour ort does not take a {tc.model_type!r} language model",
+            expected=f"one of {', '.join(sorted(TEXT_MODELS))}",
+            hint="use --decoder-flavour portable")
+
+
+def _save_text_model(loaded, out: Path) -> None:
+    """The VLM's language model + LM head as a CausalLM checkpoint in `out`
+    (config.json, safetensors, tokenizer): what the builder reads."""
+    transformers = require("transformers", "building the ort decoder flavour")
+    fam, model = loaded.family, loaded.model
+    tc = fam.text_config(model.config)
+    config = type(tc).from_dict(tc.to_dict())
+    config.architectures = [TEXT_MODELS[tc.model_type]]
+    lm = getattr(transformers, TEXT_MODELS[tc.model_type])(config)
+    state = {f"model.{k}": v for k, v in fam.language_model(model).state_dict().items()}
+    state["lm_head.weight"] = fam.lm_head(model).weight
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    # rotary inv_freq buffers are recomputed from the config, not weights
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise UnsupportedArchitectureError(
+            "the language model's weights do not map onto a plain CausalLM",
+            expected="the same parameter names", got=f"missing {missing[:3]}, unexpected "
+                                                     f"{unexpected[:3]}",
+            hint="use --decoder-flavour portable")
+    lm.save_pretrained(out)
+    loaded.processor.tokenizer.save_pretrained(out)
+
+
+def build(loaded, staging: Path, precision: str, log: Callable[[str], None]) -> None:
+    """Writes the ort-flavour decoder.onnx (+ .data) at `precision` into
+    `staging`, replacing any decoder there."""
+    if precision not in BUILDER_PRECISIONS:
+        raise UserInputError(f"--decoder-flavour ort takes --precision "
+                             f"{' | '.join(BUILDER_PRECISIONS)}", got=precision)
+    builder = require("onnxruntime_genai.models.builder", "--decoder-flavour ort")
+    with tempfile.TemporaryDirectory(prefix="vlmedge-ort-") as work:
+        work = Path(work)
+        opts = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false",
+                "filename=decoder.onnx"]
+        if precision in ("int4", "int8"):
+            opts.append(f"block_size={BLOCK_SIZE}")
+        args = (None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
+                "cpu", str(work / "cache"))
+        with _quiet():  # the builder prints per-node progress; we log one line
+            _save_text_model(loaded, work / "text")
+            extra = builder.parse_extra_options(*args, opts)
+            builder.create_model(*args, **extra)
+        for name in ("decoder.onnx", "decoder.onnx.data"):
+            dst = staging / name
+            dst.unlink(missing_ok=True)
+            src = work / "out" / name
+            if src.exists():
+                shutil.move(str(src), str(dst))
+    log(f"[decoder-ort] onnxruntime-genai builder: {precision}, GroupQueryAttention, "
+        f"{'MatMulNBits block ' + str(BLOCK_SIZE) if precision != 'fp32' else 'fp32 MatMul'}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The builder's prints and its quantizer's INFO logging, swallowed."""
+    quant_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quant_log.level
+    quant_log.setLevel(logging.WARNING)
+    sink = io.StringIO()
+    env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        quant_log.setLevel(level)
+        if env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = env

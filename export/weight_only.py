@@ -1,0 +1,144 @@
+"""The exporter's weight-only stage for the ort decoder flavour: --precision int8 | int4
+with --decoder-flavour ort (int4 implies it).
+
+    1. parity: the fp32 ort-flavour artifact against PyTorch (tokens equal, logits
+       within the family's tolerance), as for every export
+    2. reference: the fp32 artifact's greedy logits on the held-out calibration
+       prompts, and (demo model) its scene accuracy (calibration/gate.py)
+    3. rebuild: the decoder again at int8/int4 (MatMulNBits, block 32, round to
+       nearest: export/ort_decoder.py); the embedding table int8 per row; the
+       vision graph stays fp32
+    4. gate: the same figures and targets as INT8 (teacher-forced top-1 agreement
+       with fp32, scene-accuracy drop); falling short fails the export in one line
+
+The manifest's `quantization` section records method, format, data set, the
+figures and the sizes, like the INT8 stage's.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from vlmedge import manifest as manifest_mod
+from vlmedge.errors import AccuracyGateError, ValidationError
+from vlmedge.lazy import require
+
+from . import ort_decoder
+from .quantize import is_demo
+
+DECODER_FILES = ("decoder.onnx", "decoder.onnx.data")
+EMBED_FILES = ("embed.onnx", "embed.onnx.data")
+
+
+def _embedding_int8(tmp: Path) -> bool:
+    """The embedding table int8 per row (calibration/graphs.py), in place: the
+    table is as large as the LM head (49k x 576 for SmolVLM) and only the
+    prompt's rows are read, so it costs RSS rather than time."""
+    from vlmedge.calibration import graphs
+
+    work = tmp / ".embed-int8"
+    try:
+        if not graphs.quantize_embedding(tmp / "embed.onnx", work / "embed.onnx", "int8"):
+            return False
+        for name in EMBED_FILES:
+            (work / name).replace(tmp / name)
+        return True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
+             log: Callable[[str], None], staged=None) -> dict[str, Any]:
+    """fp32 parity, then the decoder's weights at o.precision; returns the manifest."""
+    from vlmedge.calibration import gate
+    from vlmedge.runtime.session import VLMSession
+
+    if o.validate:
+        with stage("validate"):
+            m["validation"] = validate(loaded, tmp, "fp32", m)
+        if staged is not None:
+            staged.manifest = m
+        v = m["validation"]
+        if not v.get("passed", True):
+            raise ValidationError(
+                "the fp32 ort-flavour decoder does not match PyTorch, so its weights are not "
+                f"quantized: tokens_match={v.get('tokens_match')}, max_abs_diff_logits="
+                f"{v.get('max_abs_diff_logits'):.3g}",
+                hint="--keep-failed keeps the artifact for inspection")
+    targets = gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop)
+    scene = is_demo(o.model_dir)
+    fp32_bytes = {n: m["files"][n]["bytes"] for n in DECODER_FILES if n in m["files"]}
+    ref = None
+    if data is not None:  # None: random weights, no gate (see run_export)
+        with stage(f"{o.precision} reference"):
+            ref = gate.reference(VLMSession(tmp, provider="cpu", verify=False, manifest=m),
+                                 data.holdout, scene)
+    with stage(f"{o.precision} weights"):
+        t = time.perf_counter()
+        ort_decoder.build(loaded, tmp, o.precision, log)
+        build_s = time.perf_counter() - t
+        embed_int8 = _embedding_int8(tmp)
+        for name in DECODER_FILES + EMBED_FILES:
+            m["files"].pop(name, None)
+            if (tmp / name).exists():
+                m["files"][name] = manifest_mod.file_entry(tmp / name)
+        m["files"] = dict(sorted(m["files"].items()))
+        m["components"]["decoder"]["precision"] = f"{o.precision}-weight-only"
+        m["components"]["embed"]["precision"] = "int8-weight-only" if embed_int8 else "fp32"
+        m["components"]["vision"]["precision"] = "fp32"
+        m["precision"] = o.precision
+    figures, failures = gate.Figures(), []
+    if ref is not None:
+        with stage(f"{o.precision} gate"):
+            session = VLMSession(tmp, provider="cpu", verify=False, manifest=m)
+            figures = gate.measure(session, ref, scene=scene)
+            failures = gate.failures(figures, targets)
+    after = {n: m["files"][n]["bytes"] for n in DECODER_FILES if n in m["files"]}
+    m["quantization"] = {
+        "precision": o.precision,
+        "method": "weight-only",
+        "format": f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
+                  f"{ort_decoder.BLOCK_SIZE}, symmetric, round to nearest (onnxruntime-genai "
+                  f"model builder)",
+        "weights": f"decoder MatMuls and LM head {o.precision}; embedding "
+                   f"{'int8 per row' if embed_int8 else 'fp32'}; vision fp32",
+        "activations": "fp32 in the graph (onnxruntime's CPU kernels quantize them to int8 "
+                       "per block on the fly: accuracy_level 4)",
+        "cpu_only": False,
+        "calibration": {**data.describe(), "used_for": "the accuracy gate (held-out prompts)"}
+        if data is not None else {"source": None, "used_for": "nothing: random weights"},
+        "accuracy": {"targets": asdict(targets), "final": figures.to_dict(),
+                     "passed": not failures, "failures": failures,
+                     "skipped": None if ref is not None else
+                     "random weights: answers are meaningless, so no gate"},
+        "size": {"decoder_fp32_bytes": sum(fp32_bytes.values()),
+                 "decoder_bytes": sum(after.values()),
+                 "ratio": round(sum(after.values()) / max(1, sum(fp32_bytes.values())), 4)},
+        "build_seconds": round(build_s, 2),
+        "onnxruntime_version": require("onnxruntime", "weight-only quantization").__version__,
+    }
+    if m.get("validation"):
+        m["validation"]["note"] = ("parity of the fp32 ort-flavour graphs with PyTorch, before "
+                                   "the weight-only stage; its accuracy is under "
+                                   "quantization.accuracy")
+    log(f"[{o.precision}] decoder {sum(fp32_bytes.values()) / 1e6:.1f} MB -> "
+        f"{sum(after.values()) / 1e6:.1f} MB; {_figures(figures)}")
+    if failures:
+        raise AccuracyGateError(f"{o.precision} weights miss the accuracy targets: "
+                              + "; ".join(failures),
+                              hint="use --precision int8 (or fp32), lower --accuracy-target / "
+                                   "raise --max-accuracy-drop knowingly; --keep-failed keeps "
+                                   "the artifact")
+    return m
+
+
+def _figures(f) -> str:
+    parts = [f"top-1 agreement {100 * f.agreement:.2f}% of {f.positions} positions"
+             if f.agreement is not None else "no gate positions"]
+    if f.scene_accuracy is not None:
+        parts.append(f"scene accuracy {100 * f.scene_accuracy:.1f}% (fp32 "
+                     f"{100 * f.scene_accuracy_fp32:.1f}%, {f.scene_questions} questions)")
+    return ", ".join(parts)

@@ -1,0 +1,155 @@
+"""The two decoder flavours behind VLMSession.step (DESIGN.md, "The artifact directory").
+
+    portable  standard ONNX ops (TensorRT, every EP). Feeds inputs_embeds (1, S, D),
+              attention_mask (1, P + S), position_ids (1-D or mrope, from the host)
+              and past_key_values.{i}.key|value (1, kv_heads, P, head_dim); returns
+              present = concat(past, new) (1, kv_heads, P + S, head_dim), a new array
+              each step that the next KVCache holds by reference.
+    ort       onnxruntime's fused contrib ops (GroupQueryAttention with rotary inside,
+              SkipSimplifiedLayerNormalization, MatMulNBits weights), built by
+              onnxruntime-genai's model builder (export/ort_decoder.py). No
+              position_ids: GQA takes each row's position from the attention mask's
+              sum. One preallocated buffer per layer and kind, (1, kv_heads,
+              capacity, head_dim), is bound with IOBinding as both past and present,
+              so a step writes only its S new rows, in place: no per-step copy of
+              the cache.
+
+Both return the last position's logits (V,) and the next KVCache; a KVCache stays
+valid after it was extended (see KVBuffer), so one prefix seeds several answers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from vlmedge.errors import ArtifactError
+from vlmedge.lazy import require
+
+from .kv_cache import KVBuffer, KVCache
+
+# Rows a new KV buffer holds beyond what the step needs: room for an answer
+# before the first growth (growth doubles, so its copies cost O(tokens) in all).
+HEADROOM = 128
+
+
+class PortableDecoder:
+    """The standard-op decoder graph (a Backend: onnxruntime or TensorRT)."""
+
+    flavour = "portable"
+
+    def __init__(self, facts, positions: Callable, dtype):
+        self.facts, self.positions, self.dtype = facts, positions, dtype
+
+    def empty_cache(self) -> KVCache:
+        f = self.facts
+        return KVCache.empty(f.num_layers, f.num_kv_heads, f.head_dim, dtype=self.dtype)
+
+    def step(self, backend, inputs_embeds: np.ndarray, cache: KVCache, ids, image_grid
+             ) -> tuple[np.ndarray, KVCache]:
+        """backend: the session's decoder Backend now (calibration swaps it)."""
+        f = self.facts
+        s = inputs_embeds.shape[1]
+        positions, offset = self.positions(cache.length, cache.position_offset, s, ids,
+                                           image_grid)
+        feeds = {"inputs_embeds": inputs_embeds.astype(self.dtype, copy=False),
+                 "attention_mask": np.ones((1, cache.length + s), np.int64),
+                 "position_ids": positions,
+                 **cache.feeds(f.past_key, f.past_value)}
+        out = backend.run(feeds)
+        logits = out["logits"][0, -1].astype(np.float32, copy=False)
+        return logits, KVCache.from_outputs(out, f.num_layers, f.present_key, f.present_value,
+                                            offset)
+
+
+class OrtDecoder:
+    """The onnxruntime-native decoder graph over shared, preallocated KV buffers.
+
+    device: "cpu", or "cuda" for onnxruntime's CUDA execution provider, where
+    the buffers live on the device (OrtValues) so the cache never crosses PCIe."""
+
+    flavour = "ort"
+
+    def __init__(self, facts, dtype, context_length: int, device: str):
+        self.ort = require("onnxruntime", "running an artifact")
+        self.facts, self.dtype, self.context_length, self.device = \
+            facts, dtype, context_length, device
+
+    def empty_cache(self) -> KVCache:
+        return KVCache((), 0)
+
+    def _allocate(self, capacity: int) -> KVBuffer:
+        f = self.facts
+        shape = (1, f.num_kv_heads, capacity, f.head_dim)
+        arrays = tuple(np.zeros(shape, self.dtype) for _ in range(2 * f.num_layers))
+        if self.device == "cpu":  # OrtValues over the numpy memory: no copy
+            values = tuple(self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays)
+        else:
+            values = tuple(self.ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays)
+            arrays = ()  # the device copy is the buffer
+        return KVBuffer(arrays, values, capacity)
+
+    def _buffer_for(self, cache: KVCache, need: int) -> KVBuffer:
+        """The buffer a step from `cache` to `need` rows writes into: the cache's
+        own when the step extends its newest rows in place and fits, else a new
+        one holding a copy of the cache's rows (a second answer from one prefix,
+        or growth past the capacity)."""
+        buf = cache.buffer
+        if buf is not None and cache.length == buf.frontier and need <= buf.capacity:
+            return buf
+        grow = max(need + HEADROOM, 2 * buf.capacity if buf is not None else 0)
+        capacity = min(self.context_length, -(-grow // 64) * 64)
+        new = self._allocate(max(capacity, need))
+        if buf is not None and cache.length:
+            n = cache.length
+            for src, dst, val in zip(buf.host(), new.arrays or [None] * len(new.values),
+                                     new.values):
+                if dst is not None:
+                    dst[:, :, :n] = src[:, :, :n]
+                else:  # device buffer: write the prefix through a host staging copy
+                    host = val.numpy()
+                    host[:, :, :n] = src[:, :, :n]
+                    val.update_inplace(host)
+        new.frontier = cache.length
+        return new
+
+    def step(self, backend, inputs_embeds: np.ndarray, cache: KVCache, ids=None,
+             image_grid=None) -> tuple[np.ndarray, KVCache]:
+        """backend: the session's decoder OrtBackend now."""
+        f = self.facts
+        s = inputs_embeds.shape[1]
+        need = cache.length + s
+        buf = self._buffer_for(cache, need)
+        io = backend.session.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.dtype))
+        io.bind_cpu_input("attention_mask", np.ones((1, need), np.int64))
+        for i in range(f.num_layers):
+            for j, (past, present) in enumerate(((f.past_key, f.present_key),
+                                                 (f.past_value, f.present_value))):
+                value = buf.values[2 * i + j]
+                io.bind_ortvalue_input(past.format(i=i), value)
+                io.bind_ortvalue_output(present.format(i=i), value)
+        io.bind_output("logits")
+        backend.run_bound(io)
+        buf.frontier = need
+        logits = io.get_outputs()[-1].numpy()  # (1, 1, V): the last position only
+        return logits[0, -1].astype(np.float32, copy=False), KVCache(buf.arrays, need, 0, buf)
+
+
+def open_decoder(backend, manifest, positions: Callable, dtype) -> Any:
+    """The decoder runner for the manifest's flavour (checked against the
+    backend: the ort flavour needs onnxruntime's CPU or CUDA provider)."""
+    facts = manifest.decoder
+    if facts.flavour == "portable":
+        return PortableDecoder(facts, positions, dtype)
+    providers = getattr(backend, "providers", None) or []
+    if not hasattr(backend, "run_bound") or providers[:1] not in (
+            ["CPUExecutionProvider"], ["CUDAExecutionProvider"]):
+        raise ArtifactError(
+            "this artifact's decoder is the onnxruntime-native ('ort') flavour, which runs "
+            "on onnxruntime's CPU or CUDA execution provider only",
+            got=f"provider {providers[0] if providers else getattr(backend, 'name', '?')}",
+            hint="use provider='cpu' or 'cuda', or re-export with --decoder-flavour portable "
+                 "for TensorRT")
+    device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+    return OrtDecoder(facts, dtype, facts.context_length, device)

@@ -1,0 +1,212 @@
+"""The onnxruntime-native decoder flavour (--decoder-flavour ort) and weight-only
+int4/int8 (export/ort_decoder.py, export/weight_only.py, runtime/decoders.py):
+parity with PyTorch and with the portable flavour, the shared KV buffer's
+semantics, the accuracy gate, and the refusals."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch_blocker import PRELUDE
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime_genai")
+
+from vlmedge import manifest  # noqa: E402
+from vlmedge.demo import scenes  # noqa: E402
+from vlmedge.errors import (ArtifactError, UnsupportedArchitectureError,  # noqa: E402
+                            UserInputError)
+from vlmedge.export import exporter  # noqa: E402
+from vlmedge.models import demo_model_dir  # noqa: E402
+
+QUESTIONS = ["describe the image.", "how many shapes are there?", "what color is the circle?"]
+
+
+def _export(out, **kw):
+    lines = []
+    opts = dict(model_dir=demo_model_dir(), output=out)
+    opts.update(kw)
+    summary = exporter.run_export(exporter.ExportOptions(**opts), log=lines.append)
+    return summary, lines
+
+
+def _session(art, **kw):
+    from vlmedge.runtime import VLMSession
+    return VLMSession(art, provider="cpu", threads=1, **kw)
+
+
+def _ops(path):
+    m = onnx.load(str(path), load_external_data=False)
+    return {n.op_type for n in m.graph.node}, [i.name for i in m.graph.input]
+
+
+@pytest.fixture(scope="module")
+def ort_fp32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "demo-ort-fp32"
+    summary, _ = _export(out, decoder_flavour="ort")
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def ort_int4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort4") / "demo-ort-int4"
+    summary, lines = _export(out, precision="int4", calib="synthetic", calib_size=8)
+    return out, summary, lines
+
+
+def _images(n=4):
+    return [scenes.make_scene(scenes.EVAL_SEED_BASE + 31 * i).image for i in range(n)]
+
+
+def test_ort_flavour_graph_and_manifest(ort_fp32):
+    art, summary = ort_fp32
+    m = manifest.load(art)
+    assert m.decoder.flavour == "ort" and summary["decoder_flavour"] == "ort"
+    ops, inputs = _ops(art / "decoder.onnx")
+    # fused attention over the shared buffer; rotary inside, so no position_ids input
+    assert "GroupQueryAttention" in ops and "SkipSimplifiedLayerNormalization" in ops
+    assert "position_ids" not in inputs and "Concat" not in ops
+    assert "inputs_embeds" in inputs and "input_ids" not in inputs
+    v = summary["validation"]
+    assert v["passed"] and v["tokens_match"] and v["max_abs_diff_logits"] < 1e-4
+
+
+def test_ort_answers_equal_portable_and_torch(ort_fp32, demo_artifact):
+    """Greedy answers of the ort flavour equal the portable artifact's, token for token,
+    and the first-step logits agree to fp32 rounding."""
+    ort_s, port_s = _session(ort_fp32[0]), _session(demo_artifact)
+    for img in _images():
+        for q in QUESTIONS:
+            a = ort_s.generate(img, q, max_new_tokens=12)
+            b = port_s.generate(img, q, max_new_tokens=12)
+            assert a.token_ids == b.token_ids, (q, a.text, b.text)
+        enc_a, enc_b = ort_s.encode(img), port_s.encode(img)
+        ids = ort_s.chat.prompt_ids(QUESTIONS[0], image_grid=enc_a.grid)
+        la, _ = ort_s.prefill(ids, enc_a.features, ort_s.empty_cache())
+        lb, _ = port_s.prefill(ids, enc_b.features, port_s.empty_cache())
+        assert np.abs(la - lb).max() < 1e-4
+
+
+def test_shared_buffer_extends_in_place_and_old_caches_stay_valid(ort_fp32):
+    s = _session(ort_fp32[0])
+    img = _images(1)[0]
+    enc = s.encode(img)
+    ids = s.chat.prompt_ids(QUESTIONS[0], image_grid=enc.grid)
+    logits0, prefix = s.prefill(ids, enc.features, s.empty_cache())
+    buf = prefix.buffer
+    pointer = buf.arrays[0].ctypes.data
+    cache = prefix
+    first = []
+    for _ in range(5):  # decode steps write into the same buffer: no copy per step
+        tok = int(np.argmax(logits0 if not first else first[-1][0]))
+        lg, cache = s.step(s.embed_token(tok), cache)
+        first.append((lg, tok))
+        assert cache.buffer is buf and buf.arrays[0].ctypes.data == pointer
+    assert cache.length == prefix.length + 5 and buf.frontier == cache.length
+    # a second continuation from the old prefix forks: the first one's rows survive
+    tok = first[0][1]
+    lg_again, fork = s.step(s.embed_token(tok), prefix)
+    assert fork.buffer is not buf
+    np.testing.assert_allclose(lg_again, first[0][0], atol=1e-5)
+    # and the first continuation still continues exactly as a fresh recompute says
+    more, _ = s.step(s.embed_token(3), cache)
+    seq = ids + [t for _, t in first] + [3]
+    ref, _ = s.prefill(seq, enc.features, s.empty_cache())
+    np.testing.assert_allclose(more, ref, atol=1e-4)
+
+
+def test_ask_and_long_answers_match_portable(ort_fp32, demo_artifact):
+    """ask() seeds several answers from one prefix (forks), and a forced 200-token answer
+    grows the buffer past its first capacity; both equal the portable flavour."""
+    ort_s, port_s = _session(ort_fp32[0]), _session(demo_artifact)
+    img = _images(1)[0]
+    assert [r.text for r in ort_s.ask(img, QUESTIONS)] == \
+        [r.text for r in port_s.ask(img, QUESTIONS)]
+    from vlmedge.runtime.decoders import HEADROOM
+    n = 200
+    a = list(_forced(ort_s, img, n))
+    b = list(_forced(port_s, img, n))
+    assert len(a) == n and a == b
+    assert n > HEADROOM
+
+
+def _forced(s, img, n):
+    enc = s.encode(img)
+    ids = s.chat.prompt_ids("describe the image.", image_grid=enc.grid)
+    logits, cache = s.prefill(ids, enc.features, s.empty_cache())
+    return s.decode(logits, cache, n, force_length=True)
+
+
+def test_int4_weight_only_export(ort_int4, ort_fp32):
+    art, summary, lines = ort_int4
+    m = manifest.load(art)
+    assert m.precision == "int4" and m.decoder.flavour == "ort"
+    assert m.components["decoder"].precision == "int4-weight-only"
+    assert m.components["embed"].precision == "int8-weight-only"
+    assert m.components["vision"].precision == "fp32"
+    ops, _ = _ops(art / "decoder.onnx")
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+    q = m.quantization.report
+    assert q["method"] == "weight-only" and q["accuracy"]["passed"]
+    fp32_decoder = (ort_fp32[0] / "decoder.onnx.data").stat().st_size
+    assert (art / "decoder.onnx.data").stat().st_size < 0.3 * fp32_decoder
+    final = q["accuracy"]["final"]
+    # the demo model is trained: 4-bit weights keep its answers (gate: <= 1 point drop)
+    assert final["scene_accuracy"] >= final["scene_accuracy_fp32"] - 0.01
+    assert final["agreement"] >= 0.97
+    assert summary["validation"]["passed"]  # the fp32 graphs' parity, before the weights
+    r = _session(art).generate(_images(1)[0], "how many shapes are there?", max_new_tokens=4)
+    assert r.text and r.timings["new_tokens"] >= 1
+
+
+def test_ort_flavour_runtime_needs_no_torch(ort_int4):
+    art = ort_int4[0]
+    code = PRELUDE + f"""
+from vlmedge.runtime import VLMSession
+from vlmedge.demo import scenes
+s = VLMSession({str(art)!r}, provider="cpu")
+r = s.generate(scenes.make_scene(5).image, "how many shapes are there?", max_new_tokens=4)
+assert r.text, r
+assert "torch" not in sys.modules and "onnxruntime_genai" not in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(decoder_flavour="ort", target="trt", precision="fp16"), "--target trt needs"),
+    (dict(decoder_flavour="portable", precision="int4"), "takes --precision"),
+    (dict(decoder_flavour="ort", precision="fp16"), "takes --precision"),
+    (dict(decoder_flavour="fast"), "unknown --decoder-flavour"),
+])
+def test_bad_flavour_options_are_one_line(kw, words, tmp_path):
+    with pytest.raises(UserInputError, match=words):
+        exporter.check_options(exporter.ExportOptions(model_dir=Path("."),
+                                                      output=tmp_path / "x", **kw))
+
+
+def test_mrope_family_refused_for_ort_flavour(tmp_path):
+    from test_families import build_qwen2_vl
+    src = build_qwen2_vl(tmp_path / "qwen")
+    with pytest.raises(UnsupportedArchitectureError, match="mrope"):
+        _export(tmp_path / "out", model_dir=src, decoder_flavour="ort")
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_flavour_is_strict(ort_fp32, tmp_path):
+    d = json.loads((ort_fp32[0] / "manifest.json").read_text())
+    bad = json.loads(json.dumps(d))
+    bad["decoder"]["flavour"] = "fast"
+    with pytest.raises(ArtifactError, match="decoder.flavour"):
+        manifest.Manifest.from_dict(bad)
+    bad = json.loads(json.dumps(d))
+    bad["target"] = "trt"
+    with pytest.raises(ArtifactError, match="decoder.flavour"):
+        manifest.Manifest.from_dict(bad)
+    old = json.loads(json.dumps(d))
+    del old["decoder"]["flavour"]  # manifests written before flavours: portable
+    assert manifest.Manifest.from_dict(old).decoder.flavour == "portable"
