@@ -108,7 +108,9 @@ def vision_window_index(grid: Grid, merge_size: int, window_size: int,
     """Qwen2.5-VL's window attention for one image (vision_utils.get_vision_window_index):
     (t, h, w) -> window_index (t*h*w / merge^2,) int64, the merged units in
     window order, and cu_window_seqlens (windows + 1,) int32, the windows'
-    cumulative patch counts. A window is window_size pixels square."""
+    cumulative patch counts. A window is window_size pixels square, so it holds
+    at most (window_size // merge // patch * merge)^2 patches: the exported
+    graph batches windows padded to that many (export/families/qwen2_vl.py)."""
     t, h, w = check_grid(grid, merge_size)
     side = window_size // merge_size // patch_size  # merged units per window side
     gh, gw = h // merge_size, w // merge_size
@@ -133,12 +135,22 @@ def _fact(image, key: str):
     return image[key] if isinstance(image, Mapping) else getattr(image, key)
 
 
+_WINDOWS_HINT = ("this vision graph was exported for one number of attention windows (manifest "
+                 "image.window_count); re-export the model with this vlmedge to serve every "
+                 "grid, or resize the image to a grid like validated_grid")
+
+
 def vision_inputs(names: Sequence[str], grid: Grid | None, image,
                   shapes: dict[str, list] | None = None) -> dict[str, np.ndarray]:
     """The vision graph's grid-derived inputs `names` for one image of patch
     grid (t, h, w); `image` is the manifest's image section. `shapes`: the
     graph's input shapes (ints fixed, strings dynamic), checked here so that
-    a grid the graph cannot take is a clear error, not onnxruntime's."""
+    a grid the graph cannot take is a clear error, not onnxruntime's.
+
+    A Qwen2.5-VL graph takes cu_window_seqlens of any length (a named dim:
+    every grid); one exported by vlmedge before that has a fixed length, the
+    window count of the grid it was traced with (manifest image.window_count),
+    and other grids are refused here."""
     if grid is None:
         raise UserInputError("this model's vision encoder needs the image's patch grid",
                              expected="image_grid=(t, h, w) as the processor's image_grid_thw")
@@ -159,11 +171,15 @@ def vision_inputs(names: Sequence[str], grid: Grid | None, image,
         want = (shapes or {}).get(name)
         if want is not None and (len(want) != out[name].ndim or any(
                 isinstance(d, int) and d != n for d, n in zip(want, out[name].shape))):
+            windows = name == "cu_window_seqlens"  # (windows + 1,)
             raise UserInputError(
                 f"image grid {tuple(grid)} does not fit this artifact's vision graph",
-                expected=f"{name} of shape {want}", got=str(list(out[name].shape)),
-                hint="the graph was exported for a fixed number of attention windows; resize "
-                     "the image to a grid like the manifest's validated_grid, or re-export")
+                expected=f"{name} of shape {want}"
+                         + (f" (window count {want[0] - 1})" if windows else ""),
+                got=str(list(out[name].shape))
+                    + (f" (window count {len(out[name]) - 1})" if windows else ""),
+                hint=_WINDOWS_HINT if windows else "re-export the model with this vlmedge, or "
+                "resize the image to a grid like the manifest's validated_grid")
     return out
 
 

@@ -234,8 +234,8 @@ def test_names_and_dynamic_dims(family, family_artifacts):
     else:  # one image's flattened patches + host-computed grid inputs
         want = {"pixel_values": ["num_patches", 3 * 2 * 8 * 8],
                 "vision_position_ids": ["num_patches", 2]}  # cu_seqlens: from the shape
-        if family == "qwen2_5_vl":  # the window count (4) is fixed by the trace
-            want.update(window_index=["num_image_tokens"], cu_window_seqlens=[5])
+        if family == "qwen2_5_vl":  # window bounds: any count of attention windows
+            want.update(window_index=["num_image_tokens"], cu_window_seqlens=["num_window_edges"])
         assert vin == want
         assert vout == {"image_features": [1, "num_image_tokens", 32]}
 
@@ -337,7 +337,7 @@ def test_qwen_host_positions_equal_transformers(family, size, loaded, family_art
 @pytest.mark.parametrize("family", QWENS)
 def test_qwen_one_graph_serves_other_grids(family, family_artifacts, loaded):
     """The vision graph traced on one grid runs a 4x14 one (wide image) as
-    PyTorch does (for Qwen2.5-VL one with the same 4 attention windows)."""
+    PyTorch does."""
     lm = loaded[family]
     s = _session(family_artifacts[family][0])
     hf = dict(_hf_ids(lm.processor, _image(200, 64)))
@@ -360,14 +360,52 @@ def test_qwen_one_graph_serves_other_grids(family, family_artifacts, loaded):
         s.chat.prompt_ids(QUESTION, image_grid=(1, 3, 4))  # 3 is not a multiple of merge 2
 
 
-def test_qwen2_5_vl_other_window_count_is_a_clear_error(family_artifacts, loaded):
-    """A 2x2-patch grid has 1 attention window, the graph takes 4."""
+# (w, h) -> patch grid, attention windows (32 px = 2x2 merged patches each):
+# square, wide, tall, tiny, very thin; the validation image's grid has 4 windows.
+WINDOW_SIZES = [(128, 128), (200, 64), (64, 48), (20, 20), (50, 128), (100, 40), (30, 200),
+                (60, 100), (240, 30), (16, 300), (32, 64)]
+
+
+def test_qwen2_5_vl_one_graph_serves_every_window_count(family_artifacts, loaded):
+    """Images of 11 sizes (1 to 9 attention windows; 3 of them with the
+    validation image's 4) through the one vision graph: image_features as
+    PyTorch's get_image_features."""
+    from vlmedge.runtime import mrope
+
     lm = loaded["qwen2_5_vl"]
     s = _session(family_artifacts["qwen2_5_vl"][0])
-    hf = _hf_ids(lm.processor, _image(20, 20))
-    assert hf["image_grid_thw"][0].tolist() == [1, 2, 2]
-    with pytest.raises(UserInputError, match="cu_window_seqlens of shape"):
-        s.encode_image(hf["pixel_values"].numpy(), image_grid=(1, 2, 2))
+    counts = set()
+    for size in WINDOW_SIZES:
+        hf = dict(_hf_ids(lm.processor, _image(*size)))
+        grid = tuple(hf["image_grid_thw"][0].tolist())
+        counts.add(len(mrope.vision_window_index(grid, 2, 32, 8)[1]) - 1)
+        with torch.inference_mode():
+            ref = lm.family.torch_image_features(lm.model, hf).numpy()
+        feats = s.encode_image(hf["pixel_values"].numpy(), image_grid=grid)
+        np.testing.assert_allclose(feats, ref, atol=1e-4, err_msg=f"{size} -> grid {grid}")
+    assert counts == {1, 2, 3, 4, 5, 6, 9}
+
+
+def test_qwen2_5_vl_fixed_window_count_is_refused_in_one_line(family_artifacts):
+    """An artifact exported before the window count was a dim (manifest
+    image.window_count, cu_window_seqlens of fixed length) still parses and
+    refuses a grid of another window count in one line saying what to do."""
+    from vlmedge.runtime import mrope
+
+    d = manifest.read_json(family_artifacts["qwen2_5_vl"][0])
+    assert "window_count" not in d["image"]  # new artifacts: every grid
+    d["image"]["window_count"] = 4
+    image = manifest.Manifest.from_dict(d).image
+    assert image.window_count == 4
+    shapes = {"vision_position_ids": ["num_patches", 2], "window_index": ["num_image_tokens"],
+              "cu_window_seqlens": [5]}  # the old graph: 4 windows + 1
+    names = ["vision_position_ids", "window_index", "cu_window_seqlens"]
+    assert len(mrope.vision_inputs(names, (1, 8, 8), image, shapes)["cu_window_seqlens"]) == 5
+    with pytest.raises(UserInputError) as e:
+        mrope.vision_inputs(names, (1, 2, 2), image, shapes)
+    msg = str(e.value)
+    assert "\n" not in msg and "window count 4" in msg and "window count 1" in msg
+    assert "re-export" in msg
 
 
 @pytest.mark.parametrize("family", QWENS)
@@ -409,7 +447,7 @@ def test_manifest_image_sections(family_artifacts):
     assert m["decoder"]["mrope_section"] == [2, 1, 1]
     assert m["preprocess"]["tiling"]["max_pixels"] == 64 * 64
     m = json.loads((family_artifacts["qwen2_5_vl"][0] / "manifest.json").read_text())
-    assert m["image"]["window_count"] == 4 and m["image"]["window_size"] == 32
+    assert "window_count" not in m["image"] and m["image"]["window_size"] == 32
     assert m["image"]["vision_grid_inputs"][-2:] == ["window_index", "cu_window_seqlens"]
 
 
@@ -439,9 +477,10 @@ def test_runtime_preprocessing_equals_processor(family, size, family_artifacts, 
 
 # (family, (w, h)): square, wide and tall images whose 8 greedy tokens hold no
 # image token (PyTorch's recompute cannot take one) and no early stop token;
-# Qwen2.5-VL's graph takes grids with 4 attention windows only.
+# Qwen2.5-VL's with 4, 3 and 6 attention windows.
 GENERATE_CASES = [("idefics3", (128, 128)), ("idefics3", (300, 90)), ("idefics3", (50, 128)),
-                  ("qwen2_vl", (128, 128)), ("qwen2_vl", (40, 120)), ("qwen2_5_vl", (200, 64))]
+                  ("qwen2_vl", (128, 128)), ("qwen2_vl", (40, 120)), ("qwen2_5_vl", (200, 64)),
+                  ("qwen2_5_vl", (50, 128)), ("qwen2_5_vl", (240, 30))]
 
 
 @pytest.mark.parametrize("family,size", GENERATE_CASES)
@@ -514,11 +553,23 @@ def test_vlm_run_on_raw_image(family, family_artifacts, tmp_path):
     assert out["token_ids"] == want and "preprocess_ms" in out["timings"]
 
 
-def test_qwen2_5_vl_raw_image_of_another_window_count_is_a_clear_error(family_artifacts):
-    """A 20x20 image makes a 2x2-patch grid (1 attention window; the graph takes 4)."""
-    s = _session(family_artifacts["qwen2_5_vl"][0])
-    with pytest.raises(UserInputError, match="does not fit this artifact's vision graph"):
-        s.generate(_image(20, 20), QUESTION, max_new_tokens=2)
+def test_qwen2_5_vl_tensorrt_plan_covers_every_window_count(family_artifacts):
+    """The TensorRT plan's vision profile ranges over window counts too (1 to
+    8 windows: a 2 x 16 merged grid, within 16 image tokens) and says so."""
+    from vlmedge.export.trt import profiles
+
+    m = manifest.load(family_artifacts["qwen2_5_vl"][0]).to_dict()
+    vision = profiles.make_plan(m, profiles.Limits(max_context=128))["components"]["vision"]
+    assert vision["profiles"][0]["dims"]["num_window_edges"] == [2, 5, 9]
+    assert vision["profiles"][0]["shapes"]["cu_window_seqlens"] == \
+        {"min": [2], "opt": [5], "max": [9]}
+    assert "1..16 image tokens" in vision["covers"] and "1..8 attention windows" in vision["covers"]
+    # An artifact whose graph fixes the window count: a plan for that count, said so.
+    spec = next(i for i in m["components"]["vision"]["inputs"] if i["name"] == "cu_window_seqlens")
+    spec["shape"] = [5]
+    vision = profiles.make_plan(m, profiles.Limits(max_context=128))["components"]["vision"]
+    assert "num_window_edges" not in vision["profiles"][0]["dims"]
+    assert "exactly 4 attention windows" in vision["covers"]
 
 
 def test_tiling_preprocessor_needs_preprocess_and_a_known_method(family_artifacts):

@@ -221,29 +221,16 @@ def _vi(name, t, shape):
     return helper.make_tensor_value_info(name, t, shape)
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_vl", "qwen2_5_vl"])
 def test_check_trt_family_fp16_passes(family, trt_llava, trt_families):
+    """Qwen2-VL and Qwen2.5-VL pass since their vision graphs take attention
+    segments and windows as shapes (a patch count; windows batched by the
+    count of window bounds), not as Split sizes read from an input's values."""
     art = trt_llava[0] if family == "llava" else trt_families[family]
     rep = compat.check_path(art)
     assert rep.passed, compat.format_report(rep)
     assert [c.component for c in rep.components] == ["vision", "embed", "decoder"]
     assert manifest.load(art).to_dict()["trt"]["compat"]["passed"] is True
-
-
-def test_check_trt_qwen2_5_vision_needs_data_dependent_split(trt_families):
-    """A real finding, not a checker quirk: Qwen2.5-VL's window attention
-    splits the patch sequence by window lengths read from the
-    cu_window_seqlens input's VALUES, which TensorRT cannot build as a shape.
-    (Qwen2-VL had the same Split on cu_seqlens until the graph derived its one
-    segment from the patch count; it passes above.) Embed and decoder are clean."""
-    rep = compat.check_path(trt_families["qwen2_5_vl"])
-    by = {c.component: c for c in rep.components}
-    assert not by["embed"].errors and not by["decoder"].errors
-    errs = by["vision"].errors
-    assert errs and all(f.op == "Split" and f.kind == "data-dependent-shape" for f in errs)
-    assert all("cu_window_seqlens" in f.message for f in errs)
-    r = _run("check-trt", trt_families["qwen2_5_vl"])
-    assert r.returncode == 1 and "node_Split" in r.stdout and "FAILED" in r.stdout
 
 
 def test_check_trt_catches_unsupported_ops(tmp_path):

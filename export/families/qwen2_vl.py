@@ -20,13 +20,20 @@ takes mrope position_ids (3, batch, sequence_length), also from the host.
 
 Qwen2.5-VL adds window attention in most vision blocks: the host also
 computes the window order of the merged patches (window_index) and the
-windows' cumulative patch counts (cu_window_seqlens). The number of windows
-is fixed when traced (the tower splits its sequence into a Python list of
-windows), so a Qwen2.5-VL vision graph takes the grids with the window count
-of the grid it was traced and validated with (manifest image.window_count).
+windows' cumulative patch counts (cu_window_seqlens, a dynamic dim). The
+tower itself splits its sequence into a Python list of windows
+(`torch.split(..., lengths.tolist())`), which a trace unrolls into the traced
+grid's window count: earlier vlmedge graphs served only that count (their
+manifests say image.window_count; the runtime refuses other grids for them).
+While the graph is traced, the windowed blocks attend instead over the
+windows gathered into a (windows, window_patches) batch, padded and masked,
+window_patches being the most a window can hold (a constant of the config):
+the window count is a shape, never a loop, so one graph serves every grid.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -67,23 +74,78 @@ class Qwen2VLVision(nn.Module):
         return out.pooler_output[None]
 
 
+def _window_slots(cu_window_seqlens, window_patches: int):
+    """cu_window_seqlens (W + 1,) int32 -> index (W, L) int64, valid (W, L) bool,
+    L = window_patches: slot s of window w holds patch cu[w] + s if s is
+    below the window's length; padding slots point at patch 0, masked."""
+    cu = cu_window_seqlens.long()
+    slot = torch.arange(window_patches)                              # (L,)
+    valid = slot[None, :] < (cu[1:] - cu[:-1])[:, None]              # (W, L)
+    return torch.where(valid, cu[:-1, None] + slot[None, :], 0), valid
+
+
+def _patch_slots(cu_window_seqlens, num_patches, window_patches: int):
+    """(N,) int64: each patch's row in the (W * L) rows of the batched windows.
+    The (N, W) comparison costs about N^2 / L, a small part of a
+    full-attention block's N^2 scores per head."""
+    cu = cu_window_seqlens.long()
+    patch = torch.arange(num_patches)                                # (N,)
+    window = (patch[:, None] >= cu[None, 1:]).sum(-1)                # (N,) window of each patch
+    return window * window_patches + patch - cu[window]
+
+
+def batched_window_attention(attn, window_patches: int, hidden_states, cu_seqlens,
+                             position_embeddings=None, **kwargs):
+    """Qwen2_5_VLVisionAttention.forward for a windowed block, with the windows
+    batched instead of split: hidden_states (N, C), cu_seqlens the window
+    bounds (W + 1,) -> (N, C). The same arithmetic as transformers' per-window
+    eager attention (padded keys get exp(min) = 0 weight); standard ONNX ops
+    only (Gather, MatMul, Where, Softmax), sizes from shapes alone."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    n = hidden_states.shape[0]
+    qkv = attn.qkv(hidden_states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+    q, k, v = qkv.unbind(0)                                          # (N, H, D) each
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    index, valid = _window_slots(cu_seqlens, window_patches)
+    q, k, v = (t[index].permute(0, 2, 1, 3) for t in (q, k, v))      # (W, H, L, D)
+    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling       # (W, H, L, L)
+    scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v).permute(0, 2, 1, 3)                 # (W, L, H, D)
+    out = out.reshape(-1, attn.dim)[_patch_slots(cu_seqlens, n, window_patches)]  # (N, C)
+    return attn.proj(out)
+
+
+@contextlib.contextmanager
+def batched_windows(visual):
+    """While inside: the windowed blocks of a Qwen2.5-VL tower attend through
+    batched_window_attention; their own forward is restored on exit, so the
+    PyTorch model export validates against keeps transformers' attention."""
+    side = visual.window_size // visual.spatial_merge_size // visual.patch_size
+    window_patches = (side * visual.spatial_merge_size) ** 2  # most patches in a window
+    windowed = [blk.attn for i, blk in enumerate(visual.blocks)
+                if i not in visual.fullatt_block_indexes]
+    for attn in windowed:
+        attn.forward = functools.partial(batched_window_attention, attn, window_patches)
+    try:
+        yield
+    finally:
+        for attn in windowed:
+            del attn.forward  # the instance attribute; the class's forward shows again
+
+
 class Qwen25VLVision(Qwen2VLVision):
     """Qwen2VLVision plus window_index (num_patches / merge^2,) int64 and
-    cu_window_seqlens (windows + 1,) int32.
-
-    The tower's attention runs eager here and in the PyTorch reference: SDPA's
-    is_causal test (q_length > 1) guards on the window lengths, which are
-    data, and torch.export refuses such a guard; eager attention is the same
-    arithmetic without it."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.visual.config._attn_implementation = "eager"
+    cu_window_seqlens (num_window_edges = windows + 1,) int32; the windowed
+    blocks attend through batched_window_attention (module docstring)."""
 
     def forward(self, pixel_values, vision_position_ids, window_index, cu_window_seqlens):
-        out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
-                          cu_seqlens=_one_segment(pixel_values), window_index=window_index,
-                          cu_window_seqlens=cu_window_seqlens)
+        with batched_windows(self.visual):
+            out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
+                              cu_seqlens=_one_segment(pixel_values), window_index=window_index,
+                              cu_window_seqlens=cu_window_seqlens)
         return out.pooler_output[None]
 
 
@@ -158,7 +220,8 @@ class Qwen2VL(Family):
         pixels = torch.randn(grid[0] * grid[1] * grid[2], patch_dim)  # (N, C*T*P*P)
         host = mrope.vision_inputs(self.grid_inputs, grid, self._grid_facts(model))
         dims = {"pixel_values": {0: "num_patches"}, "vision_position_ids": {0: "num_patches"},
-                "window_index": {0: "num_image_tokens"}}
+                "window_index": {0: "num_image_tokens"},
+                "cu_window_seqlens": {0: "num_window_edges"}}
         return GraphSpec("vision", self.vision_module(model),
                          (pixels, *(torch.from_numpy(host[n]) for n in self.grid_inputs)),
                          ["pixel_values", *self.grid_inputs], ["image_features"],
@@ -241,19 +304,7 @@ class Qwen25VL(Qwen2VL):
         from transformers import Qwen2_5_VLProcessor
         return Qwen2_5_VLProcessor
 
-    def trace_grid(self, model, processor) -> tuple[int, int, int]:
-        # The validation image's grid: the window count is fixed by the trace.
-        hf = self.hf_inputs(processor, self.sample_image(), "describe the image.")
-        return self.image_grid(processor, None, hf)
-
     def _grid_facts(self, model) -> dict[str, Any]:
         vc = model.config.vision_config
         return {**super()._grid_facts(model), "window_size": int(vc.window_size),
                 "fullatt_block_indexes": [int(i) for i in vc.fullatt_block_indexes]}
-
-    def image_facts(self, model, processor) -> dict[str, Any]:
-        facts = super().image_facts(model, processor)
-        _, cu = mrope.vision_window_index(facts["validated_grid"], facts["merge_size"],
-                                          facts["window_size"], facts["patch_size"])
-        facts["window_count"] = len(cu) - 1  # grids with another count need another export
-        return facts

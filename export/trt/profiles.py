@@ -14,7 +14,11 @@ per component:
     vision   llava:    batch = images          [1, 1, B*I]
              idefics3: batch = tiles           [1, tiles/image, B*I*tiles/image]
              qwen2_vl: num_patches, num_image_tokens of ONE image (one image
-                       per vision call): from the processor's pixel limits
+                       per vision call): from the processor's pixel limits;
+                       Qwen2.5-VL also num_window_edges (attention windows
+                       + 1): [2, validated grid's, the most any grid within
+                       the limits makes], so one engine serves every grid
+                       (artifacts exported before that fix the window count)
     embed    batch [1, 1, B], sequence_length [1, P, C]
     decoder  two profiles, because prefill and decode want different kernels
              (GEMM over a prompt vs. matrix-vector per token):
@@ -25,7 +29,8 @@ per component:
 P, the typical prompt, is one image's tokens plus TEXT_TOKENS (a short
 question in its chat template); D = P + ANSWER_TOKENS, the past in the middle
 of a typical short answer. The runtime picks the decode profile for one-token
-steps and prefill otherwise.
+steps and prefill otherwise. The plan's vision component says in words which
+images its profile covers (`covers`).
 """
 from __future__ import annotations
 
@@ -54,6 +59,26 @@ class Limits:
 
 
 Range = tuple[int, int, int]  # (min, opt, max)
+WINDOW_DIM = "num_window_edges"  # Qwen2.5-VL's cu_window_seqlens: (windows + 1,)
+
+
+def _dim_names(m: dict[str, Any], comp: str) -> set[str]:
+    """The named (dynamic) dims of a component's inputs."""
+    return {d for spec in m["components"][comp]["inputs"] for d in spec["shape"]
+            if isinstance(d, str)}
+
+
+def _windows(gh: int, gw: int, side: int) -> int:
+    """Attention windows of a merged gh x gw grid, side x side merged units
+    each (runtime/mrope.py vision_window_index; empty windows drop out)."""
+    return -(-gh // side) * -(-gw // side)
+
+
+def _max_windows(tok_max: int, side: int) -> int:
+    """The most windows of any merged grid gh x gw with gh * gw <= tok_max:
+    for each gh the widest gw (windows never fall as gw grows). An upper
+    bound: the processor's aspect-ratio limit rules out the thinnest grids."""
+    return max(_windows(gh, tok_max // gh, side) for gh in range(1, tok_max + 1))
 
 
 def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Range]:
@@ -81,7 +106,14 @@ def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Ran
         t, h, w = img.get("validated_grid") or (1, 1, tok_max * merge2)
         tok_opt = min(max(t * h * w // merge2, tok_min), tok_max)
         toks = (tok_min, tok_opt, tok_max)
-        return {"num_patches": tuple(x * merge2 for x in toks), "num_image_tokens": toks}, toks
+        dims = {"num_patches": tuple(x * merge2 for x in toks), "num_image_tokens": toks}
+        if WINDOW_DIM in _dim_names(m, "vision"):  # Qwen2.5-VL: window_size px windows
+            merge = int(tiling["merge_size"])
+            side = max(1, int(img["window_size"]) // merge // int(tiling["patch_size"]))
+            most = _max_windows(tok_max, side)
+            opt = min(max(_windows(h // merge, w // merge, side), 1), most)
+            dims[WINDOW_DIM] = (2, opt + 1, most + 1)
+        return dims, toks
     return {"batch": (1, 1, n)}, (per, per, per)
 
 
@@ -109,6 +141,27 @@ def dim_ranges(m: dict[str, Any], lim: Limits) -> dict[str, list[tuple[str, dict
                         "total_sequence_length": (1, d + 1, c)}),
         ],
     }
+
+
+def covers(m: dict[str, Any], lim: Limits) -> str:
+    """Which images the vision profile serves, in words (the plan's
+    components.vision.covers)."""
+    dims, tok = _image_ranges(m, lim)
+    method = (m["preprocess"].get("tiling") or {}).get("method")
+    if method != "qwen2_vl_patches":
+        n = dims["batch"][2]
+        return (f"every image ({'tiled' if method else 'resized'} to the graph's input size), "
+                f"up to {n} {'tiles' if method else 'images'} per vision call")
+    text = (f"every grid of one image with {tok[0]}..{tok[2]} image tokens "
+            f"({dims['num_patches'][0]}..{dims['num_patches'][2]} patches)")
+    shapes = {i["name"]: i["shape"] for i in m["components"]["vision"]["inputs"]}
+    edges = shapes.get("cu_window_seqlens", [None])[0]
+    if isinstance(edges, int):  # exported before the window count was a dim
+        return (f"{text} and exactly {edges - 1} attention windows (this vision graph fixes "
+                f"the window count; re-export it to serve every grid)")
+    if WINDOW_DIM in dims:
+        return f"{text} and 1..{dims[WINDOW_DIM][2] - 1} attention windows"
+    return text
 
 
 def _shapes(comp: str, inputs: list[dict], dims: dict[str, Range]) -> dict[str, dict[str, list]]:
@@ -145,6 +198,8 @@ def make_plan(m: dict[str, Any], lim: Limits) -> dict[str, Any]:
             {"name": name, "dims": {k: list(v) for k, v in dims.items()},
              "shapes": _shapes(comp, spec["inputs"], dims)}
             for name, dims in ranges[comp]]}
+    if "vision" in comps:
+        comps["vision"]["covers"] = covers(m, lim)
     return {"max_context": lim.max_context, "max_batch": lim.max_batch,
             "max_images": lim.max_images, "components": comps}
 
