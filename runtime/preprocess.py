@@ -100,19 +100,8 @@ def resize_region(hwc: np.ndarray, out_h: int, out_w: int, region, resample="bic
     [y0:y0+rh, x0:x0+rw] for 8-bit bands (Pillow 13's pass order; order=1 for
     Pillow <= 12), computing only the region (a fused resize + crop). `out`, if
     given, is a C-contiguous uint8 (rh, rw, C) array that is filled and returned."""
-    hwc = _check_pixels(hwc, "resize")
+    hwc, (y0, x0, rh, rw) = _check_region(hwc, out_h, out_w, region)
     h, w, ch = hwc.shape
-    y0, x0, rh, rw = (int(v) for v in region)
-    if min(out_h, out_w) < 1 or y0 < 0 or x0 < 0 or rh < 1 or rw < 1 \
-            or y0 + rh > out_h or x0 + rw > out_w:
-        raise UserInputError("resize: region outside the output",
-                             expected=f"rows and columns inside {out_h}x{out_w} (HxW)",
-                             got=f"rows {y0}..{y0 + rh}, columns {x0}..{x0 + rw}")
-    if max(out_h, out_w) > MAX_RESIZE_SIDE or max(h, w) > MAX_RESIZE_SIDE * 64:
-        raise UserInputError("image too elongated or too large to resize for this model",
-                             expected=f"a resize to at most {MAX_RESIZE_SIDE} px a side",
-                             got=f"{h}x{w} -> {out_h}x{out_w} (HxW)",
-                             hint="crop the image to a more usual aspect ratio first")
     f = resample_id(resample)
     if out is None:
         out = np.empty((rh, rw, ch), np.uint8)
@@ -125,6 +114,54 @@ def resize_region(hwc: np.ndarray, out_h: int, out_w: int, region, resample="bic
     else:
         _cpreprocess.resize_region(hwc, h, w, ch, out, out_h, out_w, f, y0, x0, rh, rw, order)
     return out
+
+
+def resize_normalize(hwc: np.ndarray, out_h: int, out_w: int, region, resample, scale: float,
+                     mean, std, out: np.ndarray | None = None, order: int = 0) -> np.ndarray:
+    """resize_region then normalize_to_chw in one pass: uint8 (H, W, 3|4) RGB[A]
+    -> float32 (3, rh, rw) CHW, region = (y0, x0, rh, rw) of the (out_h, out_w)
+    resize. Bit for bit the two calls' result; the C path never writes the
+    uint8 crop (its rows go through L1 scratch). `out`, if given, is a
+    C-contiguous float32 (3, rh, rw) array that is filled and returned."""
+    hwc, (y0, x0, rh, rw) = _check_region(hwc, out_h, out_w, region)
+    h, w, ch = hwc.shape
+    if ch not in (3, 4):
+        raise UserInputError("resize_normalize: bad pixels", expected="uint8 (H, W, 3|4) RGB[A]",
+                             got=f"{hwc.dtype} {hwc.shape}")
+    f = resample_id(resample)
+    if out is None:
+        out = np.empty((3, rh, rw), np.float32)
+    elif out.dtype != np.float32 or out.shape != (3, rh, rw) or not out.flags.c_contiguous:
+        raise UserInputError("resize_normalize: bad out buffer",
+                             expected=f"C-contiguous float32 {(3, rh, rw)}",
+                             got=f"{out.dtype} {out.shape}")
+    if _cpreprocess is None:
+        out[...] = preprocess_ref.resize_normalize(hwc, out_h, out_w, f, y0, x0, rh, rw,
+                                                   scale, mean, std, order)
+    else:
+        _cpreprocess.resize_normalize(hwc, h, w, ch, out, out_h, out_w, f, y0, x0, rh, rw,
+                                      float(scale), tuple(map(float, mean)),
+                                      tuple(map(float, std)), order)
+    return out
+
+
+def _check_region(hwc, out_h: int, out_w: int, region) -> tuple[np.ndarray, tuple]:
+    """(C-contiguous pixels, (y0, x0, rh, rw)), or a UserInputError for a
+    region outside the (out_h, out_w) output or a resize too large to do."""
+    hwc = _check_pixels(hwc, "resize")
+    h, w = hwc.shape[:2]
+    y0, x0, rh, rw = (int(v) for v in region)
+    if min(out_h, out_w) < 1 or y0 < 0 or x0 < 0 or rh < 1 or rw < 1 \
+            or y0 + rh > out_h or x0 + rw > out_w:
+        raise UserInputError("resize: region outside the output",
+                             expected=f"rows and columns inside {out_h}x{out_w} (HxW)",
+                             got=f"rows {y0}..{y0 + rh}, columns {x0}..{x0 + rw}")
+    if max(out_h, out_w) > MAX_RESIZE_SIDE or max(h, w) > MAX_RESIZE_SIDE * 64:
+        raise UserInputError("image too elongated or too large to resize for this model",
+                             expected=f"a resize to at most {MAX_RESIZE_SIDE} px a side",
+                             got=f"{h}x{w} -> {out_h}x{out_w} (HxW)",
+                             hint="crop the image to a more usual aspect ratio first")
+    return hwc, (y0, x0, rh, rw)
 
 
 def resize(hwc: np.ndarray, out_h: int, out_w: int, resample="bicubic",
@@ -249,7 +286,7 @@ class ImagePreprocessor:
         self._scale = 1.0 if c["rescale"] is None else float(c["rescale"])
         self._mean = (0.0, 0.0, 0.0) if c["mean"] is None else tuple(map(float, c["mean"]))
         self._std = (1.0, 1.0, 1.0) if c["std"] is None else tuple(map(float, c["std"]))
-        self._u8: np.ndarray | None = None    # (H, W, 3) resized + cropped pixels
+        self._u8: np.ndarray | None = None    # (H, W, 3) zero-padded crop (crop > image only)
         self._out: np.ndarray | None = None   # (1, 3, H, W) pixel_values
 
     @classmethod
@@ -274,9 +311,16 @@ class ImagePreprocessor:
                                  f"({self.config['tiling']['method']})",
                                  hint="call .preprocess(image) for pixel_values and the grid")
         rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)
-        u8 = self._resize_and_crop(rgb)                                             # (H, W, 3)
-        out = self._buffer("_out", (1, 3) + u8.shape[:2], np.float32)
-        normalize_to_chw(u8, self._scale, self._mean, self._std, out=out[0])
+        oh, ow = self.resized_size(*rgb.shape[:2])
+        crop_h, crop_w = self.config["crop"] or (oh, ow)
+        out = self._buffer("_out", (1, 3, crop_h, crop_w), np.float32)
+        region, _ = _crop_overlap(oh, ow, crop_h, crop_w)
+        if region[2:] == (crop_h, crop_w):  # the usual case: resize, crop, normalize in one pass
+            resize_normalize(rgb, oh, ow, region, self._filter, self._scale, self._mean,
+                             self._std, out=out[0])
+        else:  # the crop is larger than the image: zero padding, as HF, then normalize
+            u8 = self._padded_crop(rgb, oh, ow, crop_h, crop_w)                 # (H, W, 3)
+            normalize_to_chw(u8, self._scale, self._mean, self._std, out=out[0])
         return out
 
     def preprocess(self, image, layout: str = "RGB", tiling: dict | None = None
@@ -316,15 +360,13 @@ class ImagePreprocessor:
             resample=self._filter)
         return patches, tuple(int(v) for v in grid[0])  # grid (1, 3) -> (t, h, w)
 
-    def _resize_and_crop(self, rgb: np.ndarray) -> np.ndarray:
-        h, w = rgb.shape[:2]
-        oh, ow = self.resized_size(h, w)
-        crop_h, crop_w = self.config["crop"] or (oh, ow)
+    def _padded_crop(self, rgb: np.ndarray, oh: int, ow: int, crop_h: int, crop_w: int
+                     ) -> np.ndarray:
+        """uint8 (crop_h, crop_w, 3): the (oh, ow) resize's part inside the
+        centered crop window, zeros around it (HF pads before normalizing)."""
         u8 = self._buffer("_u8", (crop_h, crop_w, 3), np.uint8)
         (y0, x0, rh, rw), (dy, dx) = _crop_overlap(oh, ow, crop_h, crop_w)
-        if (rh, rw) == (crop_h, crop_w):  # the usual case: resize straight into the crop
-            return resize_region(rgb, oh, ow, (y0, x0, rh, rw), self._filter, out=u8)
-        u8.fill(0)  # HF pads with zeros before rescale/normalize
+        u8.fill(0)
         u8[dy:dy + rh, dx:dx + rw] = resize_region(rgb, oh, ow, (y0, x0, rh, rw), self._filter)
         return u8
 

@@ -158,3 +158,13 @@ def resize(src: np.ndarray, out_h: int, out_w: int, f: int,
     Image.resize((out_w, out_h), resample=f) per band (f: 1..5, Pillow's
     LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING)."""
     return resize_region(src, out_h, out_w, f, 0, 0, out_h, out_w, order)
+
+
+def resize_normalize(src: np.ndarray, out_h: int, out_w: int, f: int, y0: int, x0: int,
+                     rh: int, rw: int, scale: float, mean, std,
+                     order: int = ORDER_PILLOW13) -> np.ndarray:
+    """uint8 (H, W, 3|4) -> float32 (3, rh, rw): resize_region then
+    normalize_to_chw, the two steps that _cpreprocess.resize_normalize fuses
+    into one pass."""
+    u8 = resize_region(src, out_h, out_w, f, y0, x0, rh, rw, order)
+    return normalize_to_chw(u8, scale, mean, std)
