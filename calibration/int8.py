@@ -54,6 +54,10 @@ class Int8Options:
     cache_dir: Path | None = None  # activation-range cache; None: off
     threads: int | None = None  # onnxruntime intra-op threads (None: its default)
     progress: bool = False  # rich progress bars on stderr while collecting
+    # The graphs to quantize: both, or ("vision",) alone beside a decoder quantized
+    # otherwise (the ort flavour's weight-only int8/int4, export/weight_only.py);
+    # the embedding table follows the decoder.
+    graphs: tuple[str, ...] = GRAPHS
 
 
 def default_threads() -> int | None:
@@ -162,40 +166,43 @@ def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log,
     static = opts.precision == "int8"
     # As a dict: this stage edits it (files, precision, quantization).
     m = staged if staged is not None else manifest_mod.load(directory, verify=False).to_dict()
+    staged_precision = m["precision"]
     fp32_files = {name: e["bytes"] for name, e in m["files"].items()}
     session32 = VLMSession(directory, provider="cpu", threads=opts.threads, verify=False,
                            manifest=m)
     with _timed(log, "int8 reference"):
         ref = gate.reference(session32, opts.data.holdout, opts.scene)
-    protos = {g: graphs.load_proto(directory / f"{g}.onnx") for g in GRAPHS}
+    chosen = opts.graphs
+    protos = {g: graphs.load_proto(directory / f"{g}.onnx") for g in chosen}
     pick = graphs.weight_nodes if static else graphs.dynamic_nodes
-    nodes = {g: pick(protos[g]) for g in GRAPHS}
-    labels = {g: graphs.node_labels(protos[g]) for g in GRAPHS}
+    nodes = {g: pick(protos[g]) for g in chosen}
+    labels = {g: graphs.node_labels(protos[g]) for g in chosen}
     calib_info: dict[str, Any] = {"method": opts.method if static else None,
                                   "decode_steps": feeds.DECODE_STEPS, "cache": {}}
     ranges_files: dict[str, Path] = {}
     if static:
-        for g in GRAPHS:
+        for g in chosen:
             with _timed(log, f"calibrate {g}"):
                 ranges_files[g] = _ranges(directory, m, g, protos[g], nodes[g], session32, opts,
                                           work, calib_info, log)
     variants = Variants(directory, work, opts.precision, nodes, ranges_files, opts.method)
     embed_path = work / "embed" / "embed.onnx"
     embed_storage = "fp16" if static else "int8"  # see graphs.py: TensorRT takes no int8 Gather
-    embed_done = graphs.quantize_embedding(directory / "embed.onnx", embed_path, embed_storage)
+    embed_done = "decoder" in chosen and \
+        graphs.quantize_embedding(directory / "embed.onnx", embed_path, embed_storage)
     pipe = Pipeline(directory, opts.threads, m)
     if embed_done:
         pipe.use("embed", embed_path)
 
     def apply(excluded: list[Node], images: int | None = None, cosine_only: bool = False):
-        for g in GRAPHS:
+        for g in chosen:
             pipe.use(g, variants.path(g, frozenset(n.name for n in excluded if n.graph == g)))
         return gate.measure(pipe.session, ref, images, cosine_only)
 
     with _timed(log, "int8 gate"):
         initial, loop, ranking = _gate(apply, variants, nodes, opts.targets, log)
         final_paths = {g: variants.path(g, frozenset(n.name for n in loop.excluded if n.graph == g))
-                       for g in GRAPHS}
+                       for g in chosen}
         variants.prune(set(final_paths.values()))
     rep = _report(opts, static, embed_storage if embed_done else None, nodes, labels, calib_info,
                   initial, loop, ranking)
@@ -208,6 +215,8 @@ def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log,
                  "--calib data, a lower --accuracy-target, or fp32/fp16")
     files = _install(directory, final_paths, embed_path if embed_done else None)
     m = _update_manifest(directory, m, opts, files, embed_storage if embed_done else None)
+    if "decoder" not in chosen:  # vision alone: the decoder keeps its own precision
+        m["precision"] = staged_precision
     rep["size"] = _sizes(fp32_files, {n: e["bytes"] for n, e in m["files"].items()})
     rep["seconds"] = round(time.perf_counter() - start, 2)
     m["quantization"] = report.manifest_section(rep)
@@ -231,7 +240,7 @@ def _gate(apply, variants: Variants, nodes: dict[str, list[str]], targets: gate.
 
     def tidy(excluded: list[Node]) -> None:  # leave-one-out variants add up on disk
         variants.prune({variants.path(g, frozenset(n.name for n in excluded if n.graph == g))
-                        for g in GRAPHS})
+                        for g in nodes})
 
     loop, ranking = _sensitivity_pass(apply, nodes, initial, targets, log, tidy)
     return initial, loop, ranking
@@ -244,10 +253,10 @@ def _report(opts: Int8Options, static: bool, embed_storage: str | None, nodes, l
         "precision": opts.precision,
         **_describe(static, embed_storage),
         "quantized_nodes": {g: len(nodes[g]) - sum(n.graph == g for n in loop.excluded)
-                            for g in GRAPHS},
+                            for g in nodes},
         "calibration": {**opts.data.describe(), **calib_info},
         "excluded_nodes": {g: [{"node": n.name, "module": labels[g].get(n.name)}
-                               for n in loop.excluded if n.graph == g] for g in GRAPHS},
+                               for n in loop.excluded if n.graph == g] for g in nodes},
         "accuracy": {"targets": asdict(opts.targets), "initial": initial.to_dict(),
                      "final": loop.figures.to_dict(), "passed": not loop.failures,
                      "failures": loop.failures},
@@ -373,7 +382,7 @@ def _sensitivity_pass(apply, nodes: dict[str, list[str]], initial: gate.Figures,
         fails = gate.failures(figures, targets)
     if fails and len(excluded) < cap:
         base = apply(excluded, sens).kl
-        candidates = [Node(g, n) for g in GRAPHS for n in nodes[g] if Node(g, n) not in excluded]
+        candidates = [Node(g, n) for g in nodes for n in nodes[g] if Node(g, n) not in excluded]
         ranked = sensitivity.rank(candidates, lambda n: apply(excluded + [n], sens).kl, base,
                                   False, log)
         ranking += ranked
@@ -411,10 +420,11 @@ def _update_manifest(directory: Path, m: dict, opts: Int8Options, files: list[st
     for name in files:
         m["files"][name] = manifest_mod.file_entry(directory / name)
     m["precision"] = opts.precision
-    for g in GRAPHS:
+    for g in opts.graphs:
         m["components"][g]["precision"] = opts.precision
-    m["components"]["embed"]["precision"] = \
-        f"{embed_storage}-weight-only" if embed_storage else "fp32"
+    if "decoder" in opts.graphs:  # the embedding follows the decoder
+        m["components"]["embed"]["precision"] = \
+            f"{embed_storage}-weight-only" if embed_storage else "fp32"
     if m.get("validation"):
         m["validation"]["note"] = ("parity of the fp32 graphs with PyTorch, before quantization; "
                                    "the quantized graphs' accuracy is under quantization.accuracy")

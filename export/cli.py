@@ -41,6 +41,9 @@ def main(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
         "int8/int4; CPU and CUDA EPs). Default: ort for int4, else portable."),
+    vision_precision: str = typer.Option(
+        "fp32", "--vision-precision", help="ort flavour with int8/int4 weights: the vision graph "
+        "fp32 | int8 (static QDQ, calibrated on --calib, gated)."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Artifact directory (default: <model>-<target>-<precision>)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
@@ -96,7 +99,7 @@ def main(
         opts = ExportOptions(
             model_dir=Path(), output=output or _default_output(model, target, precision),
             target=target, precision=precision, decoder_flavour=decoder_flavour,
-            validate=validate,
+            vision_precision=vision_precision, validate=validate,
             random_weights=random_weights, max_context=max_context, max_batch=max_batch,
             max_images=max_images, max_image_tokens=max_image_tokens, force=force,
             keep_failed=keep_failed, trust_remote_code=trust_remote_code,

@@ -1,20 +1,23 @@
 """HF model directory -> artifact directory, stage by stage.
 
-Stages: load, vision, embedding, decoder (portable: torch.onnx; ort: the
-onnxruntime-genai builder, export/ort_decoder.py), (fp16), write, validate; for
---precision int8 | int8-dynamic, validate (fp32) then the INT8 stage
-(export/quantize.py); for int8 | int4 with the ort flavour, validate (fp32)
-then the weight-only stage (export/weight_only.py). Each
-prints its elapsed time; the result is a summary dict (also the --json
-output). See vlmedge/manifest.py for what the manifest holds.
+`plan(options)` lists the stages, decided from the options and the typed
+precision (vlmedge/precision.py): load, vision, embedding, decoder (portable:
+torch.onnx; ort: the onnxruntime-genai builder, export/ort_decoder.py), fp16
+(fp16 only), write, then either validate (parity with PyTorch) or, for a
+calibrated precision, its quantization stage, which proves fp32 parity first
+(INT8: export/quantize.py; the ort flavour's weight-only int8/int4:
+export/weight_only.py), and trt (--target trt). Each stage is one function of
+the shared `Run`; each prints its elapsed time; the result is a summary dict
+(also the --json output). See vlmedge/manifest.py for what the manifest holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from vlmedge import __version__, manifest
+from vlmedge import precision as precision_mod
 from vlmedge.errors import UserInputError, ValidationError
 
 from vlmedge.runtime.cli_common import stage as timed_stage
@@ -22,12 +25,9 @@ from vlmedge.runtime.cli_common import stage as timed_stage
 from . import artifact, loading
 from .onnx_export import export_graph
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+PRECISIONS = precision_mod.NAMES
 TARGETS = ("onnx", "trt")
 FLAVOURS = ("portable", "ort")
-# What each decoder flavour takes (export/ort_decoder.py: weight-only int8/int4)
-FLAVOUR_PRECISIONS = {"portable": ("fp32", "fp16", "int8", "int8-dynamic"),
-                      "ort": ("fp32", "int8", "int4")}
 
 
 @dataclass
@@ -38,6 +38,8 @@ class ExportOptions:
     precision: str = "fp32"
     # "portable" | "ort"; None: ort for int4 (weight-only needs it), else portable
     decoder_flavour: str | None = None
+    # ort flavour with int8/int4 weights: the vision graph "fp32" or "int8" (static QDQ)
+    vision_precision: str = "fp32"
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
@@ -63,7 +65,8 @@ def flavour(o: ExportOptions) -> str:
     """The decoder flavour the export builds (--decoder-flavour, or its default)."""
     if o.decoder_flavour is not None:
         return o.decoder_flavour
-    return "ort" if o.precision == "int4" else "portable"
+    p = precision_mod.PRECISIONS.get(o.precision)
+    return p.flavours[0] if p else "portable"
 
 
 def check_options(o: ExportOptions) -> None:
@@ -74,17 +77,27 @@ def check_options(o: ExportOptions) -> None:
     if flavour(o) not in FLAVOURS:
         raise UserInputError(f"unknown --decoder-flavour {o.decoder_flavour!r}",
                              expected=" | ".join(FLAVOURS))
+    if o.vision_precision not in ("fp32", "int8"):
+        raise UserInputError(f"unknown --vision-precision {o.vision_precision!r}",
+                             expected="fp32 | int8")
+    if o.vision_precision != "fp32" and not (flavour(o) == "ort" and o.precision != "fp32"):
+        raise UserInputError("--vision-precision applies to the ort flavour's int8/int4 "
+                             "exports", got=f"--precision {o.precision}, --decoder-flavour "
+                             f"{flavour(o)}",
+                             hint="--precision int8 (portable) quantizes the vision graph too")
     if flavour(o) == "ort" and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
                              got="--decoder-flavour ort",
                              hint="the ort flavour uses onnxruntime contrib ops TensorRT lacks")
-    if o.precision not in FLAVOUR_PRECISIONS[flavour(o)]:
+    p = precision_mod.get(o.precision)
+    if flavour(o) not in p.flavours:
+        takes = [n for n, q in precision_mod.PRECISIONS.items() if flavour(o) in q.flavours]
         raise UserInputError(
-            f"--decoder-flavour {flavour(o)} takes --precision "
-            f"{' | '.join(FLAVOUR_PRECISIONS[flavour(o)])}", got=f"--precision {o.precision}",
+            f"--decoder-flavour {flavour(o)} takes --precision {' | '.join(takes)}",
+            got=f"--precision {o.precision}",
             hint="int4 is weight-only MatMulNBits, built for the ort flavour; fp16 and "
                  "int8-dynamic are portable-flavour precisions")
-    if o.target == "trt" and o.precision not in ("fp16", "int8"):
+    if o.target == "trt" and not p.trt:
         raise UserInputError(f"--target trt takes --precision fp16 or int8, not {o.precision}",
                              hint="fp16 graphs, or int8 with explicit Q/DQ nodes (TensorRT cannot "
                                   "use int8-dynamic's MatMulInteger; fp32 belongs on the CPU)")
@@ -170,6 +183,44 @@ def convert_fp16(path: Path) -> None:
                     location=data.name, size_threshold=1024)
 
 
+@dataclass
+class Run:
+    """What the stages of one export share (each stage reads and fills it)."""
+    o: ExportOptions
+    log: Callable[[str], None]
+    stage: Callable  # timed_stage bound to this run's log and times
+    loaded: Any = None  # loading.LoadedModel
+    calib_data: Any = None  # CalibrationSet, or None
+    context: int = 0
+    staged: Any = None  # artifact.Staged
+    graphs: dict = field(default_factory=dict)  # {"vision"|"embed"|"decoder": GraphSpec | None}
+    m: dict = field(default_factory=dict)  # the manifest being built
+
+    @property
+    def tmp(self) -> Path:
+        return self.staged.path
+
+
+def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
+    """The export's stages in order, as (name, function): what runs is decided
+    here, from the options and the typed precision, and nowhere else. Stages
+    that time sub-steps of their own (the quantization stages) log those."""
+    p = precision_mod.get(o.precision)
+    native = flavour(o) == "ort"
+    steps = [("vision", _export_vision), ("embedding", _export_embed),
+             ("decoder-ort" if native else "decoder", _export_decoder)]
+    if p.io_dtype == "float16":
+        steps.append(("fp16", _to_fp16))
+    steps.append(("write", _write_manifest))
+    if p.calibrated:  # fp32 parity first, then the quantization stage and its gate
+        steps.append((f"{o.precision} (weight-only)" if native else o.precision, _quantize))
+    if o.target == "trt":
+        steps.append(("trt", _prepare_trt))
+    if o.validate and p.parity is not None:
+        steps.append(("validate", _validate_stage))
+    return steps
+
+
 def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     check_options(o)
     artifact.check_output(o.output, o.force)
@@ -178,79 +229,117 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     def stage(name):
         return timed_stage(name, log, times)
 
-    calib_data = None
+    r = Run(o, log, stage)
+    steps = plan(o)
     from . import quantize
-    native = flavour(o) == "ort"
-    # Weight-only int8/int4 (ort flavour) is round-to-nearest: data serves only the
-    # accuracy gate, which random weights cannot pass or fail meaningfully.
-    ungated = native and o.random_weights
-    if o.precision in quantize.CALIBRATED and not ungated:
-        calib_data = quantize.calibration_data(o, log)  # bad data fails before the export
+    if precision_mod.get(o.precision).calibrated and not _ungated(o):
+        r.calib_data = quantize.calibration_data(o, log)  # bad data fails before the export
+    log("[plan] load, " + ", ".join(name for name, _ in steps))
     with stage("load"):
-        loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code, o.allow_pickle,
-                              log=log)
-    fam, model, proc = loaded.family, loaded.model, loaded.processor
-    if native:  # before the slow export: a model the builder cannot take fails now
+        r.loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code,
+                                o.allow_pickle, log=log)
+    fam, model = r.loaded.family, r.loaded.model
+    if flavour(o) == "ort":  # before the slow export: a model the builder cannot take fails now
         from . import ort_decoder
-        ort_decoder.check(loaded)
+        ort_decoder.check(r.loaded)
     limit = fam.max_context(model)
-    context = min(o.max_context or limit, limit)
+    r.context = min(o.max_context or limit, limit)
     if o.max_context and o.max_context > limit:
         log(f"[load] note: --max-context {o.max_context} is more than the model's limit (its "
             f"position limit or sliding window); the artifact serves {limit} tokens")
-    summary: dict[str, Any] = {}
     with artifact.staging(o.output, o.force, o.keep_failed) as staged:
-        tmp = staged.path
-        graphs = {"vision": fam.vision_graph(model, proc), "embed": fam.embed_graph(model),
-                  "decoder": None if native else fam.decoder_graph(model)}
-        for stage_name, key in (("vision", "vision"), ("embedding", "embed")):
-            with stage(stage_name):
-                export_graph(graphs[key], tmp / f"{key}.onnx")
-        with stage("decoder-ort" if native else "decoder"):
-            if native:  # fp32 first: parity with PyTorch is proved on it, then weights shrink
-                ort_decoder.build(loaded, tmp, "fp32", log)
+        r.staged = staged
+        for name, fn in steps:
+            if fn in _SELF_TIMED:
+                fn(r)
             else:
-                export_graph(graphs["decoder"], tmp / "decoder.onnx")
-        if o.precision == "fp16":
-            with stage("fp16"):
-                for key in graphs:
-                    convert_fp16(tmp / f"{key}.onnx")
-        with stage("write"):
-            m = _manifest(o, loaded, tmp, graphs, context)
-            m["decoder"]["flavour"] = flavour(o)
-            if o.max_image_tokens is not None:
-                _check_image_budget(m, o.max_image_tokens)
-                m["image"]["max_image_tokens"] = o.max_image_tokens
-            m["tokenizer"]["add_special_tokens"] = _add_special_tokens(loaded, m, tmp)
-        staged.manifest = m  # written last by staging; kept with --keep-failed
-        if native and o.precision != "fp32":  # fp32 parity, then weight-only int8/int4
-            from . import weight_only
-            m = staged.manifest = weight_only.quantize(o, loaded, tmp, m, calib_data, _validate,
-                                                       stage, log, staged)
-        elif calib_data is not None:  # fp32 parity, then INT8 in place (export/quantize.py)
-            m = staged.manifest = quantize.quantize(o, loaded, tmp, m, calib_data, _validate,
-                                                    stage, log, staged)
-        if o.target == "trt":
-            with stage("trt"):  # profiles, static check, build_engines.sh (export/trt/prepare.py)
-                from .trt import prepare, profiles
-                limits = profiles.Limits(context, o.max_batch, o.max_images)
-                m["trt"] = prepare.prepare(tmp, m, limits, __version__, log, o.output)
-        if o.validate and o.precision not in quantize.CALIBRATED:  # else validated above
-            with stage("validate"):
-                m["validation"] = _validate(loaded, tmp, o.precision, m)
-            if not m["validation"].get("passed", True):
-                raise ValidationError(
-                    "exported model does not match PyTorch: " + _figures(m["validation"]),
-                    hint="see the per-prompt figures with --json; --keep-failed keeps the artifact")
-        summary = _summary(o, o.output, m, times)
-        if m.get("quantization"):
-            summary["quantization"] = quantize.summary(m)
+                with stage(name):
+                    fn(r)
+        summary = _summary(o, o.output, r.m, times)
+        summary["stages"] = ["load"] + [name for name, _ in steps]
+        if r.m.get("quantization"):
+            summary["quantization"] = quantize.summary(r.m)
         # the manifest is written last, by staging, then the directory is renamed into place
     if o.target == "trt":  # the artifact is in place: build engines where TensorRT imports
         from .trt import prepare
-        summary["trt"] = {"check_passed": m["trt"]["compat"]["passed"],
+        summary["trt"] = {"check_passed": r.m["trt"]["compat"]["passed"],
                           **prepare.finish(o.output, log)}
     return summary
+
+
+def _ungated(o: ExportOptions) -> bool:
+    """Weight-only int8/int4 (ort flavour) is round-to-nearest: calibration data
+    serves only the accuracy gate, which random weights cannot pass or fail
+    meaningfully (int8 vision still needs data for its activation ranges)."""
+    return flavour(o) == "ort" and o.random_weights and o.vision_precision == "fp32"
+
+
+# -- the stages ----------------------------------------------------------------------
+
+def _export_vision(r: Run) -> None:
+    fam, model = r.loaded.family, r.loaded.model
+    r.graphs["vision"] = fam.vision_graph(model, r.loaded.processor)
+    export_graph(r.graphs["vision"], r.tmp / "vision.onnx")
+
+
+def _export_embed(r: Run) -> None:
+    r.graphs["embed"] = r.loaded.family.embed_graph(r.loaded.model)
+    export_graph(r.graphs["embed"], r.tmp / "embed.onnx")
+
+
+def _export_decoder(r: Run) -> None:
+    if flavour(r.o) == "ort":  # fp32 first: parity with PyTorch is proved on it
+        from . import ort_decoder
+        r.graphs["decoder"] = None
+        ort_decoder.build(r.loaded, r.tmp, "fp32", r.log)
+    else:
+        r.graphs["decoder"] = r.loaded.family.decoder_graph(r.loaded.model)
+        export_graph(r.graphs["decoder"], r.tmp / "decoder.onnx")
+
+
+def _to_fp16(r: Run) -> None:
+    for key in r.graphs:
+        convert_fp16(r.tmp / f"{key}.onnx")
+
+
+def _write_manifest(r: Run) -> None:
+    o = r.o
+    m = _manifest(o, r.loaded, r.tmp, r.graphs, r.context)
+    m["decoder"]["flavour"] = flavour(o)
+    if o.max_image_tokens is not None:
+        _check_image_budget(m, o.max_image_tokens)
+        m["image"]["max_image_tokens"] = o.max_image_tokens
+    m["tokenizer"]["add_special_tokens"] = _add_special_tokens(r.loaded, m, r.tmp)
+    r.m = r.staged.manifest = m  # written last by staging; kept with --keep-failed
+
+
+def _quantize(r: Run) -> None:
+    """fp32 parity, then INT8 (export/quantize.py) or, for the ort flavour,
+    weight-only int8/int4 (export/weight_only.py), each with its gate."""
+    if flavour(r.o) == "ort":
+        from . import weight_only as stage_module
+    else:
+        from . import quantize as stage_module
+    r.m = r.staged.manifest = stage_module.quantize(r.o, r.loaded, r.tmp, r.m, r.calib_data,
+                                                    _validate, r.stage, r.log, r.staged)
+
+
+def _prepare_trt(r: Run) -> None:
+    """Profiles, the static check and build_engines.sh (export/trt/prepare.py)."""
+    from .trt import prepare, profiles
+    limits = profiles.Limits(r.context, r.o.max_batch, r.o.max_images)
+    r.m["trt"] = prepare.prepare(r.tmp, r.m, limits, __version__, r.log, r.o.output)
+
+
+def _validate_stage(r: Run) -> None:
+    r.m["validation"] = _validate(r.loaded, r.tmp, r.o.precision, r.m)
+    if not r.m["validation"].get("passed", True):
+        raise ValidationError(
+            "exported model does not match PyTorch: " + _figures(r.m["validation"]),
+            hint="see the per-prompt figures with --json; --keep-failed keeps the artifact")
+
+
+_SELF_TIMED = (_quantize,)
 
 
 def _check_image_budget(m: dict, budget: int) -> None:

@@ -18,9 +18,9 @@ from typing import Any, Callable
 from vlmedge.errors import UserInputError, ValidationError
 from vlmedge.models import demo_model_dir
 
+from vlmedge import precision as precision_mod
+
 INT8_PRECISIONS = ("int8", "int8-dynamic")
-# Precisions held to an accuracy gate on calibration data (int4: export/weight_only.py)
-CALIBRATED = INT8_PRECISIONS + ("int4",)
 CACHE_OFF = "off"
 
 
@@ -36,12 +36,12 @@ def check(o) -> None:
     from vlmedge.calibration import dataset, gate, int8
 
     int8_opts = (o.calib, o.calib_size, o.calib_cache)
-    if o.precision not in CALIBRATED:
+    if not precision_mod.get(o.precision).calibrated:
         if any(v is not None for v in int8_opts):
             raise UserInputError("--calib, --calib-size and --calib-cache apply to --precision "
                                  "int8 | int8-dynamic | int4", got=f"--precision {o.precision}")
         return
-    if o.precision == "int4":
+    if o.precision not in INT8_PRECISIONS:  # int4: the gate's data only
         dataset.check_calib_size(o.calib_size)
         gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop)
         return

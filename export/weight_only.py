@@ -8,8 +8,11 @@ with --decoder-flavour ort (int4 implies it).
     3. rebuild: the decoder again at int8/int4 (MatMulNBits, block 32, round to
        nearest: export/ort_decoder.py); the embedding table int8 per row; the
        vision graph stays fp32
-    4. gate: the same figures and targets as INT8 (teacher-forced top-1 agreement
-       with fp32, scene-accuracy drop); falling short fails the export in one line
+    4. with --vision-precision int8: the vision graph through the INT8 stage
+       (calibration/int8.py, static QDQ, vision alone), gated beside the new decoder
+    5. gate: the whole artifact against the fp32 reference, with the same figures
+       and targets as INT8 (image-feature cosine, teacher-forced top-1 agreement,
+       scene-accuracy drop); falling short fails the export in one line
 
 The manifest's `quantization` section records method, format, data set, the
 figures and the sizes, like the INT8 stage's.
@@ -72,7 +75,10 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     scene = is_demo(o.model_dir)
     fp32_bytes = {n: m["files"][n]["bytes"] for n in DECODER_FILES if n in m["files"]}
     ref = None
-    if data is not None:  # None: random weights, no gate (see run_export)
+    # Random weights: answers mean nothing, so no agreement or scene gate; int8
+    # vision (which needs data for its ranges) is still held to its feature cosine.
+    gated = data is not None and not o.random_weights
+    if gated:
         with stage(f"{o.precision} reference"):
             ref = gate.reference(VLMSession(tmp, provider="cpu", verify=False, manifest=m),
                                  data.holdout, scene)
@@ -90,6 +96,19 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         m["components"]["embed"]["precision"] = "int8-weight-only" if embed_int8 else "fp32"
         m["components"]["vision"]["precision"] = "fp32"
         m["precision"] = o.precision
+    vision_report = None
+    if o.vision_precision == "int8":  # static QDQ vision, gated beside the new decoder
+        from vlmedge.calibration import int8
+
+        from .quantize import _cache_dir
+        vtargets = targets if gated else gate.Targets(1e-9, o.min_cosine, 100.0)
+        vopts = int8.Int8Options(
+            precision="int8", data=data, method=o.calib_method, targets=vtargets, scene=scene,
+            cache_dir=_cache_dir(o), threads=int8.default_threads(), progress=o.progress,
+            graphs=("vision",))
+        with stage("vision int8"):
+            m = int8.quantize_artifact(tmp, vopts, log, manifest=m)
+        vision_report, m["quantization"] = m["quantization"], None  # nested below
     figures, failures = gate.Figures(), []
     if ref is not None:
         with stage(f"{o.precision} gate"):
@@ -104,11 +123,14 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
                   f"{ort_decoder.BLOCK_SIZE}, symmetric, round to nearest (onnxruntime-genai "
                   f"model builder)",
         "weights": f"decoder MatMuls and LM head {o.precision}; embedding "
-                   f"{'int8 per row' if embed_int8 else 'fp32'}; vision fp32",
+                   f"{'int8 per row' if embed_int8 else 'fp32'}; vision "
+                   f"{'int8 static QDQ (under vision)' if vision_report else 'fp32'}",
+        "vision": vision_report,
         "activations": "fp32 in the graph (onnxruntime's CPU kernels quantize them to int8 "
                        "per block on the fly: accuracy_level 4)",
         "cpu_only": False,
-        "calibration": {**data.describe(), "used_for": "the accuracy gate (held-out prompts)"}
+        "calibration": {**data.describe(), "used_for": "the accuracy gate (held-out prompts)"
+                        + (" and the vision graph's int8 ranges" if vision_report else "")}
         if data is not None else {"source": None, "used_for": "nothing: random weights"},
         "accuracy": {"targets": asdict(targets), "final": figures.to_dict(),
                      "passed": not failures, "failures": failures,

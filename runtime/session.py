@@ -39,6 +39,7 @@ import numpy as np
 
 from vlmedge import containment
 from vlmedge import manifest as manifest_mod
+from vlmedge import precision as precision_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
 from . import mrope, sampling
@@ -149,7 +150,7 @@ class VLMSession:
         self.context_length = self.facts.context_length
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread preprocessing buffers
-        self._dtype = np.float16 if m.precision == "fp16" else np.float32
+        self._dtype = np.dtype(precision_mod.get(m.precision).io_dtype)  # graphs' floats
         # The decoder flavour's runner (runtime/decoders.py); positions are 1-D
         # (Llama) or mrope (Qwen2-VL, 3 rows from the image grid).
         self._runner = open_decoder(self.decoder, m,

@@ -162,6 +162,29 @@ def test_int4_weight_only_export(ort_int4, ort_fp32):
     assert r.text and r.timings["new_tokens"] >= 1
 
 
+def test_int4_with_int8_vision(tmp_path, ort_int4):
+    """--vision-precision int8: the vision graph through the INT8 stage alone (static QDQ),
+    the decoder's int4 weights kept; the whole artifact gated against fp32."""
+    art = tmp_path / "demo-int4-v8"
+    summary, lines = _export(art, precision="int4", vision_precision="int8", calib="synthetic",
+                             calib_size=8, calib_cache="off")
+    m = manifest.load(art)
+    assert m.precision == "int4" and m.decoder.flavour == "ort"
+    assert m.components["vision"].precision == "int8"
+    assert m.components["decoder"].precision == "int4-weight-only"
+    vops, _ = _ops(art / "vision.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= vops
+    q = m.quantization.report
+    assert q["vision"]["accuracy"]["passed"] and q["accuracy"]["passed"]
+    final = q["accuracy"]["final"]
+    assert final["cosine_mean"] >= 0.99  # int8 vision against the fp32 features
+    assert final["scene_accuracy"] >= final["scene_accuracy_fp32"] - 0.01
+    assert (art / "vision.onnx.data").stat().st_size < \
+        0.5 * (ort_int4[0] / "vision.onnx.data").stat().st_size
+    r = _session(art).generate(_images(1)[0], "how many shapes are there?", max_new_tokens=4)
+    assert r.text
+
+
 def test_ort_flavour_runtime_needs_no_torch(ort_int4):
     art = ort_int4[0]
     code = PRELUDE + f"""
@@ -182,6 +205,8 @@ print("ok")
     (dict(decoder_flavour="portable", precision="int4"), "takes --precision"),
     (dict(decoder_flavour="ort", precision="fp16"), "takes --precision"),
     (dict(decoder_flavour="fast"), "unknown --decoder-flavour"),
+    (dict(vision_precision="int8"), "--vision-precision applies"),
+    (dict(precision="int4", vision_precision="int4"), "unknown --vision-precision"),
 ])
 def test_bad_flavour_options_are_one_line(kw, words, tmp_path):
     with pytest.raises(UserInputError, match=words):

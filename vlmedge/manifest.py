@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import containment
+from . import precision as precision_mod
 from .errors import ArtifactError
 
 SCHEMA_VERSION = 2
@@ -76,7 +77,7 @@ MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 TARGETS = ("onnx", "trt")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
 EXPANDS = ("repeat", "idefics3", "qwen2_vl")
