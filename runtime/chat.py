@@ -17,6 +17,9 @@ does (the manifest's image "expand"):
               tokenized, so merges (e.g. "\n\n") come out as the processor's.
     qwen2_vl  <|image_pad|> -> t*h*w / merge_size**2 copies for a (t, h, w)
               patch grid
+    anyres    <image> -> as many copies as the packed features of an image
+              of grid (h, w, bh, bw) (LLaVA-NeXT / OneVision: base tile,
+              unpadded tile map, a newline per row; runtime/anyres.py)
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from vlmedge import containment
 from vlmedge.errors import ArtifactError, UserInputError
 from vlmedge.manifest import ImageFacts, TokenizerFacts
 
-from . import mrope
+from . import anyres, mrope
 
 
 def _raise(message: str):
@@ -168,6 +171,9 @@ class ChatTokenizer:
         if self.expand == "qwen2_vl":
             m = self.image.merge_size
             return (1, m, m)
+        if self.expand == "anyres":
+            bh, bw = self.image.grid_pinpoints[0]
+            return (bh, bw, bh, bw)
         return None
 
     def check_text(self, question: str) -> None:
@@ -209,7 +215,8 @@ class ChatTokenizer:
         the HF processor does (module docstring). image_grid: the image's
         tile grid (rows, cols) for idefics3, as the image processor's
         rows/cols (None: (0, 0) where the artifact does not split images);
-        its (t, h, w) patch grid for qwen2_vl (image_grid_thw)."""
+        its (t, h, w) patch grid for qwen2_vl (image_grid_thw); its
+        (h, w, bh, bw) for anyres (original size, tiled resolution)."""
         text = self.render(question, with_image)
         if with_image and self.expand == "idefics3":
             placeholder = self.image.image_placeholder
@@ -226,6 +233,13 @@ class ChatTokenizer:
                                      expected="image_grid=(t, h, w) as the processor's "
                                               "image_grid_thw")
             count = mrope.image_token_count(image_grid, self.image.merge_size)
+        if with_image and self.expand == "anyres":
+            if image_grid is None:
+                raise UserInputError("this model's image token count depends on the image's "
+                                     "size, and none was given",
+                                     expected="image_grid=(h, w, bh, bw) as preprocess() "
+                                              "returns it")
+            count = anyres.image_token_count(image_grid, self.image)
         out: list[int] = []
         for t in ids:
             out.extend([t] * count if t == self.image_token_id else [t])

@@ -12,6 +12,11 @@ what the exported graphs take (they take any tile count or patch grid):
                the merged patches, the image tokens, within the budget
     repeat     (LLaVA) the image always takes tokens_per_image: a smaller
                budget is an error
+    anyres     (LLaVA-NeXT/OneVision) the grid pinpoints are narrowed to those
+               at which this image's packed features fit; the runtime carries
+               the pinpoint used in the image grid, so packing follows it (the
+               model was trained on the full set: a smaller budget is a
+               coarser image, not the processor's own choice)
 
 The preprocessing stays the HF processor's, run with those settings
 (Idefics3ImageProcessor size={"longest_edge": L}, Qwen2VLImageProcessor
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 from vlmedge.errors import UserInputError
 
+from . import anyres
 from .preprocess import idefics3_encoder_size, idefics3_resized_size
 
 
@@ -61,6 +67,8 @@ def budget_tiling(tiling: dict | None, image, shape: tuple[int, int], max_tokens
                     <= max_tokens:
                 return {**tiling, "longest_edge": edge}
         return {**tiling, "longest_edge": tile}
+    if tiling["method"] == "anyres":
+        return _anyres_budget(tiling, image, h, w, max_tokens)
     unit = (tiling["patch_size"] * tiling["merge_size"]) ** 2  # pixels per image token
     max_pixels = min(tiling["max_pixels"], max_tokens * unit)
     if max_pixels < tiling["min_pixels"]:
@@ -68,3 +76,15 @@ def budget_tiling(tiling: dict | None, image, shape: tuple[int, int], max_tokens
                              expected=f">= {-(-tiling['min_pixels'] // unit)}",
                              got=str(max_tokens))
     return {**tiling, "max_pixels": max_pixels}
+
+
+def _anyres_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
+    """The pinpoints at which an h x w image takes at most max_tokens tokens."""
+    counts = [(anyres.image_token_count((h, w, ph, pw), image), [ph, pw])
+              for ph, pw in tiling["grid_pinpoints"]]
+    fits = [pin for n, pin in counts if n <= max_tokens]
+    if not fits:
+        least = min(n for n, _ in counts)
+        raise UserInputError(f"a {h}x{w} image takes at least {least} tokens with this model",
+                             expected=f"max_image_tokens >= {least}", got=str(max_tokens))
+    return {**tiling, "grid_pinpoints": fits}

@@ -15,7 +15,7 @@ import numpy as np
 
 from vlmedge.errors import UserInputError
 
-from . import preprocess_ref
+from . import anyres, preprocess_ref
 from .image_io import load_image
 
 try:
@@ -272,7 +272,9 @@ class ImagePreprocessor:
                   no first resize), "tile_size": int, "do_image_splitting": bool}
                   or {"method": "qwen2_vl_patches", "patch_size",
                   "temporal_patch_size", "merge_size", "min_pixels",
-                  "max_pixels": int}; `resize`, `size` and `crop` are then unused
+                  "max_pixels": int} or {"method": "anyres", "tile_size": int,
+                  "grid_pinpoints": [[height, width], ...] multiples of
+                  tile_size}; `resize`, `size` and `crop` are then unused
       processor   str: the HF class it came from, for the record only [None]
 
     __call__'s array is reused by the next call with the same output shape
@@ -333,6 +335,9 @@ class ImagePreprocessor:
                             whole image; grid (rows, cols), (0, 0) when not split
           qwen2_vl_patches  (gh * gw, 3 * T * P * P) flattened patches;
                             grid (1, gh, gw) in patches (image_grid_thw)
+          anyres            (N, 3, S, S) tiles: the whole image, then rows x
+                            cols row-major; grid (h, w, bh, bw): the original
+                            size and the pinpoint it was tiled at (anyres.py)
 
         Equal to the HF image processor's pixel_values for one image (Idefics3's
         without its padding) and its rows/cols or image_grid_thw."""
@@ -344,6 +349,10 @@ class ImagePreprocessor:
         rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)
         if tiling["method"] == "idefics3":
             return self._idefics3(rgb, tiling)
+        if tiling["method"] == "anyres":
+            frames, grid = anyres_frames(rgb, tiling["grid_pinpoints"], tiling["tile_size"],
+                                         self._filter)
+            return frames_to_pixel_values(frames, self._scale, self._mean, self._std)[0], grid
         return self._qwen2_vl(rgb, tiling)
 
     def _idefics3(self, rgb: np.ndarray, tiling: dict) -> tuple[np.ndarray, tuple[int, int]]:
@@ -428,7 +437,9 @@ _TILING_KEYS = {
     "idefics3": ("longest_edge", "tile_size", "do_image_splitting"),
     "qwen2_vl_patches": ("patch_size", "temporal_patch_size", "merge_size", "min_pixels",
                          "max_pixels"),
+    "anyres": ("tile_size", "grid_pinpoints"),
 }
+MAX_PINPOINTS = 256  # LLaVA-OneVision has 36
 
 
 _TILING_OPTIONAL = {"idefics3": ("global_image",)}
@@ -453,6 +464,8 @@ def _check_tiling(tiling) -> dict:
         raise UserInputError(f"ImagePreprocessor: {method} tiling lacks {missing}",
                              expected=f"keys {list(_TILING_KEYS[method])}",
                              got=repr(sorted(tiling)))
+    if method == "anyres":
+        return _check_anyres(tiling)
     for key in _TILING_KEYS[method]:
         v = tiling[key]
         hi = MAX_CONFIG_PIXELS if key.endswith("_pixels") else MAX_CONFIG_SIZE
@@ -466,6 +479,23 @@ def _check_tiling(tiling) -> dict:
         raise UserInputError("ImagePreprocessor: qwen2_vl tiling min_pixels > max_pixels",
                              got=f"{tiling['min_pixels']} > {tiling['max_pixels']}")
     return dict(tiling)
+
+
+def _check_anyres(tiling: dict) -> dict:
+    """tile_size an int; grid_pinpoints 1..MAX_PINPOINTS [height, width]
+    pairs, each side a multiple of tile_size within MAX_CONFIG_SIZE."""
+    tile, pins = tiling["tile_size"], tiling["grid_pinpoints"]
+    if not _size_ok(tile):
+        raise UserInputError("ImagePreprocessor: bad tiling tile_size",
+                             expected=f"an int in 1..{MAX_CONFIG_SIZE}", got=repr(tile)[:40])
+    ok = isinstance(pins, (list, tuple)) and 1 <= len(pins) <= MAX_PINPOINTS and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(_size_ok(v) and v % tile == 0
+                                                             for v in p) for p in pins)
+    if not ok:
+        raise UserInputError("ImagePreprocessor: bad anyres grid_pinpoints",
+                             expected=f"1..{MAX_PINPOINTS} [height, width] pairs, multiples of "
+                                      f"tile_size {tile}", got=repr(pins)[:60])
+    return {**tiling, "grid_pinpoints": [[int(h), int(w)] for h, w in pins]}
 
 
 def _size_ok(v, hi: int = MAX_CONFIG_SIZE) -> bool:
@@ -642,3 +672,25 @@ def qwen2_vl_patches(rgb: np.ndarray, scale: float, mean, std, *, patch_size: in
     x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (temporal_patch_size, p, p))
     flat = np.ascontiguousarray(x).reshape(gh * gw, 3 * temporal_patch_size * p * p)
     return flat, np.array([[1, gh, gw]], np.int64)
+
+
+def anyres_frames(rgb: np.ndarray, pinpoints, tile: int, resample="bicubic"
+                  ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """uint8 (H, W, 3) RGB -> (frames uint8 (N, tile, tile, 3), grid (H, W, bh, bw)),
+    as transformers' LlavaNext / LlavaOnevision image processors: the whole
+    image resized to tile x tile first, then the image resized into the best
+    pinpoint (bh, bw) keeping its aspect ratio, zero-padded centred, cut into
+    (bh / tile) x (bw / tile) tiles row-major. Both resizes start from the
+    original pixels, as HF's do."""
+    h, w = rgb.shape[:2]
+    bh, bw = anyres.select_best_resolution(h, w, pinpoints)
+    nh, nw = anyres.fitted_size(h, w, bh, bw)
+    rows, cols = bh // tile, bw // tile
+    frames = np.empty((rows * cols + 1, tile, tile, 3), np.uint8)
+    resize(rgb, tile, tile, resample, out=frames[0])  # the base (whole-image) tile
+    canvas = np.zeros((bh, bw, 3), np.uint8)
+    top, left = (bh - nh) // 2, (bw - nw) // 2  # the padding's odd pixel goes bottom/right
+    canvas[top:top + nh, left:left + nw] = resize(rgb, nh, nw, resample)
+    tiles = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+    frames[1:] = tiles.reshape(rows * cols, tile, tile, 3)
+    return frames, (int(h), int(w), int(bh), int(bw))

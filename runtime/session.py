@@ -42,7 +42,7 @@ from vlmedge import manifest as manifest_mod
 from vlmedge import precision as precision_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
-from . import mrope, sampling
+from . import anyres, mrope, sampling
 from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
 from .decoders import open_decoder
@@ -285,7 +285,9 @@ class VLMSession:
             vision = self.manifest.components["vision"]
             shapes = {t.name: list(t.shape) for t in vision.inputs}
             feeds.update(mrope.vision_inputs(extra, image_grid, self.image_facts, shapes))
-        return self.vision.run(feeds)["image_features"]
+        # anyres (LLaVA-NeXT/OneVision): per-tile features packed on the host by the image size
+        return anyres.features(self.vision.run(feeds)["image_features"], image_grid,
+                               self.image_facts)
 
     def embed_prompt(self, ids: list[int], image_features: np.ndarray | None) -> np.ndarray:
         """ids (S,) -> inputs_embeds (1, S, D), image token rows replaced by

@@ -21,6 +21,7 @@ Sections (schema 2):
     schema_version   int; older versions are migrated (MIGRATIONS), newer refused
     vlmedge_version  exporter version
     family           "llava" | "idefics3" | "smolvlm" | "qwen2_vl" | "qwen2_5_vl"
+                     | "llava_next" | "llava_onevision"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
                      | "int4" (weight-only, the ort decoder flavour)
     source           Source: path, architecture, content_hash, random_weights
@@ -38,7 +39,9 @@ Sections (schema 2):
                      buffer per layer shared by past and present: runtime/decoders.py)
     image            ImageFacts: the image token, tokens per image, feature size,
                      how the placeholder expands ("repeat" | "idefics3" |
-                     "qwen2_vl", runtime/chat.py) and that expansion's facts;
+                     "qwen2_vl" | "anyres", runtime/chat.py) and that expansion's
+                     facts (anyres: grid pinpoints, anyres_max_tiles and the
+                     learned image_newline vector the host packs with);
                      max_image_tokens, the default image-token budget (optional)
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling); its keys are
@@ -61,6 +64,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +79,13 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a manifest
 MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
-FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next",
+            "llava_onevision")
 TARGETS = ("onnx", "trt")
 PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
-EXPANDS = ("repeat", "idefics3", "qwen2_vl")
+EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres")
 GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
 # Upper bounds on what a loader sizes memory by: far above any real model, far
 # below what would make a hostile manifest allocate terabytes.
@@ -180,6 +185,12 @@ class ImageFacts:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] | None = None
     window_count: int | None = None
+    # anyres (llava_next, llava_onevision; tile_size and patch_size too): the
+    # [height, width] resolutions an image is tiled at, OneVision's K of
+    # "anyres_max_K" (None: no shrinking), the newline vector (feature_dim,)
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    anyres_max_tiles: int | None = None
+    image_newline: tuple[float, ...] | None = None
     # the artifact's default image-token budget (vlm-export --max-image-tokens)
     max_image_tokens: int | None = None
 
@@ -264,7 +275,8 @@ class Manifest:
 
 
 # How each image expansion is preprocessed (runtime/chat.py, runtime/preprocess.py).
-_EXPAND_TILING = {"repeat": None, "idefics3": "idefics3", "qwen2_vl": "qwen2_vl_patches"}
+_EXPAND_TILING = {"repeat": None, "idefics3": "idefics3", "qwen2_vl": "qwen2_vl_patches",
+                  "anyres": "anyres"}
 
 
 def _cross_check(m: "Manifest", where: str) -> None:
@@ -495,7 +507,14 @@ _IMAGE_NEEDS = {
                  "tile_size", "do_image_splitting"),
     "qwen2_vl": ("merge_size", "patch_size", "temporal_patch_size", "vision_grid_inputs",
                  "images_per_vision_call"),
+    "anyres": ("tile_size", "patch_size", "grid_pinpoints", "image_newline"),
 }
+
+
+def _finite(v):
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    raise _Mismatch("a finite number")
 
 
 def _image(r: _Obj) -> ImageFacts:
@@ -524,6 +543,10 @@ def _image(r: _Obj) -> ImageFacts:
         fullatt_block_indexes=r.get("fullatt_block_indexes", _optional(_list(_int(0, 4096))),
                                     None),
         window_count=r.get("window_count", opt_int, None),
+        grid_pinpoints=r.get("grid_pinpoints", _optional(_list(_list(_int(1, 1 << 16), 2, 2),
+                                                                1, 256)), None),
+        anyres_max_tiles=r.get("anyres_max_tiles", _optional(_int(1, 4096)), None),
+        image_newline=r.get("image_newline", _optional(_list(_finite, 1, MAX_DIM)), None),
         max_image_tokens=r.get("max_image_tokens", _optional(_int(1, MAX_CONTEXT)), None),
     )
     r.end()
@@ -531,6 +554,9 @@ def _image(r: _Obj) -> ImageFacts:
         if getattr(facts, key) in (None, ()) and key != "vision_grid_inputs":
             raise ArtifactError(f"{r.where}: manifest key image.{key} is missing (needed by "
                                 f"image expansion {expand!r})", hint=_HINT)
+    if facts.image_newline is not None and len(facts.image_newline) != facts.feature_dim:
+        raise _bad(r.where, "image.image_newline", f"{facts.feature_dim} numbers (feature_dim)",
+                   f"{len(facts.image_newline)} numbers")
     if ("window_index" in facts.vision_grid_inputs
             and (facts.window_size is None or facts.patch_size is None)):
         raise ArtifactError(f"{r.where}: manifest key image.window_size is missing (needed by "

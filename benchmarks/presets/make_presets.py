@@ -104,6 +104,31 @@ QWEN2_VL_2B = {
                       "temporal_patch_size": 2},
 }
 
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP so400m/14 at 384 px (26
+# layers: the checkpoint drops so400m's last one and reads the new last,
+# 1152 wide), "anyres_max_9" tiling over 36 grid pinpoints (up to 6 x 6 tiles
+# of 384 px, features shrunk past ~9 tiles' worth), 2-layer GELU MLP, a
+# learned image_newline, Qwen2-0.5B (24 layers, 896 wide, 14 heads / 2 KV).
+_OV_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+LLAVA_ONEVISION_05B = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"], "image_token_index": 151646,
+    "video_token_index": 151647, "model_type": "llava_onevision",
+    "projector_hidden_act": "gelu", "tie_word_embeddings": True, "torch_dtype": "float16",
+    "vision_aspect_ratio": "anyres_max_9", "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full", "image_grid_pinpoints": _OV_PINPOINTS,
+    "vision_config": {"hidden_size": 1152, "image_size": 384, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 26, "patch_size": 14, "vision_use_head": False},
+    "text_config": {"architectures": ["Qwen2ForCausalLM"], "bos_token_id": 151643,
+                    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896,
+                    "intermediate_size": 4864, "max_position_embeddings": 32768,
+                    "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+                    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+                    "rope_theta": 1000000.0, "sliding_window": None,
+                    "tie_word_embeddings": True, "use_sliding_window": False,
+                    "vocab_size": 152000},
+}
+
 # -- chat templates (the published ones; LLaVA's without its {% generation %}
 # training markers, which only transformers' jinja environment knows) --------
 SMOLVLM_TEMPLATE = (
@@ -145,6 +170,16 @@ QWEN2_VL_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+LLAVA_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}{{'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
 # -- special tokens at the real ids ---------------------------------------------
 SMOLVLM_SPECIALS = {
     "<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<global-img>": 49152,
@@ -159,6 +194,9 @@ QWEN_SPECIALS = {
     "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
     "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
     "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+
+ONEVISION_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+                      "<image>": 151646, "<video>": 151647}
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -308,6 +346,32 @@ def write_qwen2_vl(out: Path, config: dict) -> None:
     _json(out / "config.json", config)
 
 
+def write_llava_onevision(out: Path, config: dict) -> None:
+    """Tokenizer, image processor, processor_config.json and chat template, as
+    published; not through LlavaOnevisionProcessor, which needs a video
+    processor (torchvision): the llava_onevision family builds an image-only one."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    tok = fast_tokenizer(build_tokenizer(ONEVISION_SPECIALS, []), eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", unk_token=None,
+                         extra_special_tokens={"image_token": "<image>",
+                                               "video_token": "<video>"})
+    tok.save_pretrained(out)
+    LlavaOnevisionImageProcessorPil(
+        do_convert_rgb=True, do_resize=True, size={"height": 384, "width": 384}, resample=3,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3, do_pad=True, image_grid_pinpoints=_OV_PINPOINTS).save_pretrained(out)
+    _json(out / "processor_config.json", {"image_token": "<image>", "num_image_tokens": 729,
+                                          "processor_class": "LlavaOnevisionProcessor",
+                                          "video_token": "<video>",
+                                          "vision_feature_select_strategy": "full"})
+    (out / "chat_template.jinja").write_text(LLAVA_ONEVISION_TEMPLATE)
+    _json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id":
+                                           [151645, 151643], "pad_token_id": 151643})
+    _json(out / "config.json", config)
+
+
 def _json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -318,6 +382,7 @@ PRESETS = {
     "smolvlm2-500m": (write_smolvlm2, SMOLVLM2_500M),
     "llava-1.5-tinyllama": (write_llava, LLAVA_15_TINYLLAMA),
     "qwen2-vl-2b": (write_qwen2_vl, QWEN2_VL_2B),
+    "llava-onevision-0.5b": (write_llava_onevision, LLAVA_ONEVISION_05B),
 }
 
 

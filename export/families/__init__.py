@@ -6,11 +6,12 @@ from vlmedge.errors import UnsupportedArchitectureError
 from .base import Family
 from .idefics3 import Idefics3
 from .llava import Llava
+from .llava_next import LlavaNext, LlavaOnevision
 from .qwen2_vl import Qwen2VL, Qwen25VL
 from .smolvlm import SmolVLM
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), SmolVLM(), Qwen2VL(),
-                                                    Qwen25VL())}
+                                                    Qwen25VL(), LlavaNext(), LlavaOnevision())}
 
 
 def register(family: Family) -> Family:

@@ -13,6 +13,8 @@ per component:
 
     vision   llava:    batch = images          [1, 1, B*I]
              idefics3: batch = tiles           [1, tiles/image, B*I*tiles/image]
+             anyres:   batch = tiles           [fewest, 5, B*I*most] over the
+                       grid pinpoints (LLaVA-NeXT/OneVision)
              qwen2_vl: num_patches, num_image_tokens of ONE image (one image
                        per vision call): from the processor's pixel limits;
                        Qwen2.5-VL also num_window_edges (attention windows
@@ -114,6 +116,15 @@ def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Ran
             opt = min(max(_windows(h // merge, w // merge, side), 1), most)
             dims[WINDOW_DIM] = (2, opt + 1, most + 1)
         return dims, toks
+    if method == "anyres":
+        # LLaVA-NeXT/OneVision: the base tile + rows x cols tiles of the chosen
+        # pinpoint; the packed image tokens are counted by the host (runtime/anyres.py).
+        s = int(tiling["tile_size"])
+        counts = [(h // s) * (w // s) + 1 for h, w in tiling["grid_pinpoints"]]
+        most, least = max(counts), min(counts)
+        opt = min(max(counts), max(least, 5))  # a 2 x 2 grid: a camera frame's usual pinpoint
+        toks = (per, per * opt, per * most)
+        return {"batch": (least, opt, n * most)}, toks
     return {"batch": (1, 1, n)}, (per, per, per)
 
 
