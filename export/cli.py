@@ -44,6 +44,9 @@ def main(
     vision_precision: str = typer.Option(
         "fp32", "--vision-precision", help="ort flavour with int8/int4 weights: the vision graph "
         "fp32 | int8 (static QDQ, calibrated on --calib, gated)."),
+    weight_method: str = typer.Option(
+        "rtn", "--weight-method", help="ort flavour's int8/int4 weights: rtn (round to nearest) "
+        "| gptq (calibrated on --calib: error-compensated rounding, onnxruntime's GPTQ)."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Artifact directory (default: <model>-<target>-<precision>)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
@@ -99,7 +102,7 @@ def main(
         opts = ExportOptions(
             model_dir=Path(), output=output or _default_output(model, target, precision),
             target=target, precision=precision, decoder_flavour=decoder_flavour,
-            vision_precision=vision_precision, validate=validate,
+            vision_precision=vision_precision, weight_method=weight_method, validate=validate,
             random_weights=random_weights, max_context=max_context, max_batch=max_batch,
             max_images=max_images, max_image_tokens=max_image_tokens, force=force,
             keep_failed=keep_failed, trust_remote_code=trust_remote_code,

@@ -40,6 +40,8 @@ class ExportOptions:
     decoder_flavour: str | None = None
     # ort flavour with int8/int4 weights: the vision graph "fp32" or "int8" (static QDQ)
     vision_precision: str = "fp32"
+    # ort flavour's int8/int4 weights: "rtn" (round to nearest) | "gptq" (calibrated)
+    weight_method: str = "rtn"
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
@@ -85,6 +87,11 @@ def check_options(o: ExportOptions) -> None:
                              "exports", got=f"--precision {o.precision}, --decoder-flavour "
                              f"{flavour(o)}",
                              hint="--precision int8 (portable) quantizes the vision graph too")
+    if o.weight_method not in ("rtn", "gptq"):
+        raise UserInputError(f"unknown --weight-method {o.weight_method!r}", expected="rtn | gptq")
+    if o.weight_method != "rtn" and not (flavour(o) == "ort" and o.precision != "fp32"):
+        raise UserInputError("--weight-method applies to the ort flavour's int8/int4 exports",
+                             got=f"--precision {o.precision}, --decoder-flavour {flavour(o)}")
     if flavour(o) == "ort" and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
                              got="--decoder-flavour ort",
@@ -271,7 +278,8 @@ def _ungated(o: ExportOptions) -> bool:
     """Weight-only int8/int4 (ort flavour) is round-to-nearest: calibration data
     serves only the accuracy gate, which random weights cannot pass or fail
     meaningfully (int8 vision still needs data for its activation ranges)."""
-    return flavour(o) == "ort" and o.random_weights and o.vision_precision == "fp32"
+    return flavour(o) == "ort" and o.random_weights and o.vision_precision == "fp32" \
+        and o.weight_method == "rtn"
 
 
 # -- the stages ----------------------------------------------------------------------

@@ -16,7 +16,9 @@ the VLM's language model and LM head are saved as a plain CausalLM checkpoint
 
 Weight-only precisions: "int8" / "int4" are the builder's MatMulNBits with
 block size 32, symmetric, round-to-nearest; onnxruntime's CPU kernels quantize
-the activations to int8 on the fly (accuracy_level 4).
+the activations to int8 on the fly (accuracy_level 4). `gptq` makes the same
+format from the fp32 graph with onnxruntime's GPTQ, calibrated on the user's
+images and prompts.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from vlmedge.lazy import require
 TEXT_MODELS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "mistral": "MistralForCausalLM"}
 BUILDER_PRECISIONS = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+GQA_HEAD_MULTIPLE = 16  # onnxruntime's GroupQueryAttention kernels (CPU and CUDA)
 BLOCK_SIZE = 32  # MatMulNBits block: 32 weights share one scale (llama.cpp q4_0's block)
 
 
@@ -49,6 +52,12 @@ def check(loaded) -> None:
             f"--decoder-flavour ort does not take {fam.name} yet: its decoder uses mrope "
             "positions from the image grid, and the ort flavour computes 1-D rotary "
             "positions inside its attention", hint="use --decoder-flavour portable")
+    head = fam.decoder_facts(model, 0)["head_dim"]
+    if head % GQA_HEAD_MULTIPLE:
+        raise UnsupportedArchitectureError(
+            f"--decoder-flavour ort cannot take head size {head}: onnxruntime's "
+            f"GroupQueryAttention needs a multiple of {GQA_HEAD_MULTIPLE}",
+            hint="use --decoder-flavour portable")
     if tc.model_type not in TEXT_MODELS:
         raise UnsupportedArchitectureError(
             f"--decoder-flavour ort does not take a {tc.model_type!r} language model",
@@ -107,6 +116,52 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None]) -> 
                 shutil.move(str(src), str(dst))
     log(f"[decoder-ort] onnxruntime-genai builder: {precision}, GroupQueryAttention, "
         f"{'MatMulNBits block ' + str(BLOCK_SIZE) if precision != 'fp32' else 'fp32 MatMul'}")
+
+
+# GPTQ loads the whole graph into one protobuf (onnxruntime's implementation runs it
+# from bytes), and protobuf stops at 2 GiB.
+GPTQ_MAX_BYTES = 2_000_000_000
+GPTQ_MAX_SEQUENCES = 32  # calibration prompts fed to GPTQ (its Hessians converge fast)
+
+
+def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], None]) -> None:
+    """Replaces the fp32 ort-flavour decoder.onnx in `staging` by its GPTQ
+    block-quantized version (onnxruntime's MatMulNBitsQuantizer with its GPTQ
+    config: per-block error-compensated rounding on the Hessian of each
+    MatMul's inputs, collected by running `feeds`, the decoder's prefill inputs
+    on the user's calibration images and prompts). Same MatMulNBits format,
+    block and accuracy level as the builder's round-to-nearest."""
+    onnx = require("onnx", "GPTQ weight quantization")
+    q = require("onnxruntime.quantization.matmul_nbits_quantizer", "GPTQ weight quantization")
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    src = staging / "decoder.onnx"
+    size = sum(p.stat().st_size for p in (src, staging / "decoder.onnx.data") if p.exists())
+    if size > GPTQ_MAX_BYTES:
+        raise UserInputError("--weight-method gptq takes fp32 decoders under 2 GB",
+                             got=f"{size / 1e9:.1f} GB",
+                             hint="use --weight-method rtn (the default) for this model")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds[:GPTQ_MAX_SEQUENCES])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    config = q.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=BLOCK_SIZE)
+    with _quiet():
+        quantizer = q.MatMulNBitsQuantizer(onnx.load(str(src)), bits=int(precision[3:]),
+                                           block_size=BLOCK_SIZE, is_symmetric=True,
+                                           accuracy_level=4, algo_config=config)
+        quantizer.process()
+    for name in ("decoder.onnx", "decoder.onnx.data"):
+        (staging / name).unlink(missing_ok=True)
+    onnx.save_model(quantizer.model.model, str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="decoder.onnx.data",
+                    size_threshold=1024)
+    log(f"[decoder-ort] GPTQ {precision}: MatMulNBits block {BLOCK_SIZE} on "
+        f"{min(len(feeds), GPTQ_MAX_SEQUENCES)} calibration prompts")
 
 
 @contextlib.contextmanager

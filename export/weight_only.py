@@ -53,6 +53,34 @@ def _embedding_int8(tmp: Path) -> bool:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _prefill_feeds(tmp: Path, m: dict, data) -> list[dict]:
+    """The fp32 decoder's prefill inputs on the calibration split (image +
+    prompt pairs through the runtime's own preprocessing, chat template and
+    embedding): what GPTQ collects its Hessians from. KV buffers of the
+    prompt's length stand for the empty past (the ort flavour's GQA reads
+    each row's length from the attention mask)."""
+    import numpy as np
+
+    from vlmedge.runtime.session import VLMSession
+
+    s = VLMSession(tmp, provider="cpu", verify=False, manifest=m)
+    f = s.facts
+    feeds = []
+    for sample in data.calib:
+        enc = s.encode(sample.image())
+        for prompt in sample.prompts:
+            embeds = s.embed_prompt(s.chat.prompt_ids(prompt, image_grid=enc.grid),
+                                    enc.features)  # (1, S, D)
+            n = embeds.shape[1]
+            feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64)}
+            for name in f.past_names():
+                feed[name] = np.zeros((1, f.num_kv_heads, n, f.head_dim), np.float32)
+            feeds.append(feed)
+            if len(feeds) >= ort_decoder.GPTQ_MAX_SEQUENCES:
+                return feeds
+    return feeds
+
+
 def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
              log: Callable[[str], None], staged=None) -> dict[str, Any]:
     """fp32 parity, then the decoder's weights at o.precision; returns the manifest."""
@@ -82,9 +110,12 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         with stage(f"{o.precision} reference"):
             ref = gate.reference(VLMSession(tmp, provider="cpu", verify=False, manifest=m),
                                  data.holdout, scene)
-    with stage(f"{o.precision} weights"):
+    with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()
-        ort_decoder.build(loaded, tmp, o.precision, log)
+        if o.weight_method == "gptq":  # calibrated: from the fp32 graph in staging
+            ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log)
+        else:
+            ort_decoder.build(loaded, tmp, o.precision, log)
         build_s = time.perf_counter() - t
         embed_int8 = _embedding_int8(tmp)
         for name in DECODER_FILES + EMBED_FILES:
@@ -120,8 +151,11 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         "precision": o.precision,
         "method": "weight-only",
         "format": f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
-                  f"{ort_decoder.BLOCK_SIZE}, symmetric, round to nearest (onnxruntime-genai "
-                  f"model builder)",
+                  f"{ort_decoder.BLOCK_SIZE}, symmetric, " + (
+                      "GPTQ on the calibration prompts (onnxruntime's MatMulNBitsQuantizer)"
+                      if o.weight_method == "gptq" else
+                      "round to nearest (onnxruntime-genai model builder)"),
+        "weight_method": o.weight_method,
         "weights": f"decoder MatMuls and LM head {o.precision}; embedding "
                    f"{'int8 per row' if embed_int8 else 'fp32'}; vision "
                    f"{'int8 static QDQ (under vision)' if vision_report else 'fp32'}",

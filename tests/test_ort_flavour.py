@@ -185,6 +185,26 @@ def test_int4_with_int8_vision(tmp_path, ort_int4):
     assert r.text
 
 
+def test_int4_gptq_is_calibrated_and_gated(tmp_path, ort_int4):
+    """--weight-method gptq: the same MatMulNBits format from the fp32 graph, its
+    rounding fitted on the calibration prompts (so its weights differ from RTN's),
+    the same gate."""
+    art = tmp_path / "demo-int4-gptq"
+    _export(art, precision="int4", weight_method="gptq", calib="synthetic", calib_size=8)
+    m = manifest.load(art)
+    q = m.quantization.report
+    assert q["weight_method"] == "gptq" and "GPTQ" in q["format"] and q["accuracy"]["passed"]
+    ops, _ = _ops(art / "decoder.onnx")
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops and "MatMul" not in ops
+    rtn = (ort_int4[0] / "decoder.onnx.data").read_bytes()
+    gptq = (art / "decoder.onnx.data").read_bytes()
+    assert gptq != rtn and len(gptq) < 1.2 * len(rtn)
+    final = q["accuracy"]["final"]
+    assert final["scene_accuracy"] >= final["scene_accuracy_fp32"] - 0.01
+    r = _session(art).generate(_images(1)[0], "how many shapes are there?", max_new_tokens=4)
+    assert r.text
+
+
 def test_ort_flavour_runtime_needs_no_torch(ort_int4):
     art = ort_int4[0]
     code = PRELUDE + f"""
@@ -207,6 +227,8 @@ print("ok")
     (dict(decoder_flavour="fast"), "unknown --decoder-flavour"),
     (dict(vision_precision="int8"), "--vision-precision applies"),
     (dict(precision="int4", vision_precision="int4"), "unknown --vision-precision"),
+    (dict(weight_method="gptq"), "--weight-method applies"),
+    (dict(precision="int4", weight_method="awq"), "unknown --weight-method"),
 ])
 def test_bad_flavour_options_are_one_line(kw, words, tmp_path):
     with pytest.raises(UserInputError, match=words):
@@ -219,6 +241,14 @@ def test_mrope_family_refused_for_ort_flavour(tmp_path):
     src = build_qwen2_vl(tmp_path / "qwen")
     with pytest.raises(UnsupportedArchitectureError, match="mrope"):
         _export(tmp_path / "out", model_dir=src, decoder_flavour="ort")
+    assert not (tmp_path / "out").exists()
+
+
+def test_head_size_gqa_cannot_take_is_refused(tiny_llava_dir, tmp_path):
+    """onnxruntime's GroupQueryAttention needs head sizes in multiples of 16; the tiny
+    LLaVA's are 8: refused in one line before anything is exported."""
+    with pytest.raises(UnsupportedArchitectureError, match="head size"):
+        _export(tmp_path / "out", model_dir=tiny_llava_dir, decoder_flavour="ort")
     assert not (tmp_path / "out").exists()
 
 
