@@ -181,3 +181,30 @@ def test_ratios_and_targets():
     assert met["onnx-int8 decode tokens/s >= 2.5x torch-eager-fp32"] is True
     assert met["onnx-int8 decode at >= 50% of the bandwidth bound"] is False
     assert met["onnx-fp32 preprocessing <= 5% of TTFT"] is False  # 10 / 150 ms
+
+
+def test_ort_flavour_ratios_and_targets():
+    """ort-flavour systems: each against the portable system of its precision and
+    its own flavour's fp32; the issue's decode targets by bit width (int8 vision
+    keeps the decoder's target); RSS at 1.3x for the weight-only ones."""
+    from vlmedge.benchmarks.bench import stats
+
+    base = {"name": "torch-eager-fp32", "decode_tokens_per_s": 10.0, "ttft_ms": 300.0,
+            "preprocess_ms": 1.0, "vision_ms": 100.0, "prefill_ms": 100.0,
+            "end_to_end_ms": 1000.0, "peak_rss_mb": 1000.0}
+    port = {**base, "name": "onnx-fp32", "target": "onnx", "precision": "fp32",
+            "decoder_flavour": "portable", "decode_tokens_per_s": 20.0}
+    ort32 = {**port, "name": "ort-fp32", "decoder_flavour": "ort", "decode_tokens_per_s": 40.0}
+    ort4 = {**ort32, "name": "ort-int4-vint8", "precision": "int4", "ttft_ms": 100.0,
+            "decode_tokens_per_s": 120.0, "rss_over_weights_kv": 1.4,
+            "bandwidth_efficiency": 0.5}
+    rat = stats.ratios([base, port, ort32, ort4], "torch-eager-fp32")
+    assert rat["ort-fp32/onnx-fp32"]["decode_speedup"] == 2.0
+    assert rat["ort-int4-vint8/ort-fp32"]["decode_speedup"] == 3.0  # its flavour's fp32
+    met = {t["target"]: t["met"] for t in stats.targets([base, port, ort32, ort4], rat,
+                                                        "torch-eager-fp32")}
+    assert met["ort-int4-vint8 decode tokens/s >= 11.5x torch-eager-fp32"] is True
+    assert met["ort-int4-vint8 TTFT >= 2x faster than torch-eager-fp32"] is True
+    assert met["ort-fp32 decode tokens/s >= 3.5x torch-eager-fp32"] is True
+    assert met["ort-int4-vint8 RSS growth <= 1.3x (weights + KV cache)"] is False
+    assert met["ort-int4-vint8 decode at >= 45% of the bandwidth bound (bytes read)"] is True

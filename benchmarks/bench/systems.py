@@ -43,8 +43,12 @@ def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
     specs, seen = [], set()
     for d in dirs:
         m = manifest_mod.load(d, verify=verify)
-        # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4
-        name = f"ort-{m.precision}" if m.decoder.flavour == "ort" else f"{m.target}-{m.precision}"
+        # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4, and
+        # ort-int4-vint8 where its vision graph is int8 too (--vision-precision int8)
+        name = f"{m.target}-{m.precision}"
+        if m.decoder.flavour == "ort":
+            vint8 = m.components["vision"].precision == "int8" and m.precision != "int8"
+            name = f"ort-{m.precision}" + ("-vint8" if vint8 else "")
         if name in seen:
             name = f"{name}:{Path(d).name}"
         seen.add(name)
