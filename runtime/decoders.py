@@ -97,8 +97,13 @@ class OrtDecoder:
         buf = cache.buffer
         if buf is not None and cache.length == buf.frontier and need <= buf.capacity:
             return buf
-        grow = max(need + HEADROOM, 2 * buf.capacity if buf is not None else 0)
-        capacity = min(self.context_length, -(-grow // 64) * 64)
+        if buf is None:  # the first step of a generation
+            want = need + HEADROOM
+        elif need > buf.capacity:  # growth doubles: O(tokens) copying in all
+            want = max(need + HEADROOM, 2 * buf.capacity)
+        else:  # a fork from a shared prefix: the same room
+            want = buf.capacity
+        capacity = min(self.context_length, -(-want // 64) * 64)
         new = self._allocate(max(capacity, need))
         if buf is not None and cache.length:
             n = cache.length
