@@ -4,8 +4,10 @@ transformers).
 The chat template is the model's own (copied into the manifest at export)
 and is rendered the way transformers renders it: a sandboxed jinja2
 environment with trim_blocks and lstrip_blocks. The rendered prompt holds one
-image placeholder, which `prompt_ids` expands as the model's HF processor
-does (the manifest's image "expand"):
+image placeholder per image (several images: at the prompt's <image>
+markers, else all first; `user_content`), each of which `prompt_ids` expands
+by its own image's grid as the model's HF processor does (the manifest's
+image "expand"):
 
     repeat    <image> -> tokens_per_image copies of it (LLaVA)
     idefics3  <image> -> per tile of a rows x cols grid
@@ -20,6 +22,8 @@ does (the manifest's image "expand"):
     anyres    <image> -> as many copies as the packed features of an image
               of grid (h, w, bh, bw) (LLaVA-NeXT / OneVision: base tile,
               unpadded tile map, a newline per row; runtime/anyres.py)
+    internvl  <IMG_CONTEXT> -> <img> + image_seq_len <IMG_CONTEXT> per tile of
+              a (rows, cols) grid (plus the thumbnail when split) + </img>
 """
 from __future__ import annotations
 
@@ -36,6 +40,39 @@ from . import anyres, mrope
 
 def _raise(message: str):
     raise ArtifactError(f"chat template error: {message}")
+
+
+# The literal text a user's prompt puts where an image goes ("compare <image>
+# with <image>"); without markers the images come first, as the HF chat
+# templates' default (a user message of N image entries, then the text).
+IMAGE_MARKER = "<image>"
+# Expansions whose several images in one prompt are each expanded by their own
+# grid and their features concatenated in order, as the HF processor + model
+# do (LLaVA, Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT).
+SEVERAL_IMAGES = ("repeat", "idefics3", "qwen2_vl", "anyres")
+
+
+def user_content(question: str, n_images: int) -> list[dict]:
+    """The user message's content parts for the chat template: n_images
+    image entries at the question's <image> markers (one marker per image,
+    text between them kept as it is, empty pieces dropped), or, with no
+    marker, all images first and then the question."""
+    pieces = question.split(IMAGE_MARKER)
+    markers = len(pieces) - 1
+    if markers == 0:
+        return [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    if markers != n_images:
+        raise UserInputError(f"the prompt's {IMAGE_MARKER} markers and its images disagree",
+                             expected=f"one {IMAGE_MARKER} marker per image ({n_images}), or "
+                                      f"none (images first)", got=f"{markers} markers",
+                             hint=f"put {IMAGE_MARKER} where each image goes, or drop them all")
+    content: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
 
 
 # What a chat template can raise while rendering: jinja2's own errors (the
@@ -166,7 +203,7 @@ class ChatTokenizer:
 
     def _probe_grid(self):
         """A small valid image grid for the sample prompt of each expansion."""
-        if self.expand == "idefics3":
+        if self.expand in ("idefics3", "internvl"):
             return (1, 1)
         if self.expand == "qwen2_vl":
             m = self.image.merge_size
@@ -187,15 +224,21 @@ class ChatTokenizer:
                                  expected="UTF-8 encodable text",
                                  got=f"{e.reason} at character {e.start}",
                                  hint="decode the input as UTF-8 first") from None
+        text = question.replace(IMAGE_MARKER, "")  # the user's own markers: where images go
         for t in self._image_texts:
-            if t in question:
+            if t in text:
                 raise UserInputError(f"the prompt text contains the image placeholder {t!r}",
-                                     expected="plain text; the image is placed by the chat "
-                                              "template", hint="pass the image separately and "
-                                     "remove the placeholder from the text")
+                                     expected=f"plain text; images go at {IMAGE_MARKER} markers, "
+                                              "else the chat template places them",
+                                     hint="pass the images separately and remove the "
+                                          "placeholder from the text")
 
-    def render(self, question: str, with_image: bool = True) -> str:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    def render(self, question: str, with_image: bool = True, n_images: int | None = None) -> str:
+        """The chat template rendered for one user message: `n_images` image
+        entries (None: one if with_image, else none) placed at the question's
+        <image> markers, else all before the text (user_content)."""
+        n = (1 if with_image else 0) if n_images is None else n_images
+        content = user_content(question, n)
         self._budget.left = MAX_RENDER_ITEMS
         try:
             return self.template.render(messages=[{"role": "user", "content": content}],
@@ -210,40 +253,96 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
 
-    def prompt_ids(self, question: str, with_image: bool = True, image_grid=None) -> list[int]:
-        """Token ids of the rendered prompt, the image placeholder expanded as
+    def prompt_ids(self, question: str, with_image: bool = True, image_grid=None,
+                   image_grids=None) -> list[int]:
+        """Token ids of the rendered prompt, each image placeholder expanded as
         the HF processor does (module docstring). image_grid: the image's
         tile grid (rows, cols) for idefics3, as the image processor's
         rows/cols (None: (0, 0) where the artifact does not split images);
         its (t, h, w) patch grid for qwen2_vl (image_grid_thw); its
-        (h, w, bh, bw) for anyres (original size, tiled resolution)."""
-        text = self.render(question, with_image)
-        if with_image and self.expand == "idefics3":
-            placeholder = self.image.image_placeholder
-            head, sep, tail = text.partition(placeholder)
-            if sep:
-                text = head + idefics3_image_text(self.image, self._tile_grid(image_grid)) + tail
+        (h, w, bh, bw) for anyres (original size, tiled resolution).
+        image_grids: several images' grids, in prompt order (with_image and
+        image_grid unused): the question's <image> markers place them, else
+        they all come first (user_content)."""
+        grids = list(image_grids) if image_grids is not None else \
+            ([image_grid] if with_image else [])
+        self.check_image_count(len(grids))
+        text = self.render(question, n_images=len(grids))
+        if grids and self.expand == "idefics3":
+            # Expanded in the text, before tokenizing (merges as the processor's).
+            pieces = text.split(self.image.image_placeholder)
+            self._check_placed(len(pieces) - 1, len(grids))
+            text = pieces[0] + "".join(
+                idefics3_image_text(self.image, self._tile_grid(g)) + piece
+                for g, piece in zip(grids, pieces[1:]))
+            return self._nonempty(self.encode(text))
+        if grids and self.expand == "internvl":  # in the text too, as InternVLProcessor
+            pieces = text.split(self.image.image_placeholder)
+            self._check_placed(len(pieces) - 1, len(grids))
+            text = pieces[0] + "".join(internvl_image_text(self.image, g) + piece
+                                       for g, piece in zip(grids, pieces[1:]))
             return self._nonempty(self.encode(text))
         ids = self._nonempty(self.encode(text))
-        count = self.tokens_per_image
-        if with_image and self.expand == "qwen2_vl":
+        if not grids:
+            return ids
+        self._check_placed(ids.count(self.image_token_id), len(grids))
+        counts = iter([self._image_token_count(g) for g in grids])
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * next(counts) if t == self.image_token_id else [t])
+        return out
+
+    def check_image_count(self, n: int) -> None:
+        """Several images in one prompt where this artifact's expansion
+        packs them as the HF processor + model do; else one line, before any
+        image is preprocessed."""
+        if n <= 1:
+            return
+        if self.expand == "anyres" and self.image.anyres_max_tiles is not None:
+            # LLaVA-OneVision (the only anyres family with anyres_max_K) switches to
+            # a different path for several images in one prompt (processor and
+            # model, batch_num_images > 1): each image padded square, base tile
+            # only, one newline; the runtime does not implement that path.
+            raise UserInputError("this model (LLaVA-OneVision) takes one image per prompt in "
+                                 "vlmedge", got=f"{n} images",
+                                 hint="ask about each image in its own prompt")
+        if self.expand in SEVERAL_IMAGES:
+            return
+        raise UserInputError(f"this model (image expansion {self.expand!r}) takes one image per "
+                             f"prompt", got=f"{n} images",
+                             hint="ask about each image in its own prompt")
+
+    def check_images(self, question: str, n: int) -> None:
+        """A request's n images against this model and the question's <image>
+        markers, refused in one line when the request is made (stream()
+        checks before its first piece is read)."""
+        self.check_image_count(n)
+        user_content(question, n)
+
+    def _check_placed(self, placed: int, n: int) -> None:
+        if placed != n:
+            raise ArtifactError("the manifest's chat template does not place the images",
+                                expected=f"{n} image placeholder(s) "
+                                         f"{self.image.image_placeholder!r} in the rendered prompt",
+                                got=str(placed), hint="re-export the artifact")
+
+    def _image_token_count(self, image_grid) -> int:
+        """Copies of the image token one image of `image_grid` takes."""
+        if self.expand == "qwen2_vl":
             if image_grid is None:
                 raise UserInputError("this model's image token count depends on the image's "
                                      "patch grid, and none was given",
                                      expected="image_grid=(t, h, w) as the processor's "
                                               "image_grid_thw")
-            count = mrope.image_token_count(image_grid, self.image.merge_size)
-        if with_image and self.expand == "anyres":
+            return mrope.image_token_count(image_grid, self.image.merge_size)
+        if self.expand == "anyres":
             if image_grid is None:
                 raise UserInputError("this model's image token count depends on the image's "
                                      "size, and none was given",
                                      expected="image_grid=(h, w, bh, bw) as preprocess() "
                                               "returns it")
-            count = anyres.image_token_count(image_grid, self.image)
-        out: list[int] = []
-        for t in ids:
-            out.extend([t] * count if t == self.image_token_id else [t])
-        return out
+            return anyres.image_token_count(image_grid, self.image)
+        return self.tokens_per_image
 
     @staticmethod
     def _nonempty(ids: list[int]) -> list[int]:
@@ -289,6 +388,24 @@ def idefics3_image_text(image: ImageFacts, grid: tuple[int, int]) -> str:
             text += fake + image.tile_token.format(row=r + 1, col=c + 1) + tokens
         text += "\n"
     return text + "\n" + global_image
+
+
+def internvl_image_text(image: ImageFacts, grid) -> str:
+    """The text InternVLProcessor.replace_image_token puts for one image of a
+    (rows, cols) tile grid: <img>, image_seq_len context tokens per tile (the
+    grid's, plus the thumbnail when split), </img>."""
+    try:
+        rows, cols = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise UserInputError("this model's prompt depends on the image's tile grid",
+                             expected="image_grid=(rows, cols) as preprocess() returns it",
+                             got=repr(grid)[:40]) from None
+    if rows < 1 or cols < 1:
+        raise UserInputError("bad image tile grid", expected="(rows, cols) both >= 1",
+                             got=repr(tuple(grid)))
+    tiles = rows * cols + (1 if rows * cols > 1 else 0)
+    return (image.image_start_token + image.image_token * (image.image_seq_len * tiles)
+            + image.image_end_token)
 
 
 class StreamDecoder:

@@ -18,7 +18,8 @@ app = make_app(
     "Examples:\n\n"
     "  vlm-run demo-onnx-fp32                      # bundled scene image, default question\n\n"
     "  vlm-run ART --image frame.jpg --prompt 'what color is the circle?' --prompt 'describe the image.'\n\n"
-    "  vlm-run ART --image frame.jpg --json        # text + per-stage timings")
+    "  vlm-run ART --image frame.jpg --json        # text + per-stage timings\n\n"
+    "  vlm-run ART --image a.jpg --image b.jpg --prompt 'is <image> the same room as <image>?'")
 
 DEFAULT_QUESTION = "describe the image."
 
@@ -28,9 +29,11 @@ def main(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory written by vlm-export."),
     image: Optional[List[Path]] = typer.Option(
         None, "--image", "-i", help="Image file (JPEG/PNG/...); default: the bundled demo scene. "
-        "One image per prompt."),
+        "Repeat for several images in one prompt (each --prompt is about all of them): they "
+        "go at the prompt's <image> markers, one per image, else all first. LLaVA, "
+        "Idefics3/SmolVLM, Qwen2/2.5-VL and LLaVA-NeXT take several; others refuse."),
     prompt: Optional[List[str]] = typer.Option(
-        None, "--prompt", "-p", help="Question; repeat for several (image encoded once)."),
+        None, "--prompt", "-p", help="Question; repeat for several (images encoded once)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
@@ -58,13 +61,10 @@ def main(
         if threads < 0:
             raise UserInputError("--threads must be >= 0", got=str(threads),
                                  hint="0 uses onnxruntime's default")
-        if image and len(image) > 1:
-            raise UserInputError("one image per prompt", got=f"{len(image)} --image options",
-                                 hint="run vlm-run once per image; multi-image prompts are not "
-                                      "supported yet")
-        image = image[0] if image else demo_image()
-        if not image.is_file():
-            raise UserInputError(f"image {image} does not exist or is not a file")
+        paths = image or [demo_image()]
+        for path in paths:
+            if not path.is_file():
+                raise UserInputError(f"image {path} does not exist or is not a file")
         questions = prompt or [DEFAULT_QUESTION]
         structured = structured_options(choices, json_schema)
         session = VLMSession(artifact_dir, provider=provider, threads=threads or None,
@@ -72,7 +72,11 @@ def main(
                              max_image_tokens=max_image_tokens)
         opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed, **structured)
-        image = session.encode(image)  # once, whatever the number of questions
+        session.chat.check_image_count(len(paths))  # a family that takes one: before any work
+        # Each image encoded once, whatever the number of questions; one image
+        # goes alone (its prompt prefix's KV cache is reused across questions).
+        encoded = [session.encode(p) for p in paths]
+        image = encoded[0] if len(encoded) == 1 else encoded
         if as_json:
             results = [session.generate(image, q, **opts).to_dict() for q in questions]
             for q, r in zip(questions, results):

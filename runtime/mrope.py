@@ -49,7 +49,8 @@ def rope_index(ids: Sequence[int], image_token_id: int, grids: Sequence[Grid],
                merge_size: int, start: int = 0) -> np.ndarray:
     """Token ids (S,) -> mrope position_ids (3, S) int64, the first token at `start`.
 
-    Each run of image tokens is one image, taking the next grid in order: its
+    Each run of image tokens is one image, taking the next grid in order
+    (several images in one prompt: one grid each, in prompt order): its
     tokens get (p + t, p + h, p + w), p the image's first position, over the merged grid
     (t, h / merge, w / merge), row-major; text after it resumes at
     start + max(h, w) / merge (Qwen2VLModel.get_rope_index)."""
@@ -80,6 +81,10 @@ def rope_index(ids: Sequence[int], image_token_id: int, grids: Sequence[Grid],
         out[1, a:b] = hh.ravel() + pos
         out[2, a:b] = ww.ravel() + pos
         pos += max(h, w) // merge_size
+    if grids:  # a grid no image took: the ids and the images disagree
+        raise UserInputError("the prompt has fewer runs of image tokens than image grids",
+                             expected="one run of image tokens per (t, h, w) grid",
+                             got=f"{len(grids)} grid(s) left over")
     return out
 
 

@@ -240,7 +240,7 @@ class VLMSession:
         The array is the caller's own (a copy of this thread's reused buffer;
         copy=False hands out the buffer itself, valid until this thread's next
         call: for timing loops). See ImagePreprocessor.preprocess."""
-        _check_single_image(image)
+        _check_single_image(image, "preprocess()")
         pixels, grid = self._preprocess(image, layout)
         return (pixels.copy() if copy else pixels), grid
 
@@ -252,8 +252,9 @@ class VLMSession:
     def encode(self, image, layout: str = "RGB", max_image_tokens: int | None = None
                ) -> EncodedImage:
         """Preprocess and encode `image` once, for several questions or for
-        frames that did not change (see EncodedImage)."""
-        _check_single_image(image)
+        frames that did not change (see EncodedImage); several images: one
+        encode() each, passed to generate() as a list."""
+        _check_single_image(image, "encode()")
         if isinstance(image, EncodedImage):
             return image
         timings: dict[str, float] = {}
@@ -273,7 +274,7 @@ class VLMSession:
         (num_patches, 3 * temporal_patch * patch * patch) flattened patches of
         one image, whose (t, h, w) patch grid `image_grid` gives the patches'
         coordinates (computed here, on the host)."""
-        if self.image_facts.expand == "idefics3" and pixel_values.shape[0] > 1:
+        if self.image_facts.expand in ("idefics3", "internvl") and pixel_values.shape[0] > 1:
             # Tiles one at a time: a 640x480 frame is 13 SmolVLM tiles, and one
             # batch of 13 peaked at 4.7 GB in onnxruntime against 0.9 GB tile by
             # tile, which was also ~20% faster on this CPU (measured).
@@ -430,6 +431,11 @@ class VLMSession:
     def _prepare(self, image, prompt: str, max_new_tokens: int, layout: str, timings: dict,
                  max_image_tokens: int | None = None):
         """Preprocess, vision and prefill for one request (under the lock)."""
+        if isinstance(image, (list, tuple)):  # several images; one keeps the one-image path
+            if len(image) > 1:
+                return self._prepare_several(image, prompt, max_new_tokens, layout, timings,
+                                             max_image_tokens)
+            image = image[0] if image else None
         if isinstance(image, EncodedImage):
             return self._prepare_encoded(image, prompt, max_new_tokens, timings)
         pixels = grid = feats = None
@@ -485,6 +491,43 @@ class VLMSession:
         timings["prefill_ms"] = _ms(t)
         return ids, logits, cache
 
+    def _prepare_several(self, images, prompt: str, max_new_tokens: int, layout: str,
+                         timings: dict, max_image_tokens: int | None = None):
+        """_prepare for several images in one prompt: each preprocessed (within
+        its own image-token budget) or taken encoded, the prompt expanded with
+        each image's grid, the context checked over all of them before any
+        vision runs, then their features concatenated in prompt order (embed_prompt
+        fills the image rows in order) and one prefill; no prefix cache."""
+        self.chat.check_image_count(len(images))  # one line before any work
+        for im in images:
+            if isinstance(im, EncodedImage) and im.owner != id(self):
+                raise UserInputError("this EncodedImage was made by another session",
+                                     hint="encode the images with the session that answers")
+        staged = []  # (pixels, grid, EncodedImage or None) per image
+        with self._lock:
+            t = time.perf_counter()
+            for im in images:
+                if isinstance(im, EncodedImage):
+                    staged.append((None, im.grid, im))
+                    continue
+                pixels, grid = self._preprocess(im, layout, max_image_tokens)
+                staged.append((pixels.copy(), grid, None))  # the next image reuses the buffer
+            timings["preprocess_ms"] = _ms(t)
+            grids = [g for _, g, _ in staged]
+            ids = self.chat.prompt_ids(prompt, image_grids=grids)
+            self._check_context(len(ids), max_new_tokens)
+            t = time.perf_counter()
+            feats = [enc.features if enc is not None else self.encode_image(px, g)
+                     for px, g, enc in staged]
+            timings["vision_ms"] = _ms(t)
+            feats = np.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])  # (T_all, D)
+            t = time.perf_counter()
+            # grids in prompt order: mrope positions take the next grid per image run
+            logits, cache = self.prefill(ids, feats, self.empty_cache(), grids)
+            timings["prefill_ms"] = _ms(t)
+        timings["images"] = len(images)
+        return ids, logits, cache
+
     def _run(self, image, prompt, max_new_tokens, temperature, top_k, top_p,
              repetition_penalty, stop, seed, layout, constraint=None, cancel=None,
              max_image_tokens=None) -> Iterator[tuple[int, dict, list[int]]]:
@@ -493,6 +536,7 @@ class VLMSession:
         _check_request(image, prompt, max_new_tokens, stop, seed)
         sampling.check(temperature, top_k, top_p, repetition_penalty)
         self.chat.check_text(prompt)
+        self.chat.check_images(prompt, _image_count(image))
         timings: dict[str, Any] = {}
         t_start = time.perf_counter()
         ids, logits, cache = self._prepare(image, prompt, max_new_tokens, layout, timings,
@@ -524,8 +568,12 @@ class VLMSession:
 
         image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
         (H, W, 3) uint8 array whose channel order is `layout` ("RGB", or "BGR"
-        for OpenCV camera frames); None for a text-only prompt. One image per
-        prompt.
+        for OpenCV camera frames), or an EncodedImage; None for a text-only
+        prompt. A list of them puts several images in one prompt (LLaVA,
+        Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT; other families refuse
+        in one line): each goes at its "<image>" marker in the prompt ("is
+        <image> the same scene as <image>?", one marker per image), or with
+        no marker they all come first, as the model's chat template does.
         Greedy when temperature == 0; `seed` makes sampling repeatable.
         Stops at any of the manifest's stop token ids or any `stop` string.
         Structured answers: `choices` (the answer is exactly one of them; the
@@ -571,6 +619,7 @@ class VLMSession:
         sampling.check(opts["temperature"], opts["top_k"], opts["top_p"],
                        opts["repetition_penalty"])
         self.chat.check_text(prompt)
+        self.chat.check_images(prompt, _image_count(image))
         constraint = self._constraint(**structured)
         return self._stream(image, prompt, max_new_tokens, opts, constraint, cancel, budget)
 
@@ -596,15 +645,25 @@ class VLMSession:
             layout: str = "RGB") -> list[GenerationResult]:
         """Greedy answers to several questions about one image: the image is
         encoded once, and the prompt prefix shared by all questions (up to and
-        including the image tokens) is prefilled once and its KV cache reused."""
+        including the image tokens) is prefilled once and its KV cache reused.
+        A list of several images: each encoded once, each question prefilled
+        whole."""
         if isinstance(questions, str) or not isinstance(questions, (list, tuple)) or not questions:
             raise UserInputError("ask() needs a list of questions", expected="a non-empty list "
                                  "of str", got=repr(questions)[:60])
         for q in questions:
             _check_request(image, q, max_new_tokens, None, None)
             self.chat.check_text(q)
-        if image is None:
+            self.chat.check_images(q, _image_count(image))
+        if isinstance(image, (list, tuple)) and len(image) == 1:
+            image = image[0]
+        if image is None or (isinstance(image, (list, tuple)) and not image):
             raise UserInputError("ask() needs an image", hint="use generate(None, q) for text")
+        if isinstance(image, (list, tuple)):  # several: encoded once, no shared prefix cache
+            self.chat.check_image_count(len(image))
+            encoded = [self.encode(im, layout) for im in image]
+            return [self.generate(encoded, q, max_new_tokens=max_new_tokens, layout=layout)
+                    for q in questions]
         with self._lock:
             t0 = time.perf_counter()
             pixels, grid = self._preprocess(image, layout)
@@ -614,11 +673,13 @@ class VLMSession:
                 self._check_context(len(p), max_new_tokens)
             shared = _common_prefix(prompts)
             shared = min(shared, min(len(p) for p in prompts) - 1)  # each keeps >= 1 own token
+            if any(self.chat.image_token_id in p[shared:] for p in prompts):
+                shared = 0  # an <image> marker after text that differs: nothing shared
             t = time.perf_counter()
             feats = self.encode_image(pixels, grid)
             vision_ms = _ms(t)
             t = time.perf_counter()
-            # The image precedes the question, so the shared prefix holds all its tokens.
+            # The shared prefix holds all the image's tokens (else it is empty, above).
             _, prefix = self.prefill(prompts[0][:shared], feats, self.empty_cache(), grid) \
                 if shared else (None, self.empty_cache())
             shared_ms = _ms(t)
@@ -655,15 +716,31 @@ def _check_request(image, prompt, max_new_tokens, stop, seed) -> None:
         raise UserInputError("stop must be a list of non-empty strings", got=repr(stop)[:60])
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise UserInputError("seed must be an integer >= 0", got=repr(seed)[:40])
-    _check_single_image(image)
-
-
-def _check_single_image(image) -> None:
     if isinstance(image, (list, tuple)):
-        raise UserInputError("one image per prompt", got=f"a {type(image).__name__} of "
-                             f"{len(image)} images",
-                             hint="call generate once per image; multi-image prompts are not "
-                                  "supported yet")
+        if len(image) > MAX_IMAGES:  # each is preprocessed before the context check
+            raise UserInputError("too many images in one prompt", expected=f"<= {MAX_IMAGES}",
+                                 got=str(len(image)))
+        for im in image:
+            if im is None or isinstance(im, (list, tuple)):
+                raise UserInputError("each image of a list must be an image",
+                                     expected="a path, bytes, PIL image, array or EncodedImage",
+                                     got=type(im).__name__)
+
+
+MAX_IMAGES = 16  # images per prompt: far above what an edge context holds
+
+
+def _image_count(image) -> int:
+    """Images in a request's `image` argument: None, one, or a list."""
+    if image is None:
+        return 0
+    return len(image) if isinstance(image, (list, tuple)) else 1
+
+
+def _check_single_image(image, what: str) -> None:
+    if isinstance(image, (list, tuple)):
+        raise UserInputError(f"{what} takes one image", got=f"a {type(image).__name__} of "
+                             f"{len(image)} images", hint="call it once per image")
 
 
 def _structured_value(constraint, text: str, max_new_tokens: int):

@@ -122,11 +122,13 @@ def create_app(artifact, options: ServeOptions | None = None, **kw):
         body = await _read_json(request, o.max_body_bytes)
         req = parse_chat(body, default_max_tokens=o.default_max_tokens,
                          max_tokens_limit=o.max_tokens_limit)
-        image = None
-        if req.image_url is not None:
-            image = image_bytes(req.image_url, max_bytes=o.max_image_bytes,
-                                allow_dirs=o.allow_dirs, allow_remote=o.allow_remote_images)
-            check_pixels(image, o.max_pixels)
+        images = []
+        for url in req.image_urls:  # each checked before the job is queued
+            images.append(image_bytes(url, max_bytes=o.max_image_bytes, allow_dirs=o.allow_dirs,
+                                      allow_remote=o.allow_remote_images))
+            check_pixels(images[-1], o.max_pixels)
+        # One image goes alone (the one-image path); several as the session's list.
+        image = (images[0] if len(images) == 1 else images) if images else None
         job = Job(req, image, asyncio.get_running_loop(), time.monotonic() + o.timeout_s)
         pool.submit(job)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

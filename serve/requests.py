@@ -1,9 +1,11 @@
 """OpenAI chat-completion requests -> what the runtime runs, and OpenAI's
 error JSON for everything refused.
 
-A request holds one image at most (the runtime's one image per prompt) and
-one user turn: system messages are put before the question, earlier
-assistant turns are refused (no multi-turn chat yet). Supported: messages
+A request holds one user turn, with up to MAX_IMAGES images (its image_url
+parts, in order: the runtime's list of images for one prompt, placed at the
+text's <image> markers, else first; a model that takes one image per prompt
+refuses several with a 400): system messages are put before the question,
+earlier assistant turns are refused (no multi-turn chat yet). Supported: messages
 with text and image_url parts, stream, max_tokens / max_completion_tokens,
 temperature, top_p, stop, seed, response_format (json_object, json_schema),
 n = 1.
@@ -35,7 +37,7 @@ class OpenAIError(Exception):
 @dataclass
 class ChatRequest:
     prompt: str
-    image_url: str | None
+    image_urls: list[str]  # in the user message's order; empty for text only
     stream: bool
     options: dict[str, Any] = field(default_factory=dict)  # VLMSession.generate keywords
     model: str = ""
@@ -57,7 +59,7 @@ def parse_chat(body: Any, *, default_max_tokens: int, max_tokens_limit: int) -> 
     for p in ("presence_penalty", "frequency_penalty"):
         if body.get(p) not in (None, 0, 0.0):
             raise OpenAIError(400, f"{p} is not supported", param=p)
-    prompt, image_url = _messages(body.get("messages"))
+    prompt, image_urls = _messages(body.get("messages"))
     opts: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not \
@@ -77,13 +79,17 @@ def parse_chat(body: Any, *, default_max_tokens: int, max_tokens_limit: int) -> 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise OpenAIError(400, "stream must be true or false", param="stream")
-    return ChatRequest(prompt, image_url, stream, opts, str(body.get("model") or ""))
+    return ChatRequest(prompt, image_urls, stream, opts, str(body.get("model") or ""))
 
 
-def _messages(messages) -> tuple[str, str | None]:
+# Images one request may hold: each is decoded, preprocessed and encoded.
+MAX_IMAGES = 8
+
+
+def _messages(messages) -> tuple[str, list[str]]:
     if not isinstance(messages, list) or not messages:
         raise OpenAIError(400, "messages must be a non-empty list", param="messages")
-    system, user, image = [], None, None
+    system, user, images = [], None, []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user",
                                                             "assistant"):
@@ -101,15 +107,15 @@ def _messages(messages) -> tuple[str, str | None]:
         if user is not None:
             raise OpenAIError(400, "send one user message per request", param="messages")
         user = " ".join(texts)
-        if len(images) > 1:
-            raise OpenAIError(400, "one image per request", param="messages")
-        image = images[0] if images else None
+        if len(images) > MAX_IMAGES:
+            raise OpenAIError(400, f"at most {MAX_IMAGES} images per request (got "
+                              f"{len(images)})", param="messages")
     if user is None:
         raise OpenAIError(400, "messages need a user message", param="messages")
     prompt = " ".join(system + [user]).strip()
     if not prompt:
         raise OpenAIError(400, "the user message has no text", param="messages")
-    return prompt, image
+    return prompt, images
 
 
 def _content(content, i: int) -> tuple[list[str], list[str]]:

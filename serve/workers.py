@@ -24,7 +24,7 @@ log = logging.getLogger("vlmedge.serve")
 
 
 class Job:
-    def __init__(self, request: ChatRequest, image: bytes | None,
+    def __init__(self, request: ChatRequest, image: bytes | list[bytes] | None,
                  loop: asyncio.AbstractEventLoop, deadline: float):
         self.request, self.image, self.loop, self.deadline = request, image, loop, deadline
         self.cancelled = threading.Event()

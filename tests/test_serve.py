@@ -124,6 +124,19 @@ def test_answers_equal_generate(server, session):
                                                                             else 0)
 
 
+def test_several_images_equal_generate(server, session):
+    """Several image_url parts in one user message: the session's list of
+    images, in order, with the text."""
+    a, b = (scenes.make_scene(scenes.EVAL_SEED_BASE + 70 + i).image for i in range(2))
+    q = "describe the image."
+    want = session.generate([a, b], q, max_new_tokens=16).text
+    parts = _messages(a, q)[0]["content"]
+    parts.insert(1, _messages(b, q)[0]["content"][0])
+    r = server.client().chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": parts}], max_tokens=16)
+    assert r.choices[0].message.content == want
+
+
 def test_models_health_metrics_page(server, demo_artifact):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [Path(demo_artifact).name]
@@ -150,8 +163,9 @@ def test_errors_are_openai_json(server, case, status, code):
     if case == "bad_image":
         body["messages"][0]["content"][0]["image_url"]["url"] = \
             "data:image/png;base64," + base64.b64encode(b"not an image").decode()
-    elif case == "two_images":
+    elif case == "two_images":  # two images, one <image> marker: they disagree
         body["messages"][0]["content"].append(body["messages"][0]["content"][0])
+        body["messages"][0]["content"][1]["text"] = "<image> describe the image."
     elif case == "assistant_turn":
         body["messages"].append({"role": "assistant", "content": "hi"})
     elif case == "context_overflow":

@@ -562,7 +562,7 @@ BAD_CALLS = {
     "top_k_float": dict(top_k=2.5, temperature=1.0),
     "seed_str": dict(seed="1"),
     "stop_str": dict(stop="."),
-    "image_placeholder_in_text": dict(prompt="<image> what color?"),
+    "image_markers_disagree": dict(prompt="<image> and <image>: what color?"),
     "two_images": dict(image="two"),
 }
 
@@ -574,12 +574,13 @@ def test_bad_call_is_a_user_error(session, case):
     kw.update(BAD_CALLS[case])
     if kw["image"] == "two":
         kw["image"] = [scenes.make_scene(1).image, scenes.make_scene(2).image]
+        kw["prompt"] = "<image> what color?"
     image, prompt = kw.pop("image"), kw.pop("prompt")
     with pytest.raises(UserInputError) as e:
         session.generate(image, prompt, **kw)
     assert str(e.value).isprintable()
-    if case == "two_images":
-        assert "one image per prompt" in str(e.value)
+    if case == "two_images":  # several images, one <image> marker
+        assert "markers" in str(e.value)
     with pytest.raises(UserInputError):  # stream() checks when called, not when first read
         session.stream(image, prompt, **kw)
 
@@ -607,11 +608,12 @@ def test_extreme_aspect_ratio_is_a_clear_error(session, tmp_path):
 
 # -- bad input through vlm-run ---------------------------------------------------------------
 
-def test_vlm_run_refuses_two_images(tiny_llava_artifact, tmp_path):
+def test_vlm_run_refuses_images_and_markers_that_disagree(tiny_llava_artifact, tmp_path):
     img = tmp_path / "a.png"
     scenes.make_scene(1).image.save(img)
-    line = _one_line(_vlm_run(tiny_llava_artifact[0], "--image", img, "--image", img))
-    assert "one image per prompt" in line
+    line = _one_line(_vlm_run(tiny_llava_artifact[0], "--image", img, "--image", img,
+                              "--prompt", "<image> what color?"))
+    assert "markers" in line
 
 
 def test_vlm_run_negative_threads(tiny_llava_artifact):
@@ -626,9 +628,10 @@ def test_vlm_run_invalid_utf8_prompt(tiny_llava_artifact):
     assert "not valid Unicode" in _one_line(r)
 
 
-def test_vlm_run_image_placeholder_in_prompt(tiny_llava_artifact):
-    line = _one_line(_vlm_run(tiny_llava_artifact[0], "--prompt", "<image> what color?"))
-    assert "image placeholder" in line
+def test_vlm_run_image_markers_in_prompt(tiny_llava_artifact):
+    """Two <image> markers for the one (demo) image: refused in one line."""
+    line = _one_line(_vlm_run(tiny_llava_artifact[0], "--prompt", "<image> <image> what color?"))
+    assert "markers" in line
 
 
 def test_vlm_run_artifact_that_is_a_file(tiny_llava_artifact):
