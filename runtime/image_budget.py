@@ -17,6 +17,10 @@ what the exported graphs take (they take any tile count or patch grid):
                the pinpoint used in the image grid, so packing follows it (the
                model was trained on the full set: a smaller budget is a
                coarser image, not the processor's own choice)
+    internvl   max_patches is lowered to the largest whose tiling of this image
+               (rows x cols tiles + the thumbnail, or one tile) fits:
+               tokens = tiles x image_seq_len (the processor's max_patches
+               setting, so the image is what it would make with it)
 
 The preprocessing stays the HF processor's, run with those settings
 (Idefics3ImageProcessor size={"longest_edge": L}, Qwen2VLImageProcessor
@@ -27,7 +31,8 @@ from __future__ import annotations
 from vlmedge.errors import UserInputError
 
 from . import anyres
-from .preprocess import idefics3_encoder_size, idefics3_resized_size
+from .preprocess import (idefics3_encoder_size, idefics3_resized_size, internvl_grid,
+                         internvl_tile_count)
 
 
 def idefics3_tiles(h: int, w: int, longest_edge: int, tile: int, splitting: bool) -> int:
@@ -69,6 +74,8 @@ def budget_tiling(tiling: dict | None, image, shape: tuple[int, int], max_tokens
         return {**tiling, "longest_edge": tile}
     if tiling["method"] == "anyres":
         return _anyres_budget(tiling, image, h, w, max_tokens)
+    if tiling["method"] == "internvl":
+        return _internvl_budget(tiling, image, h, w, max_tokens)
     unit = (tiling["patch_size"] * tiling["merge_size"]) ** 2  # pixels per image token
     max_pixels = min(tiling["max_pixels"], max_tokens * unit)
     if max_pixels < tiling["min_pixels"]:
@@ -88,3 +95,17 @@ def _anyres_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict
         raise UserInputError(f"a {h}x{w} image takes at least {least} tokens with this model",
                              expected=f"max_image_tokens >= {least}", got=str(max_tokens))
     return {**tiling, "grid_pinpoints": fits}
+
+
+def _internvl_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
+    """The largest max_patches at which an h x w image takes at most
+    max_tokens tokens; max_patches 1 is one tile (the processor does not crop)."""
+    per_tile = image.image_seq_len
+    if max_tokens < per_tile:
+        raise UserInputError("an image takes at least one tile",
+                             expected=f"max_image_tokens >= {per_tile}", got=str(max_tokens))
+    for m in range(tiling["max_patches"], 1, -1):
+        budgeted = {**tiling, "max_patches": m}
+        if internvl_tile_count(internvl_grid(h, w, budgeted)) * per_tile <= max_tokens:
+            return budgeted
+    return {**tiling, "max_patches": 1}

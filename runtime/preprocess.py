@@ -274,7 +274,9 @@ class ImagePreprocessor:
                   "temporal_patch_size", "merge_size", "min_pixels",
                   "max_pixels": int} or {"method": "anyres", "tile_size": int,
                   "grid_pinpoints": [[height, width], ...] multiples of
-                  tile_size}; `resize`, `size` and `crop` are then unused
+                  tile_size} or {"method": "internvl", "tile_size": int,
+                  "min_patches", "max_patches": int, "crop_to_patches": bool,
+                  "use_thumbnail": true}; `resize`, `size` and `crop` are then unused
       processor   str: the HF class it came from, for the record only [None]
 
     __call__'s array is reused by the next call with the same output shape
@@ -338,6 +340,9 @@ class ImagePreprocessor:
           anyres            (N, 3, S, S) tiles: the whole image, then rows x
                             cols row-major; grid (h, w, bh, bw): the original
                             size and the pinpoint it was tiled at (anyres.py)
+          internvl          (N, 3, S, S) tiles: rows x cols row-major, then the
+                            whole image (thumbnail) when rows * cols > 1;
+                            grid (rows, cols), (1, 1) for one tile
 
         Equal to the HF image processor's pixel_values for one image (Idefics3's
         without its padding) and its rows/cols or image_grid_thw."""
@@ -353,6 +358,8 @@ class ImagePreprocessor:
             frames, grid = anyres_frames(rgb, tiling["grid_pinpoints"], tiling["tile_size"],
                                          self._filter)
             return frames_to_pixel_values(frames, self._scale, self._mean, self._std)[0], grid
+        if tiling["method"] == "internvl":
+            return internvl_tiles(rgb, tiling, self._filter, self._scale, self._mean, self._std)
         return self._qwen2_vl(rgb, tiling)
 
     def _idefics3(self, rgb: np.ndarray, tiling: dict) -> tuple[np.ndarray, tuple[int, int]]:
@@ -438,8 +445,11 @@ _TILING_KEYS = {
     "qwen2_vl_patches": ("patch_size", "temporal_patch_size", "merge_size", "min_pixels",
                          "max_pixels"),
     "anyres": ("tile_size", "grid_pinpoints"),
+    "internvl": ("tile_size", "min_patches", "max_patches", "crop_to_patches", "use_thumbnail"),
 }
 MAX_PINPOINTS = 256  # LLaVA-OneVision has 36
+# InternVL's tile count: the grids it weighs grow as max_patches^2 (InternVL3 uses 12).
+MAX_INTERNVL_PATCHES = 256
 
 
 _TILING_OPTIONAL = {"idefics3": ("global_image",)}
@@ -466,6 +476,8 @@ def _check_tiling(tiling) -> dict:
                              got=repr(sorted(tiling)))
     if method == "anyres":
         return _check_anyres(tiling)
+    if method == "internvl":
+        return _check_internvl(tiling)
     for key in _TILING_KEYS[method]:
         v = tiling[key]
         hi = MAX_CONFIG_PIXELS if key.endswith("_pixels") else MAX_CONFIG_SIZE
@@ -496,6 +508,25 @@ def _check_anyres(tiling: dict) -> dict:
                              expected=f"1..{MAX_PINPOINTS} [height, width] pairs, multiples of "
                                       f"tile_size {tile}", got=repr(pins)[:60])
     return {**tiling, "grid_pinpoints": [[int(h), int(w)] for h, w in pins]}
+
+
+def _check_internvl(tiling: dict) -> dict:
+    """tile_size an int; min/max_patches ints in 1..MAX_INTERNVL_PATCHES (min
+    may exceed max: the processor then tiles 1 x 1, and so does the runtime);
+    crop_to_patches a bool; use_thumbnail true (GotOcr2's processor always
+    appends the thumbnail to a split image)."""
+    for key, hi in (("tile_size", MAX_CONFIG_SIZE), ("min_patches", MAX_INTERNVL_PATCHES),
+                    ("max_patches", MAX_INTERNVL_PATCHES)):
+        if not _size_ok(tiling[key], hi):
+            raise UserInputError(f"ImagePreprocessor: bad internvl tiling {key}",
+                                 expected=f"an int in 1..{hi}", got=repr(tiling[key])[:40])
+    if not isinstance(tiling["crop_to_patches"], bool):
+        raise UserInputError("ImagePreprocessor: bad internvl tiling crop_to_patches",
+                             expected="a bool", got=repr(tiling["crop_to_patches"])[:40])
+    if tiling["use_thumbnail"] is not True:
+        raise UserInputError("ImagePreprocessor: internvl tiling always appends the thumbnail",
+                             expected="use_thumbnail true", got=repr(tiling["use_thumbnail"]))
+    return dict(tiling)
 
 
 def _size_ok(v, hi: int = MAX_CONFIG_SIZE) -> bool:
@@ -694,3 +725,52 @@ def anyres_frames(rgb: np.ndarray, pinpoints, tile: int, resample="bicubic"
     tiles = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
     frames[1:] = tiles.reshape(rows * cols, tile, tile, 3)
     return frames, (int(h), int(w), int(bh), int(bw))
+
+
+def internvl_grid(h: int, w: int, tiling: dict) -> tuple[int, int]:
+    """(rows, cols) of tiles InternVL's image processor (transformers'
+    GotOcr2ImageProcessor, crop_to_patches) cuts an h x w image into: of the
+    grids of min_patches..max_patches tiles, the one whose aspect ratio (cols
+    / rows) is closest to w / h; on a tie the later (larger) grid wins while
+    the image's area exceeds half of the grid's. (1, 1) without cropping.
+    Same float arithmetic and order as get_optimal_tiled_canvas."""
+    lo, hi = tiling["min_patches"], tiling["max_patches"]
+    if not tiling["crop_to_patches"] or hi <= 1:
+        return 1, 1
+    grids = sorted(((c, r) for c in range(1, hi + 1) for r in range(1, hi + 1)
+                    if lo <= c * r <= hi), key=lambda g: g[0] * g[1])  # stable, as HF's
+    aspect, area, tile = w / h, w * h, tiling["tile_size"]
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best[1], best[0]
+
+
+def internvl_tile_count(grid: tuple[int, int]) -> int:
+    """Tiles of a (rows, cols) grid: the grid's, plus the thumbnail when split."""
+    n = int(grid[0]) * int(grid[1])
+    return n + 1 if n > 1 else n
+
+
+def internvl_tiles(rgb: np.ndarray, tiling: dict, resample, scale: float, mean, std
+                   ) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 (H, W, 3) RGB -> (pixel_values float32 (N, 3, S, S), grid (rows,
+    cols)), as transformers' GotOcr2ImageProcessor (InternVL): the image
+    resized to (rows * S, cols * S), cut into rows x cols tiles row-major,
+    then the whole image resized to S x S appended when rows * cols > 1. Both
+    resizes start from the original pixels, as HF's do; each tile is computed
+    as its region of the big resize and normalized in the same pass."""
+    s = tiling["tile_size"]
+    rows, cols = internvl_grid(*rgb.shape[:2], tiling)
+    out = np.empty((internvl_tile_count((rows, cols)), 3, s, s), np.float32)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        resize_normalize(rgb, rows * s, cols * s, (r * s, c * s, s, s), resample, scale, mean,
+                         std, out=out[i])
+    if rows * cols > 1:  # the thumbnail
+        resize_normalize(rgb, s, s, (0, 0, s, s), resample, scale, mean, std, out=out[-1])
+    return out, (int(rows), int(cols))

@@ -39,9 +39,10 @@ Sections (schema 2):
                      buffer per layer shared by past and present: runtime/decoders.py)
     image            ImageFacts: the image token, tokens per image, feature size,
                      how the placeholder expands ("repeat" | "idefics3" |
-                     "qwen2_vl" | "anyres", runtime/chat.py) and that expansion's
-                     facts (anyres: grid pinpoints, anyres_max_tiles and the
-                     learned image_newline vector the host packs with);
+                     "qwen2_vl" | "anyres" | "internvl", runtime/chat.py) and that
+                     expansion's facts (anyres: grid pinpoints, anyres_max_tiles
+                     and the learned image_newline vector the host packs with;
+                     internvl: the <img> / </img> tokens around its tiles);
                      max_image_tokens, the default image-token budget (optional)
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling); its keys are
@@ -80,12 +81,12 @@ MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a m
 MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next",
-            "llava_onevision")
+            "llava_onevision", "internvl")
 TARGETS = ("onnx", "trt")
 PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
-EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres")
+EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl")
 GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
 # Upper bounds on what a loader sizes memory by: far above any real model, far
 # below what would make a hostile manifest allocate terabytes.
@@ -191,6 +192,10 @@ class ImageFacts:
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
     anyres_max_tiles: int | None = None
     image_newline: tuple[float, ...] | None = None
+    # internvl (image_seq_len and tile_size too): the tokens around an image's
+    # tiles' context tokens, <img> ... </img>
+    image_start_token: str | None = None
+    image_end_token: str | None = None
     # the artifact's default image-token budget (vlm-export --max-image-tokens)
     max_image_tokens: int | None = None
 
@@ -276,7 +281,7 @@ class Manifest:
 
 # How each image expansion is preprocessed (runtime/chat.py, runtime/preprocess.py).
 _EXPAND_TILING = {"repeat": None, "idefics3": "idefics3", "qwen2_vl": "qwen2_vl_patches",
-                  "anyres": "anyres"}
+                  "anyres": "anyres", "internvl": "internvl"}
 
 
 def _cross_check(m: "Manifest", where: str) -> None:
@@ -508,6 +513,7 @@ _IMAGE_NEEDS = {
     "qwen2_vl": ("merge_size", "patch_size", "temporal_patch_size", "vision_grid_inputs",
                  "images_per_vision_call"),
     "anyres": ("tile_size", "patch_size", "grid_pinpoints", "image_newline"),
+    "internvl": ("image_seq_len", "tile_size", "image_start_token", "image_end_token"),
 }
 
 
@@ -547,6 +553,8 @@ def _image(r: _Obj) -> ImageFacts:
                                                                 1, 256)), None),
         anyres_max_tiles=r.get("anyres_max_tiles", _optional(_int(1, 4096)), None),
         image_newline=r.get("image_newline", _optional(_list(_finite, 1, MAX_DIM)), None),
+        image_start_token=r.get("image_start_token", _optional(_str), None),
+        image_end_token=r.get("image_end_token", _optional(_str), None),
         max_image_tokens=r.get("max_image_tokens", _optional(_int(1, MAX_CONTEXT)), None),
     )
     r.end()

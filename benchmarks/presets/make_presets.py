@@ -129,6 +129,38 @@ LLAVA_ONEVISION_05B = {
                     "vocab_size": 152000},
 }
 
+# OpenGVLab/InternVL3-1B-hf: InternViT-300M-448px-V2_5 (24 layers, 1024 wide,
+# 16 heads, 14 px patches at 448 px, qkv bias, layer scale, no qk-norm), pixel
+# shuffle 0.5 (256 tokens a tile), LayerNorm + 2-layer GELU MLP, Qwen2.5-0.5B
+# (24 layers, 896 wide, 14 heads / 2 KV, vocab 151674 with InternVL's <img>
+# </img> <IMG_CONTEXT> ... tokens; dynamic NTK rope x2 past 32k positions,
+# which the artifact's context never reaches). GotOcr2 tiling: 1..12 tiles of
+# 448 px + a thumbnail (InternVLProcessor turns crop_to_patches on).
+INTERNVL3_1B = {
+    "architectures": ["InternVLForConditionalGeneration"], "downsample_ratio": 0.5,
+    "image_seq_length": 256, "image_token_id": 151667, "model_type": "internvl",
+    "projector_hidden_act": "gelu", "torch_dtype": "bfloat16",
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+    "vision_config": {"architectures": ["InternVisionModel"], "attention_bias": True,
+                      "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1024,
+                      "image_size": [448, 448], "intermediate_size": 4096,
+                      "layer_norm_eps": 1e-06, "layer_scale_init_value": 0.1,
+                      "model_type": "internvl_vision", "norm_type": "layer_norm",
+                      "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 24,
+                      "patch_size": [14, 14], "use_absolute_position_embeddings": True,
+                      "use_mask_token": False, "use_mean_pooling": True, "use_qk_norm": False},
+    "text_config": {"architectures": ["Qwen2ForCausalLM"], "bos_token_id": 151643,
+                    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896,
+                    "intermediate_size": 4864, "max_position_embeddings": 32768,
+                    "max_window_layers": 70, "model_type": "qwen2", "num_attention_heads": 14,
+                    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+                    "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+                    "rope_theta": 1000000.0, "sliding_window": None,
+                    "tie_word_embeddings": False, "use_sliding_window": False,
+                    "vocab_size": 151674},
+    "tie_word_embeddings": False,
+}
+
 # -- chat templates (the published ones; LLaVA's without its {% generation %}
 # training markers, which only transformers' jinja environment knows) --------
 SMOLVLM_TEMPLATE = (
@@ -180,6 +212,16 @@ LLAVA_ONEVISION_TEMPLATE = (
     "{{ '\n' + content['text'] }}{% endfor %}{{'<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
+# transformers' convert_internvl_weights_to_hf.py writes this one for the -hf checkpoints.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
+
 # -- special tokens at the real ids ---------------------------------------------
 SMOLVLM_SPECIALS = {
     "<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<global-img>": 49152,
@@ -197,6 +239,16 @@ QWEN_SPECIALS = {
 
 ONEVISION_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                       "<image>": 151646, "<video>": 151647}
+
+# Qwen2.5-VL's tokenizer (InternVL's -hf conversion starts from it) + InternVL's
+# tokens; <video> is added after them, outside the 151674-row embedding table.
+INTERNVL_SPECIALS = {
+    **QWEN_SPECIALS, "<tool_call>": 151657, "</tool_call>": 151658, "<|fim_prefix|>": 151659,
+    "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662,
+    "<|repo_name|>": 151663, "<|file_sep|>": 151664, "<img>": 151665, "</img>": 151666,
+    "<IMG_CONTEXT>": 151667, "<quad>": 151668, "</quad>": 151669, "<ref>": 151670,
+    "</ref>": 151671, "<box>": 151672, "</box>": 151673, "<video>": 151674}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -372,6 +424,35 @@ def write_llava_onevision(out: Path, config: dict) -> None:
     _json(out / "config.json", config)
 
 
+def write_internvl(out: Path, config: dict) -> None:
+    """Tokenizer (naming <img> </img> <IMG_CONTEXT> <video>, where
+    InternVLProcessor reads them), preprocessor_config.json (GotOcr2, 448 px
+    tiles, 1..12), processor_config.json (image_seq_length) and the chat
+    template, as published; not through InternVLProcessor, which needs a video
+    processor (torchvision): the internvl family builds an image-only one."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil)
+
+    tok = fast_tokenizer(build_tokenizer(INTERNVL_SPECIALS, []), eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", unk_token=None,
+                         extra_special_tokens={"start_image_token": "<img>",
+                                               "end_image_token": "</img>",
+                                               "context_image_token": "<IMG_CONTEXT>",
+                                               "video_token": "<video>"})
+    tok.save_pretrained(out)
+    GotOcr2ImageProcessorPil(
+        do_resize=True, size={"height": 448, "width": 448}, resample=3, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD, do_convert_rgb=True, crop_to_patches=False, min_patches=1,
+        max_patches=12).save_pretrained(out)
+    _json(out / "processor_config.json", {"image_seq_length": 256,
+                                          "processor_class": "InternVLProcessor"})
+    (out / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+    _json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": 151645,
+                                           "pad_token_id": 151643})
+    _json(out / "config.json", config)
+
+
 def _json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -383,6 +464,7 @@ PRESETS = {
     "llava-1.5-tinyllama": (write_llava, LLAVA_15_TINYLLAMA),
     "qwen2-vl-2b": (write_qwen2_vl, QWEN2_VL_2B),
     "llava-onevision-0.5b": (write_llava_onevision, LLAVA_ONEVISION_05B),
+    "internvl3-1b": (write_internvl, INTERNVL3_1B),
 }
 
 

@@ -5,13 +5,15 @@ from vlmedge.errors import UnsupportedArchitectureError
 
 from .base import Family
 from .idefics3 import Idefics3
+from .internvl import InternVL
 from .llava import Llava
 from .llava_next import LlavaNext, LlavaOnevision
 from .qwen2_vl import Qwen2VL, Qwen25VL
 from .smolvlm import SmolVLM
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), SmolVLM(), Qwen2VL(),
-                                                    Qwen25VL(), LlavaNext(), LlavaOnevision())}
+                                                    Qwen25VL(), LlavaNext(), LlavaOnevision(),
+                                                    InternVL())}
 
 
 def register(family: Family) -> Family:

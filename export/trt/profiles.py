@@ -15,6 +15,8 @@ per component:
              idefics3: batch = tiles           [1, tiles/image, B*I*tiles/image]
              anyres:   batch = tiles           [fewest, 5, B*I*most] over the
                        grid pinpoints (LLaVA-NeXT/OneVision)
+             internvl: batch = tiles           [fewest, a 640x480 frame's,
+                       B*I*(max_patches + 1)] (grid + thumbnail)
              qwen2_vl: num_patches, num_image_tokens of ONE image (one image
                        per vision call): from the processor's pixel limits;
                        Qwen2.5-VL also num_window_edges (attention windows
@@ -125,7 +127,26 @@ def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Ran
         opt = min(max(counts), max(least, 5))  # a 2 x 2 grid: a camera frame's usual pinpoint
         toks = (per, per * opt, per * most)
         return {"batch": (least, opt, n * most)}, toks
+    if method == "internvl":
+        return _internvl_ranges(tiling, per, n)
     return {"batch": (1, 1, n)}, (per, per, per)
+
+
+def _internvl_ranges(tiling: dict[str, Any], per: int, n: int
+                     ) -> tuple[dict[str, Range], Range]:
+    """InternVL: rows x cols tiles of min..max_patches, plus the thumbnail when
+    split; one tile when the processor does not crop. opt: a 640 x 480 camera
+    frame's tiling (13 tiles for InternVL3's 1..12)."""
+    from vlmedge.runtime.preprocess import internvl_grid, internvl_tile_count
+
+    lo, hi = int(tiling["min_patches"]), int(tiling["max_patches"])
+    if not tiling.get("crop_to_patches") or hi <= 1:
+        return {"batch": (1, 1, n)}, (per, per, per)
+    most = hi + 1  # the cols = max_patches, rows = 1 grid, and the thumbnail
+    # a grid of min_patches tiles (min > max: no grid qualifies, HF's tiles 1 x 1)
+    least = internvl_tile_count((1, lo)) if lo <= hi else 1
+    opt = min(max(internvl_tile_count(internvl_grid(480, 640, tiling)), least), most)
+    return {"batch": (least, opt, n * most)}, (per * least, per * opt, per * most)
 
 
 def dim_ranges(m: dict[str, Any], lim: Limits) -> dict[str, list[tuple[str, dict[str, Range]]]]:
