@@ -48,8 +48,8 @@ def _raise(message: str):
 IMAGE_MARKER = "<image>"
 # Expansions whose several images in one prompt are each expanded by their own
 # grid and their features concatenated in order, as the HF processor + model
-# do (LLaVA, Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT).
-SEVERAL_IMAGES = ("repeat", "idefics3", "qwen2_vl", "anyres")
+# do (LLaVA, Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT, InternVL).
+SEVERAL_IMAGES = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl")
 
 
 def user_content(question: str, n_images: int) -> list[dict]:

@@ -570,7 +570,7 @@ class VLMSession:
         (H, W, 3) uint8 array whose channel order is `layout` ("RGB", or "BGR"
         for OpenCV camera frames), or an EncodedImage; None for a text-only
         prompt. A list of them puts several images in one prompt (LLaVA,
-        Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT; other families refuse
+        Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT, InternVL; others refuse
         in one line): each goes at its "<image>" marker in the prompt ("is
         <image> the same scene as <image>?", one marker per image), or with
         no marker they all come first, as the model's chat template does.

@@ -1,5 +1,5 @@
 """Several images in one prompt (issue 13): for each family that takes them
-(LLaVA, Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT) the runtime's
+(LLaVA, Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, InternVL) the runtime's
 prompt ids for two or three images of different sizes equal the HF
 processor's for the same chat-template messages, and greedy
 VLMSession.generate([a, b], prompt) equals transformers'
@@ -21,21 +21,23 @@ PIL = pytest.importorskip("PIL.Image")
 from test_families import BUILDERS as FAMILY_BUILDERS  # noqa: E402
 from test_families import _image  # noqa: E402
 from test_llava_next import build_llava_next, build_onevision  # noqa: E402
+from test_internvl import build_internvl  # noqa: E402
 from test_smolvlm import build_smolvlm  # noqa: E402
 
 from vlmedge.errors import UserInputError  # noqa: E402
 
 QUESTION = "what color is the circle?"
 BUILDERS = {**FAMILY_BUILDERS, "smolvlm": build_smolvlm, "llava_next": build_llava_next,
-            "llava_onevision": build_onevision}
-MULTI = ["llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next"]
+            "llava_onevision": build_onevision, "internvl": build_internvl}
+MULTI = ["llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next", "internvl"]
 # (w, h) per family: sizes whose grids differ (tiles, patch grids, pinpoints)
 SIZES = {"llava": [(96, 160), (200, 120)],
          "idefics3": [(300, 90), (50, 128), (128, 128)],
          "smolvlm": [(300, 90), (50, 128)],
          "qwen2_vl": [(128, 128), (40, 120), (200, 64)],
          "qwen2_5_vl": [(200, 64), (50, 128)],
-         "llava_next": [(300, 90), (50, 128)]}
+         "llava_next": [(300, 90), (50, 128)],
+         "internvl": [(100, 40), (80, 80)]}
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,7 @@ def test_generate_equals_transformers(name, family):
     assert r.timings["images"] == len(images)
 
 
-@pytest.mark.parametrize("name", ["llava", "idefics3", "qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("name", ["llava", "idefics3", "qwen2_vl", "llava_next", "internvl"])
 def test_markers_mid_prompt_generate_equals_transformers(name, family):
     lm, s = family(name)
     images = _images(name)[:2]
