@@ -52,6 +52,10 @@ def main(
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", help="A JSON schema (a file, or the schema's JSON text): the "
         "answer is JSON matching it (needs llguidance: pip install 'vlmedge[structured]')."),
+    annotate: Optional[Path] = typer.Option(
+        None, "--annotate", help="Write a PNG of the image with the boxes the (first) "
+        "prompt's answer grounds drawn on it (Qwen2-VL, Qwen2.5-VL, InternVL conventions; "
+        "one --image). With --json the boxes are in the JSON anyway."),
 ) -> None:
     with cli_errors("vlm-run"):
         from vlmedge.runtime import VLMSession
@@ -65,11 +69,16 @@ def main(
         for path in paths:
             if not path.is_file():
                 raise UserInputError(f"image {path} does not exist or is not a file")
+        if annotate is not None and len(paths) != 1:
+            raise UserInputError("--annotate draws on one image", got=f"{len(paths)} --image",
+                                 hint="pass one --image")
         questions = prompt or [DEFAULT_QUESTION]
         structured = structured_options(choices, json_schema)
         session = VLMSession(artifact_dir, provider=provider, threads=threads or None,
                              allow_fallback=provider == "auto",
                              max_image_tokens=max_image_tokens)
+        if annotate is not None:
+            _check_grounding(session.manifest.family)
         opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed, **structured)
         session.chat.check_image_count(len(paths))  # a family that takes one: before any work
@@ -81,12 +90,14 @@ def main(
             results = [session.generate(image, q, **opts).to_dict() for q in questions]
             for q, r in zip(questions, results):
                 r["prompt"] = q
+            if annotate is not None:
+                _annotate(paths[0], results[0]["boxes"], annotate)
             print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
             return
-        for q in questions:
+        for i, q in enumerate(questions):
             if len(questions) > 1:
                 print(f"Q: {q}")
-            if stream:
+            if stream and not (annotate is not None and i == 0):  # boxes need the whole answer
                 for piece in session.stream(image, q, **opts):
                     print(piece, end="", flush=True)
                 print(flush=True)
@@ -95,6 +106,8 @@ def main(
                 r = session.generate(image, q, **opts)
                 print(r.text, flush=True)
                 t = r.timings
+                if annotate is not None and i == 0:
+                    _annotate(paths[0], [b.to_dict() for b in r.boxes], annotate)
             print(_timing_line(t), file=sys.stderr)
 
 
@@ -116,6 +129,25 @@ def structured_options(choices: str | None, json_schema: str | None) -> dict:
             raise UserInputError("--json-schema is neither a JSON file nor JSON text",
                                  got=f"{str(e)[:80]}") from None
     return out
+
+
+def _check_grounding(family: str) -> None:
+    """One line, before any work, where the family has no box convention."""
+    from vlmedge.runtime.grounding import convention_for
+    if convention_for(family) is None:
+        raise UserInputError("--annotate: this model's answers carry no boxes vlmedge can read",
+                             got=f"family {family}", hint="Qwen2-VL, Qwen2.5-VL and InternVL "
+                             "artifacts answer with boxes")
+
+
+def _annotate(image_path: Path, boxes: list[dict], out: Path) -> None:
+    """Draw the answer's boxes (Box.to_dict()s) on the image, write the PNG."""
+    from vlmedge.runtime.grounding import Box, draw_boxes
+    try:
+        draw_boxes(image_path, [Box(**b) for b in boxes], out)
+    except OSError as e:
+        raise UserInputError(f"--annotate could not write {out}", got=str(e)[:120]) from None
+    print(f"vlm-run: {len(boxes)} box(es) drawn to {out}", file=sys.stderr)
 
 
 def _timing_line(t: dict) -> str:

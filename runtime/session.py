@@ -42,7 +42,7 @@ from vlmedge import manifest as manifest_mod
 from vlmedge import precision as precision_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
-from . import anyres, mrope, sampling
+from . import anyres, grounding, mrope, sampling
 from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
 from .decoders import open_decoder
@@ -59,10 +59,14 @@ class GenerationResult:
     timings: dict[str, Any] = field(default_factory=dict)
     # With choices: the choice; with json_schema: the parsed JSON; else None.
     value: Any = None
+    # Grounding boxes in the answer (runtime/grounding.py Box, original image
+    # pixels): filled where the family has a convention and there is one image.
+    boxes: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "stop_reason": self.stop_reason, "timings": self.timings, "value": self.value}
+                "stop_reason": self.stop_reason, "timings": self.timings, "value": self.value,
+                "boxes": [b.to_dict() for b in self.boxes]}
 
 
 @dataclass
@@ -77,6 +81,7 @@ class EncodedImage:
     timings: dict[str, float]     # preprocess_ms, vision_ms
     owner: int                    # id() of the session that made it
     prefixes: dict = field(default_factory=dict, repr=False)  # prefix ids -> KVCache
+    image_size: tuple[int, int] | None = None  # (w, h) of the original image (grounding boxes)
 
     # Distinct prompt prefixes kept. With native TensorRT engines each kept
     # prefix holds a device KV slot (4 a session) until the EncodedImage goes.
@@ -225,11 +230,16 @@ class VLMSession:
         rgb = load_image(image, layout=layout)
         budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
         if budget is None:
-            return self.preprocessor.preprocess(rgb)
-        from .image_budget import budget_tiling
-        tiling = budget_tiling(self.preprocessor.config["tiling"], self.image_facts,
-                               rgb.shape[:2], budget)
-        return self.preprocessor.preprocess(rgb, tiling=tiling)
+            pixels, grid = self.preprocessor.preprocess(rgb)
+        else:
+            from .image_budget import budget_tiling
+            tiling = budget_tiling(self.preprocessor.config["tiling"], self.image_facts,
+                                   rgb.shape[:2], budget)
+            pixels, grid = self.preprocessor.preprocess(rgb, tiling=tiling)
+        # The original (w, h) and grid of this thread's last image: generate()
+        # reads grounding boxes back into its pixels (_boxes).
+        self._local.seen = ((int(rgb.shape[1]), int(rgb.shape[0])), grid)
+        return pixels, grid
 
     def preprocess(self, image, layout: str = "RGB", copy: bool = True
                    ) -> tuple[np.ndarray, Any]:
@@ -265,7 +275,7 @@ class VLMSession:
             t = time.perf_counter()
             feats = self.encode_image(pixels, grid)
             timings["vision_ms"] = _ms(t)
-        return EncodedImage(feats, grid, timings, id(self))
+        return EncodedImage(feats, grid, timings, id(self), image_size=self._local.seen[0])
 
     def encode_image(self, pixel_values: np.ndarray, image_grid=None) -> np.ndarray:
         """pixel_values -> image_features (N, T_img, D).
@@ -597,7 +607,26 @@ class VLMSession:
         reason = timings.pop("stop_reason")
         value = None if reason == "cancelled" else \
             _structured_value(constraint, text, max_new_tokens)
-        return GenerationResult(text, tokens, len(ids), reason, timings, value)
+        return GenerationResult(text, tokens, len(ids), reason, timings, value,
+                                self._boxes(image, text))
+
+    def _boxes(self, image, text: str) -> list:
+        """The answer's grounding boxes in the original image's pixels, where
+        the family has a convention and the request had exactly one image
+        (several: which image a box is on is not said). Reads what _preprocess
+        recorded in this thread for this request (or the EncodedImage's)."""
+        conv = grounding.convention_for(self.manifest.family)
+        if conv is None or _image_count(image) != 1:
+            return []
+        image = image[0] if isinstance(image, (list, tuple)) else image
+        if isinstance(image, EncodedImage):
+            size, grid = image.image_size, image.grid
+        else:
+            size, grid = getattr(self._local, "seen", (None, None))
+        if size is None:
+            return []
+        model_size = grounding.model_size_from_grid(grid, self.manifest.image.patch_size)
+        return grounding.parse_boxes(text, conv, size, model_size)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, **kw) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens arrive; every piece

@@ -1,0 +1,192 @@
+"""Grounding: answer text -> boxes in the original image's pixels
+(runtime/grounding.py), the session's result.boxes and vlm-run --annotate.
+
+No exported model here answers with boxes (the demo and tiny models are
+LLaVA, which has no grounding convention), so the parsers run on realistic
+answer strings and the session glue on a stand-in session; an end-to-end run
+needs a Qwen2.5-VL/InternVL artifact that grounds."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmedge.runtime import grounding
+from vlmedge.runtime.grounding import Box, parse_boxes
+from vlmedge.runtime.session import EncodedImage, VLMSession
+
+
+def _bin(name):
+    return str(Path(sys.executable).parent / name)
+
+
+def _ok(b: Box, w, h):
+    assert 0 <= b.x1 <= b.x2 <= w and 0 <= b.y1 <= b.y2 <= h
+
+
+# -- qwen2_5_vl: JSON, absolute pixels of the resized image --------------------
+QWEN25 = """Sure.
+```json
+[
+  {"bbox_2d": [28, 56, 280, 196], "label": "red car"},
+  {"bbox_2d": [300, 10, 420, 140], "label": "person"}
+]
+```"""
+
+
+def test_qwen2_5_vl_json_scaled_to_original_pixels():
+    # The model saw 448x308 (grid 22x32 patches of 14); the original is 1280x880.
+    model = grounding.model_size_from_grid((1, 22, 32), 14)
+    assert model == (448, 308)
+    boxes = parse_boxes(QWEN25, "qwen2_5_vl", (1280, 880), model)
+    sx, sy = 1280 / 448, 880 / 308
+    assert [b.label for b in boxes] == ["red car", "person"]
+    assert boxes[0].x1 == pytest.approx(28 * sx) and boxes[0].y2 == pytest.approx(196 * sy)
+    assert boxes[1].x2 == pytest.approx(420 * sx)
+    for b in boxes:
+        _ok(b, 1280, 880)
+
+
+def test_qwen2_5_vl_unfenced_single_object_cut_off_list_and_clipping():
+    one = parse_boxes('{"bbox_2d": [10, 20, 30, 40], "label": "cup"}', "qwen2_5_vl", (100, 100))
+    assert one == [Box("cup", 10.0, 20.0, 30.0, 40.0)]  # no model size: original pixels
+    # max_new_tokens cut the list: the whole objects still count
+    cut = '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6'
+    assert parse_boxes(cut, "qwen2_5_vl", (100, 100)) == [Box("a", 1.0, 2.0, 3.0, 4.0)]
+    # out of the image and swapped corners: clipped and ordered
+    b, = parse_boxes('[{"bbox_2d": [150, -5, 20, 90]}]', "qwen2_5_vl", (100, 80))
+    assert (b.label, b.x1, b.y1, b.x2, b.y2) == (None, 20.0, 0.0, 100.0, 80.0)
+
+
+# -- qwen2_vl: (x1,y1),(x2,y2) in 0..1000 ---------------------------------------
+def test_qwen2_vl_markers_and_bare_form():
+    text = ("<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(100,250),(500,750)"
+            "<|box_end|> and <|object_ref_start|>ball<|object_ref_end|><|box_start|>(0,0),"
+            "(1000,1000)<|box_end|>")
+    a, b = parse_boxes(text, "qwen2_vl", (640, 480))
+    assert a == Box("the dog", 64.0, 120.0, 320.0, 360.0)
+    assert b == Box("ball", 0.0, 0.0, 640.0, 480.0)
+    # skip_special_tokens decoding drops the markers: the boxes stay, unlabelled
+    bare, = parse_boxes("the dog(100,250),(500,750)", "qwen2_vl", (640, 480))
+    assert bare == Box(None, 64.0, 120.0, 320.0, 360.0)
+
+
+# -- internvl: <ref>label</ref><box>[[...], ...]</box> in 0..1000 -----------------
+def test_internvl_several_boxes_per_ref():
+    text = ("<ref>apple</ref><box>[[100, 200, 300, 400], [600, 600, 900, 1000]]</box>, "
+            "<ref>knife</ref><box>[[0, 0, 50, 50]]</box>")
+    boxes = parse_boxes(text, "internvl", (2000, 1000))
+    assert [b.label for b in boxes] == ["apple", "apple", "knife"]
+    assert boxes[0] == Box("apple", 200.0, 200.0, 600.0, 400.0)
+    assert boxes[1] == Box("apple", 1200.0, 600.0, 1800.0, 1000.0)
+    assert boxes[2] == Box("knife", 0.0, 0.0, 100.0, 50.0)
+    bare = parse_boxes("apple[[100, 200, 300, 400]]", "internvl", (2000, 1000))
+    assert bare == [Box(None, 200.0, 200.0, 600.0, 400.0)]
+
+
+# -- paligemma: <locY><locX><locY><locX> label ; ... ------------------------------
+def test_paligemma_loc_tokens_order_y_x():
+    text = "<loc0256><loc0512><loc0768><loc1023> cat ; <loc0000><loc0000><loc0512><loc0512> dog"
+    a, b = parse_boxes(text, "paligemma", (1024, 512))
+    assert a == Box("cat", 512.0, 128.0, 1023.0, 384.0)
+    assert b == Box("dog", 0.0, 0.0, 512.0, 256.0)
+
+
+# -- malformed and hostile text: [] or bounded, never an exception ------------------
+MALFORMED = ["", "no boxes here", "```json\n[{\"bbox_2d\": [1, 2, 3]}]\n```",
+             '[{"bbox_2d": ["a", "b", "c", "d"]}]', '[{"bbox_2d": [true, 1, 2, 3]}]',
+             '{"bbox_2d": [NaN, 1, 2, 3]}', "(1,2),(3)", "<ref>x</ref><box>[[1, 2, 3]]</box>",
+             "<loc9999><loc0000><loc0001><loc0002> x", "<loc12><loc0000>", "[" * 50000,
+             "{" * 50000, "[[" + "1, " * 30000]
+
+
+@pytest.mark.parametrize("conv", grounding.PARSERS)
+def test_malformed_and_hostile_text_give_no_boxes(conv):
+    for text in MALFORMED:
+        assert parse_boxes(text, conv, (100, 100), (50, 50)) == [], (conv, text[:40])
+    assert parse_boxes(None, conv, (100, 100)) == []
+    assert parse_boxes("(1,2),(3,4)", conv, (0, 100)) == []      # bad image size
+    assert parse_boxes("(1,2),(3,4)", "no-such", (100, 100)) == []
+    # whitespace runs where a backtracking pattern would blow up
+    for text in ["(" + " " * 60000, "<ref>a</ref>" + " " * 60000 + "x", "[[1,2,3,4]" + " " * 60000]:
+        t = time.perf_counter()
+        parse_boxes(text, conv, (10, 10))
+        assert time.perf_counter() - t < 1.0
+
+
+def test_box_count_and_text_scanned_are_capped():
+    many = "".join(f"<ref>o{i}</ref><box>[[1, 1, 2, 2]]</box>" for i in range(1000))
+    assert len(parse_boxes(many, "internvl", (10, 10))) == grounding.MAX_BOXES
+    late = " " * grounding.MAX_TEXT + "(1,2),(3,4)"  # past the scanned prefix
+    assert parse_boxes(late, "qwen2_vl", (10, 10)) == []
+
+
+# -- family -> convention, and the session's result.boxes -----------------------
+def test_family_conventions():
+    assert grounding.convention_for("qwen2_5_vl") == "qwen2_5_vl"
+    assert grounding.convention_for("qwen2_vl") == "qwen2_vl"
+    assert grounding.convention_for("internvl") == "internvl"
+    for fam in ("llava", "idefics3", "smolvlm", "llava_next", "llava_onevision"):
+        assert grounding.convention_for(fam) is None
+    assert grounding.model_size_from_grid((2, 3), 14) is None        # idefics3 rows/cols
+    assert grounding.model_size_from_grid((1, 4, 6), None) is None
+
+
+def _stand_in(family, patch_size=14, seen=None):
+    """What VLMSession._boxes reads: the manifest's family and patch size and
+    this thread's last preprocessed image."""
+    return SimpleNamespace(manifest=SimpleNamespace(family=family,
+                                                    image=SimpleNamespace(patch_size=patch_size)),
+                           _local=SimpleNamespace(seen=seen))
+
+
+def test_session_boxes_glue():
+    enc = EncodedImage(np.zeros((1, 1, 1), np.float32), (1, 22, 32), {}, 0, image_size=(1280, 880))
+    boxes = VLMSession._boxes(_stand_in("qwen2_5_vl"), enc, QWEN25)
+    assert boxes == parse_boxes(QWEN25, "qwen2_5_vl", (1280, 880), (448, 308))
+    assert len(boxes) == 2
+    # a raw image: the size and grid _preprocess recorded for this request
+    raw = VLMSession._boxes(_stand_in("qwen2_5_vl", seen=((1280, 880), (1, 22, 32))),
+                            "frame.jpg", QWEN25)
+    assert raw == boxes
+    assert VLMSession._boxes(_stand_in("qwen2_5_vl"), [enc, enc], QWEN25) == []  # two images
+    assert VLMSession._boxes(_stand_in("llava"), enc, QWEN25) == []
+    internvl = "<ref>a</ref><box>[[0,0,1,1]]</box>"
+    assert VLMSession._boxes(_stand_in("internvl"), None, internvl) == []  # text only
+
+
+# -- drawing and vlm-run --annotate ------------------------------------------------
+def test_draw_boxes_changes_pixels_on_the_outline(tmp_path):
+    src = tmp_path / "frame.png"
+    Image.fromarray(np.full((200, 300, 3), 255, np.uint8)).save(src)
+    boxes = parse_boxes("<ref>cat</ref><box>[[100, 100, 500, 600]]</box>", "internvl", (300, 200))
+    assert boxes == [Box("cat", 30.0, 20.0, 150.0, 120.0)]
+    out = tmp_path / "out.png"
+    grounding.draw_boxes(src, boxes, out)
+    px = np.asarray(Image.open(out).convert("RGB"))
+    assert px.shape == (200, 300, 3)
+    assert (px[70, 30] != 255).any() and (px[20, 90] != 255).any()   # left and top edges
+    assert (px[70, 150] != 255).any() and (px[120, 90] != 255).any()  # right and bottom
+    assert (px[100, 100] == 255).all() and (px[190, 290] == 255).all()  # inside, outside
+
+
+def test_vlm_run_annotate_refuses_family_without_boxes(tiny_llava_artifact, tmp_path):
+    out = tmp_path / "out.png"
+    r = subprocess.run([_bin("vlm-run"), str(tiny_llava_artifact[0]), "--annotate", str(out),
+                        "-n", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("vlm-run")]
+    assert len(lines) == 1 and "carry no boxes vlmedge can read" in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_llava_result_has_no_boxes(tiny_llava_artifact):
+    r = subprocess.run([_bin("vlm-run"), str(tiny_llava_artifact[0]), "--json", "-n", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["boxes"] == []
