@@ -73,6 +73,25 @@ def _cache_dir(o) -> Path | None:
     return None if o.calib_cache == CACHE_OFF else Path(o.calib_cache).expanduser()
 
 
+def fp32_parity(o, loaded, tmp: Path, m: dict, validate: Callable, stage, staged=None) -> None:
+    """The first step of every quantization stage (unless --no-validate): the
+    fp32 graphs' parity with PyTorch, recorded in m["validation"]; graphs that
+    miss it are not quantized."""
+    if not o.validate:
+        return
+    with stage("validate"):
+        m["validation"] = validate(loaded, tmp, "fp32", m)
+    if staged is not None:
+        staged.manifest = m  # kept with --keep-failed
+    v = m["validation"]
+    if not v.get("passed", True):
+        raise ValidationError(
+            "exported fp32 graphs do not match PyTorch, so they are not quantized: "
+            f"tokens_match={v.get('tokens_match')}, max_abs_diff_logits="
+            f"{v.get('max_abs_diff_logits'):.3g}",
+            hint="--keep-failed keeps the artifact for inspection")
+
+
 def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
              log: Callable[[str], None], staged=None) -> dict[str, Any]:
     """fp32 parity (unless --no-validate), then INT8 in place; returns the new manifest.
@@ -80,18 +99,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     manifest stays in memory (`staged.manifest`, written by the exporter last)."""
     from vlmedge.calibration import gate, int8
 
-    if o.validate:
-        with stage("validate"):
-            m["validation"] = validate(loaded, tmp, "fp32", m)
-        if staged is not None:
-            staged.manifest = m  # kept with --keep-failed
-        v = m["validation"]
-        if not v.get("passed", True):
-            raise ValidationError(
-                "exported fp32 graphs do not match PyTorch, so they are not quantized: "
-                f"tokens_match={v.get('tokens_match')}, max_abs_diff_logits="
-                f"{v.get('max_abs_diff_logits'):.3g}",
-                hint="--keep-failed keeps the artifact for inspection")
+    fp32_parity(o, loaded, tmp, m, validate, stage, staged)
     opts = int8.Int8Options(
         precision=o.precision, data=data, method=o.calib_method,
         targets=gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop),

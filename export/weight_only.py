@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vlmedge import manifest as manifest_mod
-from vlmedge.errors import AccuracyGateError, ValidationError
+from vlmedge.errors import AccuracyGateError
 from vlmedge.lazy import require
 
 from . import ort_decoder
-from .quantize import is_demo
+from .quantize import fp32_parity, is_demo
 
 DECODER_FILES = ("decoder.onnx", "decoder.onnx.data")
 EMBED_FILES = ("embed.onnx", "embed.onnx.data")
@@ -87,18 +87,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     from vlmedge.calibration import gate
     from vlmedge.runtime.session import VLMSession
 
-    if o.validate:
-        with stage("validate"):
-            m["validation"] = validate(loaded, tmp, "fp32", m)
-        if staged is not None:
-            staged.manifest = m
-        v = m["validation"]
-        if not v.get("passed", True):
-            raise ValidationError(
-                "the fp32 ort-flavour decoder does not match PyTorch, so its weights are not "
-                f"quantized: tokens_match={v.get('tokens_match')}, max_abs_diff_logits="
-                f"{v.get('max_abs_diff_logits'):.3g}",
-                hint="--keep-failed keeps the artifact for inspection")
+    fp32_parity(o, loaded, tmp, m, validate, stage, staged)
     targets = gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop)
     scene = is_demo(o.model_dir)
     fp32_bytes = {n: m["files"][n]["bytes"] for n in DECODER_FILES if n in m["files"]}

@@ -328,21 +328,17 @@ class ChatTokenizer:
 
     def _image_token_count(self, image_grid) -> int:
         """Copies of the image token one image of `image_grid` takes."""
-        if self.expand == "qwen2_vl":
-            if image_grid is None:
-                raise UserInputError("this model's image token count depends on the image's "
-                                     "patch grid, and none was given",
-                                     expected="image_grid=(t, h, w) as the processor's "
-                                              "image_grid_thw")
-            return mrope.image_token_count(image_grid, self.image.merge_size)
-        if self.expand == "anyres":
-            if image_grid is None:
-                raise UserInputError("this model's image token count depends on the image's "
-                                     "size, and none was given",
-                                     expected="image_grid=(h, w, bh, bw) as preprocess() "
-                                              "returns it")
-            return anyres.image_token_count(image_grid, self.image)
-        return self.tokens_per_image
+        counts = {"qwen2_vl": ("patch grid", "(t, h, w) as the processor's image_grid_thw",
+                               lambda g: mrope.image_token_count(g, self.image.merge_size)),
+                  "anyres": ("size", "(h, w, bh, bw) as preprocess() returns it",
+                             lambda g: anyres.image_token_count(g, self.image))}
+        if self.expand not in counts:
+            return self.tokens_per_image
+        what, form, count = counts[self.expand]
+        if image_grid is None:
+            raise UserInputError(f"this model's image token count depends on the image's "
+                                 f"{what}, and none was given", expected=f"image_grid={form}")
+        return count(image_grid)
 
     @staticmethod
     def _nonempty(ids: list[int]) -> list[int]:

@@ -166,7 +166,9 @@ class TorchSystem:
         inner.get_image_features = timed_image_features  # instance attribute: forward() finds it
 
     def _budget(self, image) -> None:
-        _budget_processor(self.family, self.model, self.processor, image, self.max_image_tokens)
+        if not hasattr(self, "_budget_facts"):  # image_facts runs the vision tower once
+            self._budget_facts = _budget_facts(self.family, self.model, self.processor)
+        _budget_processor(self.processor, self._budget_facts, image, self.max_image_tokens)
 
     def facts(self) -> dict[str, Any]:
         """Bytes a decode step reads: the decoder's weights (without the
@@ -225,17 +227,25 @@ class TorchSystem:
                 "kv_cache_bytes": _cache_bytes(out)}
 
 
-def _budget_processor(family, model, processor, image, max_tokens: int) -> None:
-    """Sets the HF image processor to the tiling the runtime's image-token budget
-    picks for `image` (runtime/image_budget.py), so the baseline encodes the
-    same tokens: Idefics3/SmolVLM longest_edge, Qwen2-VL max_pixels."""
+def _budget_facts(family, model, processor):
+    """(the artifact's tiling config, its image facts) as the exporter writes
+    them: what the budget is computed from. Computed once per worker (outside
+    the timed runs): image_facts runs the vision tower on a blank tile."""
     from types import SimpleNamespace
 
+    return (family.preprocess_config(processor).get("tiling"),
+            SimpleNamespace(**family.image_facts(model, processor)))
+
+
+def _budget_processor(processor, facts, image, max_tokens: int) -> None:
+    """Sets the HF image processor to the tiling the runtime's image-token budget
+    picks for `image` (runtime/image_budget.py), so the baseline encodes the
+    same tokens: Idefics3/SmolVLM longest_edge, Qwen2-VL max_pixels.
+    facts: _budget_facts()."""
     from vlmedge.runtime.image_budget import budget_tiling
 
-    facts = SimpleNamespace(**family.image_facts(model, processor))
-    tiling = budget_tiling(family.preprocess_config(processor).get("tiling"), facts,
-                           (image.height, image.width), max_tokens)
+    tiling_config, image_facts = facts
+    tiling = budget_tiling(tiling_config, image_facts, (image.height, image.width), max_tokens)
     ip = processor.image_processor
     if tiling is None:  # a fixed-size image: nothing to set
         return
