@@ -52,6 +52,11 @@ def check(loaded) -> None:
             f"--decoder-flavour ort does not take {fam.name} yet: its decoder uses mrope "
             "positions from the image grid, and the ort flavour computes 1-D rotary "
             "positions inside its attention", hint="use --decoder-flavour portable")
+    if fam.attention_groups:
+        raise UnsupportedArchitectureError(
+            f"--decoder-flavour ort does not take {fam.name}: its image tokens attend to each "
+            "other both ways, and the ort flavour's attention is causal only",
+            hint="use --decoder-flavour portable")
     head = fam.decoder_facts(model, 0)["head_dim"]
     if head % GQA_HEAD_MULTIPLE:
         raise UnsupportedArchitectureError(

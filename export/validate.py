@@ -34,9 +34,11 @@ def _first_step(torch, model, ids, extra: dict, family):
     """The whole model on the prompt -> (merged text + image embeddings (1, T, D)
     the language model received, or None where they cannot be reused, and the
     last position's logits (V,)). They are reused when `family` is given and
-    its decoder takes plain 1-D positions; mrope positions depend on the image
-    grid inside the model."""
-    if family is None or family.decoder_facts(model, 0)["position_ids"] != "1d":
+    its decoder takes plain 1-D positions and causal masks; mrope positions
+    depend on the image grid inside the model, and Gemma 3's image tokens
+    attend both ways only where the whole model sees token_type_ids."""
+    if family is None or family.decoder_facts(model, 0)["position_ids"] != "1d" \
+            or family.attention_groups:
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra)
         return None, out.logits[0, -1].float()
     seen = {}
@@ -69,12 +71,10 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None,
     it recomputes everything each step."""
     ids = hf["input_ids"]
     extra = {k: v for k, v in hf.items() if k not in ("input_ids", "attention_mask")}
-    # Per-token modality types (Qwen2-VL's mrope needs them) grow with the
-    # sequence: a generated token is text (0).
-    types = extra.pop("mm_token_type_ids", None)
+    # Per-token modality types (Qwen2-VL's mrope and Gemma 3's image blocks
+    # need them) grow with the sequence: a generated token is text (0).
+    types = {k: extra[k] for k in ("mm_token_type_ids", "token_type_ids") if k in extra}
     with torch.inference_mode():
-        if types is not None:
-            extra["mm_token_type_ids"] = types
         embeds, last = _first_step(torch, model, ids, extra, family)
         tokens, first = [], last.numpy().copy()
         for _ in range(n):
@@ -90,9 +90,9 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None,
                     attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
                 last = family.lm_head(model)(hidden.last_hidden_state[:, -1])[0].float()
             else:
-                if types is not None:
-                    extra["mm_token_type_ids"] = torch.cat(
-                        [types, types.new_zeros(1, ids.shape[1] - types.shape[1])], dim=1)
+                for key, t0 in types.items():
+                    extra[key] = torch.cat([t0, t0.new_zeros(1, ids.shape[1] - t0.shape[1])],
+                                           dim=1)
                 last = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                              **extra).logits[0, -1].float()
     return tokens, first

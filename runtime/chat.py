@@ -24,6 +24,9 @@ image "expand"):
               unpadded tile map, a newline per row; runtime/anyres.py)
     internvl  <IMG_CONTEXT> -> <img> + image_seq_len <IMG_CONTEXT> per tile of
               a (rows, cols) grid (plus the thumbnail when split) + </img>
+    wrap      <start_of_image> -> image_start_token + tokens_per_image image
+              tokens + image_end_token, in the text (Gemma 3: "\n\n<start_of_image>"
+              ... "<end_of_image>\n\n")
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ IMAGE_MARKER = "<image>"
 # Expansions whose several images in one prompt are each expanded by their own
 # grid and their features concatenated in order, as the HF processor + model
 # do (LLaVA, Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT, InternVL).
-SEVERAL_IMAGES = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl")
+SEVERAL_IMAGES = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl", "wrap")
 
 
 def user_content(question: str, n_images: int) -> list[dict]:
@@ -282,6 +285,12 @@ class ChatTokenizer:
             text = pieces[0] + "".join(internvl_image_text(self.image, g) + piece
                                        for g, piece in zip(grids, pieces[1:]))
             return self._nonempty(self.encode(text))
+        if grids and self.expand == "wrap":  # Gemma3Processor's full_image_sequence
+            pieces = text.split(self.image.image_placeholder)
+            self._check_placed(len(pieces) - 1, len(grids))
+            image_text = (self.image.image_start_token + self.image.image_token
+                          * self.tokens_per_image + self.image.image_end_token)
+            return self._nonempty(self.encode(image_text.join(pieces)))
         ids = self._nonempty(self.encode(text))
         if not grids:
             return ids

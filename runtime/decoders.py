@@ -2,7 +2,8 @@
 
     portable  standard ONNX ops (TensorRT, every EP). Feeds inputs_embeds (1, S, D),
               attention_mask (1, P + S), position_ids (1-D or mrope, from the host)
-              and past_key_values.{i}.key|value (1, kv_heads, P, head_dim); returns
+              and past_key_values.{i}.key|value (1, kv_heads, P, head_dim) (and
+              attention_groups (1, S) where the manifest says so); returns
               present = concat(past, new) (1, kv_heads, P + S, head_dim), a new array
               each step that the next KVCache holds by reference.
     ort       onnxruntime's fused contrib ops (GroupQueryAttention with rotary inside,
@@ -38,8 +39,9 @@ class PortableDecoder:
 
     flavour = "portable"
 
-    def __init__(self, facts, positions: Callable, dtype):
+    def __init__(self, facts, positions: Callable, dtype, image_token_id: int | None = None):
         self.facts, self.positions, self.dtype = facts, positions, dtype
+        self.image_token_id = image_token_id
 
     def empty_cache(self) -> KVCache:
         f = self.facts
@@ -56,6 +58,8 @@ class PortableDecoder:
                  "attention_mask": np.ones((1, cache.length + s), np.int64),
                  "position_ids": positions,
                  **cache.feeds(f.past_key, f.past_value)}
+        if f.attention_groups:
+            feeds["attention_groups"] = attention_groups(ids, s, self.image_token_id)
         out = backend.run(feeds)
         logits = out["logits"][0, -1].astype(np.float32, copy=False)
         return logits, KVCache.from_outputs(out, f.num_layers, f.present_key, f.present_value,
@@ -141,12 +145,29 @@ class OrtDecoder:
         return logits[0, -1].astype(np.float32, copy=False), KVCache(buf.arrays, need, 0, buf)
 
 
+def attention_groups(ids, s: int, image_token_id: int | None) -> np.ndarray:
+    """(1, s) int64 for a step of s tokens: each run of image tokens in `ids`
+    is a group (0, 1, ... in order) whose tokens attend to each other both
+    ways, as Gemma 3's image blocks; text and generated tokens are -1
+    (causal). A step without ids (a generated token) is all -1. An image's
+    run is never split across steps: a prompt is prefilled whole, and a
+    shared prefix (ask, the watch loop) ends where two prompts differ, in
+    their text."""
+    out = np.full((1, s), -1, np.int64)
+    if ids is None or image_token_id is None:
+        return out
+    image = np.asarray(ids, np.int64)[-s:] == image_token_id          # (s,)
+    starts = image & ~np.concatenate(([False], image[:-1]))           # first token of a run
+    out[0, image] = (np.cumsum(starts) - 1)[image]
+    return out
+
+
 def open_decoder(backend, manifest, positions: Callable, dtype) -> Any:
     """The decoder runner for the manifest's flavour (checked against the
     backend: the ort flavour needs onnxruntime's CPU or CUDA provider)."""
     facts = manifest.decoder
     if facts.flavour == "portable":
-        return PortableDecoder(facts, positions, dtype)
+        return PortableDecoder(facts, positions, dtype, manifest.image.image_token_id)
     providers = getattr(backend, "providers", None) or []
     if not hasattr(backend, "run_bound") or providers[:1] not in (
             ["CPUExecutionProvider"], ["CUDAExecutionProvider"]):

@@ -190,7 +190,8 @@ class VLMSession:
                        {"image_features"}),
             "embed": ({"input_ids"}, {"inputs_embeds"}),
             "decoder": ({"inputs_embeds", "attention_mask", *f.past_names()} |
-                        ({"position_ids"} if f.flavour == "portable" else set()),
+                        ({"position_ids"} if f.flavour == "portable" else set()) |
+                        ({"attention_groups"} if f.attention_groups else set()),
                         {"logits", *f.present_names()}),
         }
         for comp, (inputs, outputs) in want.items():

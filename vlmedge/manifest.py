@@ -21,7 +21,7 @@ Sections (schema 2):
     schema_version   int; older versions are migrated (MIGRATIONS), newer refused
     vlmedge_version  exporter version
     family           "llava" | "idefics3" | "smolvlm" | "qwen2_vl" | "qwen2_5_vl"
-                     | "llava_next" | "llava_onevision"
+                     | "llava_next" | "llava_onevision" | "internvl" | "gemma3"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
                      | "int4" (weight-only, the ort decoder flavour)
     source           Source: path, architecture, content_hash, random_weights
@@ -32,17 +32,19 @@ Sections (schema 2):
     decoder          Decoder: layers, heads, sizes, context_length (the most
                      tokens served: a sliding-window model's window), past/present
                      name templates with "{i}", logits "last", position_ids "1d" |
-                     "mrope" (+ mrope_section), sliding_window; flavour
+                     "mrope" (+ mrope_section), sliding_window, attention_groups
+                     (an extra input: image tokens attend both ways); flavour
                      "portable" (standard ops: position_ids input, present =
                      concat(past, new)) | "ort" (onnxruntime's GroupQueryAttention
                      with rotary inside, no position_ids, one preallocated KV
                      buffer per layer shared by past and present: runtime/decoders.py)
     image            ImageFacts: the image token, tokens per image, feature size,
                      how the placeholder expands ("repeat" | "idefics3" |
-                     "qwen2_vl" | "anyres" | "internvl", runtime/chat.py) and that
+                     "qwen2_vl" | "anyres" | "internvl" | "wrap", runtime/chat.py) and that
                      expansion's facts (anyres: grid pinpoints, anyres_max_tiles
                      and the learned image_newline vector the host packs with;
-                     internvl: the <img> / </img> tokens around its tiles);
+                     internvl: the <img> / </img> tokens around its tiles; wrap:
+                     the text around one image's tokens, Gemma 3's);
                      max_image_tokens, the default image-token budget (optional)
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling); its keys are
@@ -81,12 +83,12 @@ MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a m
 MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next",
-            "llava_onevision", "internvl")
+            "llava_onevision", "internvl", "gemma3")
 TARGETS = ("onnx", "trt")
 PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
-EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl")
+EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl", "wrap")
 GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
 # Upper bounds on what a loader sizes memory by: far above any real model, far
 # below what would make a hostile manifest allocate terabytes.
@@ -151,6 +153,10 @@ class Decoder:
     mrope_section: tuple[int, ...] | None
     sliding_window: int | None
     flavour: str = "portable"  # FLAVOURS; absent in older manifests: portable
+    # The decoder takes attention_groups (batch, sequence_length) int64: tokens
+    # of one group (an image's tokens) attend to each other both ways, the rest
+    # causally (Gemma 3; runtime/decoders.py computes them from the ids).
+    attention_groups: bool = False
 
     def past_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.num_layers)
@@ -281,7 +287,7 @@ class Manifest:
 
 # How each image expansion is preprocessed (runtime/chat.py, runtime/preprocess.py).
 _EXPAND_TILING = {"repeat": None, "idefics3": "idefics3", "qwen2_vl": "qwen2_vl_patches",
-                  "anyres": "anyres", "internvl": "internvl"}
+                  "anyres": "anyres", "internvl": "internvl", "wrap": None}
 
 
 def _cross_check(m: "Manifest", where: str) -> None:
@@ -299,6 +305,9 @@ def _cross_check(m: "Manifest", where: str) -> None:
     if m.decoder.flavour == "ort" and m.decoder.position_ids != "1d":
         raise _bad(where, "decoder.flavour", "'portable' for mrope positions (the ort "
                    "flavour computes 1-D rotary positions inside its attention)", "ort")
+    if m.decoder.flavour == "ort" and m.decoder.attention_groups:
+        raise _bad(where, "decoder.flavour", "'portable' for a decoder with attention groups "
+                   "(the ort flavour's attention is causal only)", "ort")
     if m.decoder.flavour == "ort" and m.target == "trt":
         raise _bad(where, "decoder.flavour", "'portable' for target 'trt' (TensorRT has no "
                    "onnxruntime contrib ops)", "ort")
@@ -497,6 +506,7 @@ def _decoder(r: _Obj) -> Decoder:
         mrope_section=r.get("mrope_section", _optional(_list(_int(0, 1 << 16), 3, 3)), None),
         sliding_window=r.get("sliding_window", _optional(_int(1, MAX_CONTEXT))),
         flavour=r.get("flavour", _enum(FLAVOURS), "portable"),
+        attention_groups=r.get("attention_groups", _bool, False),
     )
     r.end()
     if position_ids == "mrope" and d.mrope_section is None:
@@ -514,6 +524,7 @@ _IMAGE_NEEDS = {
                  "images_per_vision_call"),
     "anyres": ("tile_size", "patch_size", "grid_pinpoints", "image_newline"),
     "internvl": ("image_seq_len", "tile_size", "image_start_token", "image_end_token"),
+    "wrap": ("image_start_token", "image_end_token"),
 }
 
 

@@ -280,6 +280,8 @@ def decoder_shapes(m, prompt_tokens: int) -> dict[str, list[int]]:
               "attention_mask": [1, prompt_tokens],
               "position_ids": [3, 1, prompt_tokens] if d.position_ids == "mrope"
               else [1, prompt_tokens]}
+    if d.attention_groups:
+        shapes["attention_groups"] = [1, prompt_tokens]
     for name in d.past_names():
         shapes[name] = [1, d.num_kv_heads, 0, d.head_dim]
     return shapes

@@ -161,6 +161,25 @@ INTERNVL3_1B = {
     "tie_word_embeddings": False,
 }
 
+# google/gemma-3-4b-it: SigLIP-so400m/14 at 896 px (27 layers), 4096 patches
+# average-pooled to 256 tokens; Gemma 3 4B (34 layers, 2560 wide, 8 heads / 4 KV
+# heads of 256, five sliding-window layers of 1024 to each global one).
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+    "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+    "torch_dtype": "bfloat16",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "num_attention_heads": 8,
+                    "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024, "vocab_size": 262208,
+                    "max_position_embeddings": 131072},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+
 # -- chat templates (the published ones; LLaVA's without its {% generation %}
 # training markers, which only transformers' jinja environment knows) --------
 SMOLVLM_TEMPLATE = (
@@ -212,6 +231,24 @@ LLAVA_ONEVISION_TEMPLATE = (
     "{{ '\n' + content['text'] }}{% endfor %}{{'<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
+# Gemma 3's: a system message goes before the first user turn's text; the
+# assistant's role is "model".
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
 # transformers' convert_internvl_weights_to_hf.py writes this one for the -hf checkpoints.
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
@@ -242,6 +279,13 @@ ONEVISION_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end
 
 # Qwen2.5-VL's tokenizer (InternVL's -hf conversion starts from it) + InternVL's
 # tokens; <video> is added after them, outside the 151674-row embedding table.
+# Gemma 3: <pad> <eos> <bos> <unk> <mask> [multimodal] and 99 unused tokens take
+# ids 0-104 (the stand-in's base tokens), then the turn and image tokens.
+GEMMA3_BASE = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"] + \
+    [f"<unused{i}>" for i in range(99)] + ["<start_of_turn>", "<end_of_turn>"]
+GEMMA3_SPECIALS = {**{t: i for i, t in enumerate(GEMMA3_BASE)}, "<start_of_image>": 255999,
+                   "<end_of_image>": 256000, "<image_soft_token>": 262144}
+
 INTERNVL_SPECIALS = {
     **QWEN_SPECIALS, "<tool_call>": 151657, "</tool_call>": 151658, "<|fim_prefix|>": 151659,
     "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662,
@@ -453,6 +497,31 @@ def write_internvl(out: Path, config: dict) -> None:
     _json(out / "config.json", config)
 
 
+def write_gemma3(out: Path, config: dict) -> None:
+    """Tokenizer (naming boi/eoi/image tokens, where Gemma3Processor reads
+    them), Gemma 3's image processor (896 px, bilinear, no pan-and-scan),
+    processor_config.json (image_seq_length) and the chat template."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import (
+        Gemma3ImageProcessorPil)
+
+    tok = fast_tokenizer(build_tokenizer(GEMMA3_SPECIALS, GEMMA3_BASE),
+                         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                         unk_token="<unk>",
+                         extra_special_tokens={"boi_token": "<start_of_image>",
+                                               "eoi_token": "<end_of_image>",
+                                               "image_token": "<image_soft_token>"})
+    ip = Gemma3ImageProcessorPil(
+        do_convert_rgb=True, do_resize=True, size={"height": 896, "width": 896}, resample=2,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3, do_pan_and_scan=False)
+    Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA3_TEMPLATE,
+                    image_seq_length=256).save_pretrained(out)
+    _json(out / "generation_config.json", {"bos_token_id": 2, "eos_token_id": [1, 106],
+                                           "pad_token_id": 0})
+    _json(out / "config.json", config)
+
+
 def _json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -465,6 +534,7 @@ PRESETS = {
     "qwen2-vl-2b": (write_qwen2_vl, QWEN2_VL_2B),
     "llava-onevision-0.5b": (write_llava_onevision, LLAVA_ONEVISION_05B),
     "internvl3-1b": (write_internvl, INTERNVL3_1B),
+    "gemma-3-4b": (write_gemma3, GEMMA3_4B),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from vlmedge.errors import UnsupportedArchitectureError
 
 from .base import Family
+from .gemma3 import Gemma3
 from .idefics3 import Idefics3
 from .internvl import InternVL
 from .llava import Llava
@@ -13,7 +14,7 @@ from .smolvlm import SmolVLM
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), SmolVLM(), Qwen2VL(),
                                                     Qwen25VL(), LlavaNext(), LlavaOnevision(),
-                                                    InternVL())}
+                                                    InternVL(), Gemma3())}
 
 
 def register(family: Family) -> Family:

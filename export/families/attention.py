@@ -52,22 +52,46 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, eager_mask)  # additive float mask, as eager's
 
 
-def applies_to(text_config) -> bool:
+def applies_to(text_config, window_in_mask: bool = False) -> bool:
     """Decoders this formulation covers: grouped (or multi-head) attention
-    with no sliding window (a windowed mask would need its own handling)."""
+    without logit soft-capping, and with no sliding window unless the caller
+    puts the window in the masks it passes (`group_masks`)."""
     heads = text_config.num_attention_heads
     kv = getattr(text_config, "num_key_value_heads", None) or heads
     windowed = getattr(text_config, "use_sliding_window", None)
     if windowed is None:  # configs without the switch use a window when one is set
         windowed = getattr(text_config, "sliding_window", None) is not None
-    return heads % kv == 0 and not windowed
+    capped = getattr(text_config, "attn_logit_softcapping", None) is not None
+    return heads % kv == 0 and not capped and (window_in_mask or not windowed)
+
+
+def group_masks(text_config, attention_mask, groups, dtype) -> dict:
+    """Additive masks {layer type: (B, 1, S, T)} for a step of S tokens after
+    T - S past ones. attention_mask (B, T) 1/0; groups (B, S) int64 (see
+    GroupedDecoderWrapper). A query sees key k when k is not padding and
+    (k <= q, or both are in one group >= 0); on sliding layers also only when
+    q - k < W, as transformers' sliding_window_overlay. Past keys are in no
+    group: an image's tokens are always prefilled in one step."""
+    s, t = groups.shape[1], attention_mask.shape[1]
+    q = torch.arange(s) + (t - s)                                     # (S,) absolute
+    k = torch.arange(t)                                               # (T,)
+    causal = k[None, :] <= q[:, None]                                 # (S, T)
+    key_groups = torch.cat([torch.full_like(attention_mask, -1)[:, :t - s], groups], 1)
+    same = (groups[:, :, None] == key_groups[:, None, :]) & (groups[:, :, None] >= 0)
+    allowed = (causal[None] | same) & attention_mask[:, None, :].bool()  # (B, S, T)
+    out = {"full_attention": allowed}
+    window = getattr(text_config, "sliding_window", None)
+    if window is not None:
+        out["sliding_attention"] = allowed & ((q[:, None] - k[None, :]) < window)[None]
+    low = torch.finfo(dtype).min
+    return {name: torch.where(a, 0.0, low).to(dtype)[:, None] for name, a in out.items()}
 
 
 @contextlib.contextmanager
-def grouped_attention(text_config):
+def grouped_attention(text_config, window_in_mask: bool = False):
     """While tracing: the decoder's attention is `grouped_attention_forward`;
     the config's own implementation is restored afterwards."""
-    if not applies_to(text_config):
+    if not applies_to(text_config, window_in_mask):
         yield
         return
     _register()

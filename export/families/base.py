@@ -76,12 +76,43 @@ class DecoderWrapper(nn.Module):
         with grouped_attention(self.config):  # K/V read once per group, not repeated
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, cache=cache, use_cache=True)
+        return self._outputs(out)
+
+    def _outputs(self, out):
         hidden = out.last_hidden_state[:, -1:, :]  # (B, 1, D): last position only
         logits = self.lm_head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2/3: logits squashed into (-cap, cap)
+            logits = torch.tanh(logits / cap) * cap
         present = []
         for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return logits, present
+
+
+class GroupedDecoderWrapper(DecoderWrapper):
+    """DecoderWrapper + attention_groups (B, S) int64: tokens of one group
+    (>= 0; an image's tokens) attend to each other both ways, every other
+    pair causally; -1 is a plain causal token (text, generated tokens).
+
+    The masks are built here, not by transformers, so one graph holds every
+    rule the model's attention has: the groups (Gemma 3's bidirectional image
+    blocks), and the sliding window of the layers that have one (the cache
+    keeps the whole past for every layer, so the window is a mask, exact at
+    any context length)."""
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, attention_groups, past):
+        from transformers import DynamicCache
+
+        from .attention import group_masks, grouped_attention
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        cache = DynamicCache(pairs)  # no config: no layer drops keys past its window
+        masks = group_masks(self.config, attention_mask, attention_groups, inputs_embeds.dtype)
+        with grouped_attention(self.config, window_in_mask=True):
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=masks,
+                                      position_ids=position_ids, cache=cache, use_cache=True)
+        return self._outputs(out)
 
 
 # Pillow's filter numbers, as HF image processors store `resample`.
@@ -141,6 +172,7 @@ def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
         "logits": "last",
         "position_ids": "1d",
         "sliding_window": sliding_window(text_config),  # int, or None: full attention
+        "attention_groups": False,
     }
 
 
@@ -155,6 +187,9 @@ class Family:
     tolerances = {"image_features": 1e-4, "logits": 1e-4}
     # fp16 graphs (GPU) against the fp32 PyTorch model: rounding of 11-bit mantissas.
     tolerances_fp16 = {"image_features": 5e-2, "logits": 1e-1}
+    # The decoder takes attention_groups (GroupedDecoderWrapper): its image
+    # tokens attend both ways and its sliding window is a mask in the graph.
+    attention_groups: bool = False
 
     # -- loading ---------------------------------------------------------
     def check_config(self, config) -> None:
@@ -207,21 +242,29 @@ class Family:
                 out_dims[out] = {0: "batch", 2: "total_sequence_length"}
         pos_dims = {0: "batch", 1: "sequence_length"} if pos.dim() == 2 else \
             {1: "batch", 2: "sequence_length"}
+        names = ["inputs_embeds", "attention_mask", "position_ids"]
+        dims = {"inputs_embeds": {0: "batch", 1: "sequence_length"},
+                "attention_mask": {0: "batch", 1: "total_sequence_length"},
+                "position_ids": pos_dims}
+        wrapper, args = DecoderWrapper, (embeds, mask, pos)
+        if self.attention_groups:  # a group of 2 mid-chunk: both-way attention is traced
+            groups = torch.tensor([[-1, 0, 0]] * b)
+            wrapper, args = GroupedDecoderWrapper, args + (groups,)
+            names.append("attention_groups")
+            dims["attention_groups"] = {0: "batch", 1: "sequence_length"}
         return GraphSpec(
-            "decoder", DecoderWrapper(self.language_model(model), self.lm_head(model), tc),
-            (embeds, mask, pos, past),
-            ["inputs_embeds", "attention_mask", "position_ids"] + in_names, out_names,
-            {"inputs_embeds": {0: "batch", 1: "sequence_length"},
-             "attention_mask": {0: "batch", 1: "total_sequence_length"},
-             "position_ids": pos_dims, **in_dims},
-            out_dims)
+            "decoder", wrapper(self.language_model(model), self.lm_head(model), tc),
+            args + (past,), names + in_names, out_names, {**dims, **in_dims}, out_dims)
 
     def vision_graph(self, model, processor) -> GraphSpec:
         raise NotImplementedError
 
     # -- manifest facts ----------------------------------------------------
     def decoder_facts(self, model, context_length: int) -> dict[str, Any]:
-        return decoder_facts(self.text_config(model.config), context_length)
+        facts = decoder_facts(self.text_config(model.config), context_length)
+        if self.attention_groups:  # the window is a mask in the graph: no context cap
+            facts.update(attention_groups=True, sliding_window=None)
+        return facts
 
     def preprocess_config(self, processor) -> dict[str, Any]:
         raise NotImplementedError
@@ -230,7 +273,10 @@ class Family:
         raise NotImplementedError
 
     def sliding_window(self, model) -> int | None:
-        """The decoder's effective attention window (see `sliding_window`)."""
+        """The window that caps the context the artifact serves (see
+        `sliding_window`); None where the graph applies the window itself."""
+        if self.attention_groups:
+            return None
         return sliding_window(self.text_config(model.config))
 
     def max_context(self, model) -> int:
