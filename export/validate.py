@@ -90,9 +90,10 @@ def _torch_greedy(torch, model, hf: dict, n: int, family=None,
                     attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
                 last = family.lm_head(model)(hidden.last_hidden_state[:, -1])[0].float()
             else:
-                for key, t0 in types.items():
-                    extra[key] = torch.cat([t0, t0.new_zeros(1, ids.shape[1] - t0.shape[1])],
-                                           dim=1)
+                for key, t0 in types.items():  # generated: text, or PaliGemma's suffix
+                    fill = family.generated_token_type if family is not None else 0
+                    extra[key] = torch.cat(
+                        [t0, t0.new_full((1, ids.shape[1] - t0.shape[1]), fill)], dim=1)
                 last = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                              **extra).logits[0, -1].float()
     return tokens, first
@@ -116,7 +117,14 @@ def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int, grid=None):
         tokens.append(t)
         if t == image_token_id:
             break
-    full, _ = session.prefill(ids + tokens[:-1], feats, session.empty_cache(), grid)
+    if session.facts.attention_groups == "prompt":
+        # A prefix-LM: the prompt is one both-way block and generated tokens are
+        # not in it, so they are recomputed in one step after the prompt's.
+        full, prompt = session.prefill(ids, feats, session.empty_cache(), grid)
+        if len(tokens) > 1:
+            full, _ = session.prefill(tokens[:-1], None, prompt, grid)
+    else:
+        full, _ = session.prefill(ids + tokens[:-1], feats, session.empty_cache(), grid)
     d_cache = float(np.abs(full - timings["last_logits"]).max())
     return tokens, first, d_cache, tokens[-1] == image_token_id
 

@@ -58,7 +58,10 @@ class PortableDecoder:
                  "attention_mask": np.ones((1, cache.length + s), np.int64),
                  "position_ids": positions,
                  **cache.feeds(f.past_key, f.past_value)}
-        if f.attention_groups:
+        if f.attention_groups == "prompt":  # a prefix-LM: the prompt is one block
+            feeds["attention_groups"] = np.full((1, s), 0 if ids is not None and
+                                                cache.length == 0 else -1, np.int64)
+        elif f.attention_groups:
             feeds["attention_groups"] = attention_groups(ids, s, self.image_token_id)
         out = backend.run(feeds)
         logits = out["logits"][0, -1].astype(np.float32, copy=False)
@@ -146,13 +149,14 @@ class OrtDecoder:
 
 
 def attention_groups(ids, s: int, image_token_id: int | None) -> np.ndarray:
-    """(1, s) int64 for a step of s tokens: each run of image tokens in `ids`
-    is a group (0, 1, ... in order) whose tokens attend to each other both
-    ways, as Gemma 3's image blocks; text and generated tokens are -1
-    (causal). A step without ids (a generated token) is all -1. An image's
-    run is never split across steps: a prompt is prefilled whole, and a
-    shared prefix (ask, the watch loop) ends where two prompts differ, in
-    their text."""
+    """The "images" rule: (1, s) int64 for a step of s tokens: each run of
+    image tokens in `ids` is a group (0, 1, ... in order) whose tokens attend
+    to each other both ways, as Gemma 3's image blocks; text and generated
+    tokens are -1 (causal). A step without ids (a generated token) is all -1.
+    An image's run is never split across steps: a prompt is prefilled whole,
+    and a shared prefix (ask, the watch loop) ends after the image tokens.
+    (The "prompt" rule, PaliGemma's prefix-LM, makes the whole first prefill
+    one group; the session then never splits a prompt's prefill.)"""
     out = np.full((1, s), -1, np.int64)
     if ids is None or image_token_id is None:
         return out

@@ -17,8 +17,8 @@ the image the caller passed (before any resize or tiling), clipped to it:
               0..1000, several boxes per ref. As above, markers decoded away
               leave "[[x1, y1, x2, y2]]", read with label None.
   paligemma   <locY1><locX1><locY2><locX2> label, groups separated by " ; ",
-              each loc 0..1023 as a fraction of 1024 (order y, x). No manifest
-              family maps to it yet; the parser is here for when one does.
+              each loc 0..1023 as a fraction of 1024 (order y, x): PaliGemma's
+              "detect cat" answers.
 
 Qwen3-VL (JSON boxes normalized to 0..1000) is not an exported family yet.
 The text is untrusted (a model can emit anything): malformed text gives [],
@@ -36,7 +36,8 @@ MAX_TEXT = 65536   # chars scanned: far above any answer an edge context holds
 MAX_BOXES = 256    # boxes returned: more is a degenerate answer, not a scene
 
 # Manifest family -> the convention its answers follow (families absent: none).
-CONVENTIONS = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "internvl": "internvl"}
+CONVENTIONS = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "internvl": "internvl",
+               "paligemma": "paligemma"}
 PARSERS = ("qwen2_5_vl", "qwen2_vl", "internvl", "paligemma")
 
 

@@ -154,6 +154,10 @@ class VLMSession:
         self.chat = ChatTokenizer(self.directory, m.tokenizer, m.image, m.files)
         self.context_length = self.facts.context_length
         self._lock = threading.Lock()
+        # A prompt's prefill may start from a cached prefix (ask, an EncodedImage's
+        # reuse) unless the whole prompt is one block attending both ways
+        # (PaliGemma's prefix-LM): its prefix's keys depend on every later token.
+        self._prefix_reuse = self.facts.attention_groups != "prompt"
         self._local = threading.local()  # per-thread preprocessing buffers
         self._dtype = np.dtype(precision_mod.get(m.precision).io_dtype)  # graphs' floats
         # The decoder flavour's runner (runtime/decoders.py); positions are 1-D
@@ -494,7 +498,8 @@ class VLMSession:
         cut = int(image_at[-1]) + 1 if image_at.size else 0
         t = time.perf_counter()
         with self._lock:
-            if cut == 0 or cut >= len(ids):  # no image tokens, or nothing after them
+            if cut == 0 or cut >= len(ids) or not self._prefix_reuse:
+                # no image tokens, nothing after them, or a prompt that is one block
                 logits, cache = self.prefill(ids, enc.features, self.empty_cache(), enc.grid)
                 timings["prefix_reused"] = False
             else:
@@ -711,8 +716,9 @@ class VLMSession:
                 self._check_context(len(p), max_new_tokens)
             shared = _common_prefix(prompts)
             shared = min(shared, min(len(p) for p in prompts) - 1)  # each keeps >= 1 own token
-            if any(self.chat.image_token_id in p[shared:] for p in prompts):
-                shared = 0  # an <image> marker after text that differs: nothing shared
+            if any(self.chat.image_token_id in p[shared:] for p in prompts) \
+                    or not self._prefix_reuse:
+                shared = 0  # an <image> marker after text that differs, or one-block prompts
             t = time.perf_counter()
             feats = self.encode_image(pixels, grid)
             vision_ms = _ms(t)

@@ -22,6 +22,7 @@ Sections (schema 2):
     vlmedge_version  exporter version
     family           "llava" | "idefics3" | "smolvlm" | "qwen2_vl" | "qwen2_5_vl"
                      | "llava_next" | "llava_onevision" | "internvl" | "gemma3"
+                     | "paligemma"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
                      | "int4" (weight-only, the ort decoder flavour)
     source           Source: path, architecture, content_hash, random_weights
@@ -33,7 +34,8 @@ Sections (schema 2):
                      tokens served: a sliding-window model's window), past/present
                      name templates with "{i}", logits "last", position_ids "1d" |
                      "mrope" (+ mrope_section), sliding_window, attention_groups
-                     (an extra input: image tokens attend both ways); flavour
+                     (None, "images" or "prompt": an extra input, the tokens that
+                     attend both ways in the prefill); flavour
                      "portable" (standard ops: position_ids input, present =
                      concat(past, new)) | "ort" (onnxruntime's GroupQueryAttention
                      with rotary inside, no position_ids, one preallocated KV
@@ -83,11 +85,14 @@ MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a m
 MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next",
-            "llava_onevision", "internvl", "gemma3")
+            "llava_onevision", "internvl", "gemma3", "paligemma")
 TARGETS = ("onnx", "trt")
 PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
+# Which prefill tokens attend to each other both ways (decoder.attention_groups):
+# each image's tokens (Gemma 3), or the whole prompt, a prefix-LM (PaliGemma).
+GROUP_RULES = ("images", "prompt")
 EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl", "wrap")
 GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
 # Upper bounds on what a loader sizes memory by: far above any real model, far
@@ -153,10 +158,10 @@ class Decoder:
     mrope_section: tuple[int, ...] | None
     sliding_window: int | None
     flavour: str = "portable"  # FLAVOURS; absent in older manifests: portable
-    # The decoder takes attention_groups (batch, sequence_length) int64: tokens
-    # of one group (an image's tokens) attend to each other both ways, the rest
-    # causally (Gemma 3; runtime/decoders.py computes them from the ids).
-    attention_groups: bool = False
+    # None, or the decoder takes attention_groups (batch, sequence_length) int64:
+    # tokens of one group attend to each other both ways, the rest causally;
+    # GROUP_RULES says which tokens form a group (runtime/decoders.py).
+    attention_groups: str | None = None
 
     def past_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.num_layers)
@@ -506,7 +511,7 @@ def _decoder(r: _Obj) -> Decoder:
         mrope_section=r.get("mrope_section", _optional(_list(_int(0, 1 << 16), 3, 3)), None),
         sliding_window=r.get("sliding_window", _optional(_int(1, MAX_CONTEXT))),
         flavour=r.get("flavour", _enum(FLAVOURS), "portable"),
-        attention_groups=r.get("attention_groups", _bool, False),
+        attention_groups=r.get("attention_groups", _optional(_enum(GROUP_RULES)), None),
     )
     r.end()
     if position_ids == "mrope" and d.mrope_section is None:

@@ -9,12 +9,13 @@ from .idefics3 import Idefics3
 from .internvl import InternVL
 from .llava import Llava
 from .llava_next import LlavaNext, LlavaOnevision
+from .paligemma import PaliGemma
 from .qwen2_vl import Qwen2VL, Qwen25VL
 from .smolvlm import SmolVLM
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), SmolVLM(), Qwen2VL(),
                                                     Qwen25VL(), LlavaNext(), LlavaOnevision(),
-                                                    InternVL(), Gemma3())}
+                                                    InternVL(), Gemma3(), PaliGemma())}
 
 
 def register(family: Family) -> Family:

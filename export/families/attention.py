@@ -65,13 +65,16 @@ def applies_to(text_config, window_in_mask: bool = False) -> bool:
     return heads % kv == 0 and not capped and (window_in_mask or not windowed)
 
 
-def group_masks(text_config, attention_mask, groups, dtype) -> dict:
+def group_masks(text_config, attention_mask, groups, dtype,
+                window_limits_groups: bool = True) -> dict:
     """Additive masks {layer type: (B, 1, S, T)} for a step of S tokens after
     T - S past ones. attention_mask (B, T) 1/0; groups (B, S) int64 (see
     GroupedDecoderWrapper). A query sees key k when k is not padding and
     (k <= q, or both are in one group >= 0); on sliding layers also only when
     q - k < W, as transformers' sliding_window_overlay. Past keys are in no
-    group: an image's tokens are always prefilled in one step."""
+    group: an image's tokens are always prefilled in one step.
+    window_limits_groups False: a group sees itself whole past the window
+    (PaliGemma 2's prefix), OR(window AND causal, group)."""
     s, t = groups.shape[1], attention_mask.shape[1]
     q = torch.arange(s) + (t - s)                                     # (S,) absolute
     k = torch.arange(t)                                               # (T,)
@@ -82,7 +85,9 @@ def group_masks(text_config, attention_mask, groups, dtype) -> dict:
     out = {"full_attention": allowed}
     window = getattr(text_config, "sliding_window", None)
     if window is not None:
-        out["sliding_attention"] = allowed & ((q[:, None] - k[None, :]) < window)[None]
+        near = ((q[:, None] - k[None, :]) < window)[None]             # (1, S, T)
+        out["sliding_attention"] = allowed & near if window_limits_groups else \
+            ((causal[None] & near) | same) & attention_mask[:, None, :].bool()
     low = torch.finfo(dtype).min
     return {name: torch.where(a, 0.0, low).to(dtype)[:, None] for name, a in out.items()}
 

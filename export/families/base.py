@@ -60,6 +60,9 @@ class DecoderWrapper(nn.Module):
     is a list [k0, v0, k1, v1, ...] of (B, kv_heads, past_len, head_dim);
     returns (logits (B, 1, V), present list of (B, kv_heads, past_len + S, head_dim))."""
 
+    first_position = 0  # added to position_ids (Family.first_position)
+    window_limits_groups = True  # Family.window_limits_groups
+
     def __init__(self, language_model, lm_head, config):
         super().__init__()
         self.language_model = language_model
@@ -75,8 +78,12 @@ class DecoderWrapper(nn.Module):
         cache = DynamicCache(pairs, config=self.config)
         with grouped_attention(self.config):  # K/V read once per group, not repeated
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, cache=cache, use_cache=True)
+                                      position_ids=self._positions(position_ids),
+                                      cache=cache, use_cache=True)
         return self._outputs(out)
+
+    def _positions(self, position_ids):
+        return position_ids + self.first_position if self.first_position else position_ids
 
     def _outputs(self, out):
         hidden = out.last_hidden_state[:, -1:, :]  # (B, 1, D): last position only
@@ -108,10 +115,14 @@ class GroupedDecoderWrapper(DecoderWrapper):
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         cache = DynamicCache(pairs)  # no config: no layer drops keys past its window
-        masks = group_masks(self.config, attention_mask, attention_groups, inputs_embeds.dtype)
+        masks = group_masks(self.config, attention_mask, attention_groups, inputs_embeds.dtype,
+                            self.window_limits_groups)
+        if "sliding_attention" not in (getattr(self.config, "layer_types", None) or ()):
+            masks = masks["full_attention"]  # one mask for every layer (Gemma 1 takes no dict)
         with grouped_attention(self.config, window_in_mask=True):
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=masks,
-                                      position_ids=position_ids, cache=cache, use_cache=True)
+                                      position_ids=self._positions(position_ids),
+                                      cache=cache, use_cache=True)
         return self._outputs(out)
 
 
@@ -172,7 +183,7 @@ def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
         "logits": "last",
         "position_ids": "1d",
         "sliding_window": sliding_window(text_config),  # int, or None: full attention
-        "attention_groups": False,
+        "attention_groups": None,
     }
 
 
@@ -187,9 +198,20 @@ class Family:
     tolerances = {"image_features": 1e-4, "logits": 1e-4}
     # fp16 graphs (GPU) against the fp32 PyTorch model: rounding of 11-bit mantissas.
     tolerances_fp16 = {"image_features": 5e-2, "logits": 1e-1}
-    # The decoder takes attention_groups (GroupedDecoderWrapper): its image
-    # tokens attend both ways and its sliding window is a mask in the graph.
-    attention_groups: bool = False
+    # None, or the decoder takes attention_groups (GroupedDecoderWrapper) by
+    # this rule (manifest.GROUP_RULES: "images" | "prompt"), and its sliding
+    # window is a mask in the graph.
+    attention_groups: str | None = None
+    # Whether a sliding window also limits a group's both-way attention (Gemma 3:
+    # AND(window, OR(causal, group))) or a group sees itself whole (PaliGemma 2:
+    # OR(window AND causal, group)), as each model's transformers code composes them.
+    window_limits_groups: bool = True
+    # Where the prompt's positions start (PaliGemma counts from 1): added to
+    # position_ids inside the decoder graph, so the runtime's stay 0-based.
+    first_position: int = 0
+    # The token type transformers gives a generated token (validation's
+    # recompute extends token_type_ids with it): text 0; PaliGemma's suffix 1.
+    generated_token_type: int = 0
 
     # -- loading ---------------------------------------------------------
     def check_config(self, config) -> None:
@@ -252,9 +274,11 @@ class Family:
             wrapper, args = GroupedDecoderWrapper, args + (groups,)
             names.append("attention_groups")
             dims["attention_groups"] = {0: "batch", 1: "sequence_length"}
-        return GraphSpec(
-            "decoder", wrapper(self.language_model(model), self.lm_head(model), tc),
-            args + (past,), names + in_names, out_names, {**dims, **in_dims}, out_dims)
+        module = wrapper(self.language_model(model), self.lm_head(model), tc)
+        module.first_position = self.first_position
+        module.window_limits_groups = self.window_limits_groups
+        return GraphSpec("decoder", module, args + (past,), names + in_names, out_names,
+                         {**dims, **in_dims}, out_dims)
 
     def vision_graph(self, model, processor) -> GraphSpec:
         raise NotImplementedError
@@ -263,7 +287,7 @@ class Family:
     def decoder_facts(self, model, context_length: int) -> dict[str, Any]:
         facts = decoder_facts(self.text_config(model.config), context_length)
         if self.attention_groups:  # the window is a mask in the graph: no context cap
-            facts.update(attention_groups=True, sliding_window=None)
+            facts.update(attention_groups=self.attention_groups, sliding_window=None)
         return facts
 
     def preprocess_config(self, processor) -> dict[str, Any]:

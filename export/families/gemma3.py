@@ -48,7 +48,7 @@ class Gemma3(Family):
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     model_types = ("gemma3",)
-    attention_groups = True
+    attention_groups = "images"
     # The tower runs 27 layers over 4,096 patches at full size: fp32 rounding
     # in the pooled features grows like LLaVA's; logits likewise.
     tolerances = {"image_features": 1e-4, "logits": 1e-4}

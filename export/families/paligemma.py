@@ -1,0 +1,108 @@
+"""PaliGemma and PaliGemma 2 (PaliGemmaForConditionalGeneration): SigLIP tower,
+a linear projection, Gemma (PaliGemma) or Gemma 2 (PaliGemma 2) decoder.
+
+What differs, and where it is handled:
+
+- A prefix-LM: the whole prompt (image tokens, <bos>, the text, "\\n")
+  attends both ways in the prefill; generated tokens attend causally. The
+  decoder graph takes attention_groups under the "prompt" rule
+  (base.GroupedDecoderWrapper); the runtime then never splits a prompt's
+  prefill at a cached prefix (a prefix's keys depend on every later prompt
+  token). Gemma 2's sliding window and logit soft-capping are in the graph.
+- Positions count from 1 (transformers adds 1): the graph adds it.
+- No chat template: PaliGemmaProcessor writes "<image>" x image_seq_length +
+  <bos> + prompt + "\\n". The family gives the processor a template that
+  renders exactly that, which the manifest carries like any model's.
+- Preprocessing: SigLIP's plain resize (bicubic) to the tower's size.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vlmedge.errors import UnsupportedArchitectureError
+
+from .base import Family, GraphSpec, torch
+
+nn = torch.nn
+
+# Images first, then <bos>, the user's text and a newline: PaliGemmaProcessor's
+# prompt (its "<image>" is expanded to image_seq_length copies by the runtime).
+TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is not string %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}{{ bos_token }}"
+    "{% for message in messages %}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% endfor %}{{ '\n' }}")
+TEXT_MODELS = ("gemma", "gemma2")
+
+
+class PaliGemmaVision(nn.Module):
+    """pixel_values (N, 3, S, S) -> image_features (N, (S/patch)^2, D_text)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.model
+
+    def forward(self, pixel_values):
+        return self.model.get_image_features(pixel_values).pooler_output
+
+
+class PaliGemma(Family):
+    name = "paligemma"
+    architectures = ("PaliGemmaForConditionalGeneration",)
+    model_types = ("paligemma",)
+    attention_groups = "prompt"
+    first_position = 1
+    generated_token_type = 1  # the suffix
+    window_limits_groups = False  # transformers ORs the prefix block into the window mask
+
+    def check_config(self, config) -> None:
+        text = getattr(getattr(config, "text_config", None), "model_type", None)
+        if text not in TEXT_MODELS:
+            raise UnsupportedArchitectureError(
+                "unsupported language model for the paligemma family",
+                expected=f"a text_config of model_type {' or '.join(TEXT_MODELS)}",
+                got=repr(text), hint="see README 'Supported models'")
+
+    def load_processor(self, path, trust_remote_code: bool = False):
+        processor = super().load_processor(path, trust_remote_code)
+        if not getattr(processor, "chat_template", None):
+            processor.chat_template = TEMPLATE
+        return processor
+
+    def hf_inputs(self, processor, image, question: str) -> dict:
+        """PaliGemmaProcessor's own prompt: "<image>" + question, to which it
+        adds <bos> after the image tokens and a newline."""
+        out = dict(processor(images=image, text="<image>" + question, return_tensors="pt"))
+        out.pop("labels", None)  # training targets (all ignored for a prompt alone)
+        return out
+
+    def _size(self, processor) -> tuple[int, int]:
+        size = processor.image_processor.size
+        return int(size["height"]), int(size["width"])
+
+    def vision_graph(self, model, processor) -> GraphSpec:
+        pixels = torch.randn(2, 3, *self._size(processor))
+        return GraphSpec("vision", PaliGemmaVision(model), (pixels,), ["pixel_values"],
+                         ["image_features"], {"pixel_values": {0: "batch"}},
+                         {"image_features": {0: "batch"}})
+
+    def torch_image_features(self, model, hf_inputs: dict):
+        return model.model.get_image_features(hf_inputs["pixel_values"]).pooler_output
+
+    def preprocess_config(self, processor) -> dict[str, Any]:
+        from vlmedge.runtime.preprocess import config_from_hf
+        return {**config_from_hf(processor.image_processor.to_dict()), "tiling": None}
+
+    def image_facts(self, model, processor) -> dict[str, Any]:
+        with torch.no_grad():
+            feats = PaliGemmaVision(model)(torch.zeros(1, 3, *self._size(processor)))
+        token = processor.image_token
+        return {"image_token": token,
+                "image_token_id": int(model.config.image_token_id),
+                "tokens_per_image": int(feats.shape[1]),
+                "feature_dim": int(feats.shape[2]),
+                "image_placeholder": token,
+                "expand": "repeat"}  # <image> -> tokens_per_image copies of it
