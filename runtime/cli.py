@@ -31,7 +31,8 @@ def main(
         None, "--image", "-i", help="Image file (JPEG/PNG/...); default: the bundled demo scene. "
         "Repeat for several images in one prompt (each --prompt is about all of them): they "
         "go at the prompt's <image> markers, one per image, else all first. LLaVA, "
-        "Idefics3/SmolVLM, Qwen2/2.5-VL and LLaVA-NeXT take several; others refuse."),
+        "Idefics3/SmolVLM, Qwen2/2.5/3-VL, LLaVA-NeXT, InternVL and Gemma 3 take several; "
+        "others refuse."),
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", "-p", help="Question; repeat for several (images encoded once)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),

@@ -20,7 +20,7 @@ the image the caller passed (before any resize or tiling), clipped to it:
               each loc 0..1023 as a fraction of 1024 (order y, x): PaliGemma's
               "detect cat" answers.
 
-Qwen3-VL (JSON boxes normalized to 0..1000) is not an exported family yet.
+  qwen3_vl    Qwen2.5-VL's JSON objects, coordinates normalized to 0..1000.
 The text is untrusted (a model can emit anything): malformed text gives [],
 never an exception, and the work is bounded (MAX_TEXT chars scanned, at most
 MAX_BOXES boxes). numpy/stdlib only; PIL is imported by draw_boxes alone.
@@ -37,8 +37,8 @@ MAX_BOXES = 256    # boxes returned: more is a degenerate answer, not a scene
 
 # Manifest family -> the convention its answers follow (families absent: none).
 CONVENTIONS = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "internvl": "internvl",
-               "paligemma": "paligemma"}
-PARSERS = ("qwen2_5_vl", "qwen2_vl", "internvl", "paligemma")
+               "paligemma": "paligemma", "qwen3_vl": "qwen3_vl"}
+PARSERS = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl", "internvl", "paligemma")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ def _paligemma(text: str):
         yield (m.group(5), x1, y1, x2, y2)
 
 
-_PARSE = {"qwen2_5_vl": _qwen2_5_vl, "qwen2_vl": _qwen2_vl, "internvl": _internvl,
+_PARSE = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen2_5_vl, "qwen2_vl": _qwen2_vl,
+          "internvl": _internvl,
           "paligemma": _paligemma}
 
 

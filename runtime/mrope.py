@@ -134,6 +134,35 @@ def vision_window_index(grid: Grid, merge_size: int, window_size: int,
     return index, cu.astype(np.int32)
 
 
+def vision_interpolation(grid: Grid, merge_size: int, side: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned (side x side) position table resampled to a (t, h, w)
+    grid: per patch, in the tower's merge-block order, the 4 bilinear taps
+    (align_corners, edge-clamped) as indices (N, 4) int64 into the flattened
+    table and weights (N, 4) float32; the float32 arithmetic of transformers'
+    vision_utils.get_vision_interpolation_indices_and_weights."""
+    t, h, w = check_grid(grid, merge_size)
+    m = merge_size
+    within = np.arange(t * h * w, dtype=np.int64) % (h * w)         # patch in its frame
+    block_col = (within // (m * m)) % (w // m)
+    block_row = within // (m * m * (w // m))
+    row = block_row * m + (within // m) % m
+    col = block_col * m + within % m
+
+    def axis(index: np.ndarray, size: int):
+        src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        offsets = np.arange(2)
+        taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+        distance = np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32))
+        return taps, np.maximum(np.float32(1) - distance, np.float32(0))
+
+    (ht, hw), (wt, ww) = axis(row, h), axis(col, w)
+    indices = (ht[:, :, None] * side + wt[:, None, :]).reshape(-1, 4)
+    weights = (hw[:, :, None] * ww[:, None, :]).reshape(-1, 4).astype(np.float32)
+    return indices, weights
+
+
 def _fact(image, key: str):
     """A fact of the image section: the typed ImageFacts of a manifest, or a
     plain dict of the same keys (the exporter's, before the manifest exists)."""
@@ -166,6 +195,10 @@ def vision_inputs(names: Sequence[str], grid: Grid | None, image,
             out[name] = vision_position_ids(grid, merge)
         elif name == "cu_seqlens":  # Qwen artifacts exported before the graph built it itself
             out[name] = vision_cu_seqlens(grid, merge)
+        elif name in ("interp_indices", "interp_weights"):
+            indices, weights = vision_interpolation(grid, merge,
+                                                    int(_fact(image, "position_grid_side")))
+            out[name] = indices if name == "interp_indices" else weights
         elif name in ("window_index", "cu_window_seqlens"):
             index, cu = vision_window_index(grid, merge, int(_fact(image, "window_size")),
                                             int(_fact(image, "patch_size")))

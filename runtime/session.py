@@ -321,7 +321,7 @@ class VLMSession:
         # The image token id can lie outside the embedding table (some checkpoints
         # add it after training); its rows are overwritten anyway.
         safe = np.where(arr == self.chat.image_token_id, 0, arr) if is_image.any() else arr
-        embeds = self.embed.run({"input_ids": safe})["inputs_embeds"]
+        embeds = self._widen(self.embed.run({"input_ids": safe})["inputs_embeds"])
         if is_image.any():
             if image_features is None:
                 raise UserInputError("the prompt has image tokens but no image was given")
@@ -354,7 +354,18 @@ class VLMSession:
         return self._runner.empty_cache()
 
     def embed_token(self, token: int) -> np.ndarray:
-        return self.embed.run({"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
+        return self._widen(self.embed.run({"input_ids": np.array([[token]], np.int64)})
+                           ["inputs_embeds"])
+
+    def _widen(self, embeds: np.ndarray) -> np.ndarray:
+        """(1, S, D) text embeddings -> (1, S, decoder.inputs_width): zeros where a
+        deepstack decoder (Qwen3-VL) takes image tokens' extra features."""
+        width = self.facts.inputs_width
+        if embeds.shape[-1] == width:
+            return embeds
+        out = np.zeros(embeds.shape[:-1] + (width,), embeds.dtype)
+        out[..., :embeds.shape[-1]] = embeds
+        return out
 
     # -- generation ----------------------------------------------------------
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:

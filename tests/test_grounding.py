@@ -52,6 +52,15 @@ def test_qwen2_5_vl_json_scaled_to_original_pixels():
         _ok(b, 1280, 880)
 
 
+def test_qwen3_vl_json_normalized_to_1000():
+    """Qwen3-VL writes Qwen2.5-VL's JSON with 0..1000 coordinates: the same
+    text maps to the original image by size alone (no model size needed)."""
+    assert grounding.convention_for("qwen3_vl") == "qwen3_vl"
+    a, b = parse_boxes(QWEN25, "qwen3_vl", (1280, 880))
+    assert a == Box("red car", 28 * 1.28, 56 * 0.88, 280 * 1.28, 196 * 0.88)
+    assert b.label == "person" and abs(b.x2 - 420 * 1.28) < 1e-9
+
+
 def test_qwen2_5_vl_unfenced_single_object_cut_off_list_and_clipping():
     one = parse_boxes('{"bbox_2d": [10, 20, 30, 40], "label": "cup"}', "qwen2_5_vl", (100, 100))
     assert one == [Box("cup", 10.0, 20.0, 30.0, 40.0)]  # no model size: original pixels

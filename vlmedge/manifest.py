@@ -85,7 +85,7 @@ MAX_MANIFEST_BYTES = 16 << 20  # a chat template is kilobytes; 16 MiB is not a m
 MAX_DEPTH = 32  # JSON nesting (a real manifest nests 7 deep; deeper is hostile)
 
 FAMILIES = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "llava_next",
-            "llava_onevision", "internvl", "gemma3", "paligemma")
+            "llava_onevision", "internvl", "gemma3", "paligemma", "qwen3_vl")
 TARGETS = ("onnx", "trt")
 PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
@@ -94,7 +94,8 @@ COMPONENTS = ("vision", "embed", "decoder")
 # each image's tokens (Gemma 3), or the whole prompt, a prefix-LM (PaliGemma).
 GROUP_RULES = ("images", "prompt")
 EXPANDS = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl", "wrap")
-GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
+GRID_INPUTS = ("vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens",
+               "interp_indices", "interp_weights")
 # Upper bounds on what a loader sizes memory by: far above any real model, far
 # below what would make a hostile manifest allocate terabytes.
 MAX_CONTEXT = 1 << 22
@@ -162,6 +163,14 @@ class Decoder:
     # tokens of one group attend to each other both ways, the rest causally;
     # GROUP_RULES says which tokens form a group (runtime/decoders.py).
     attention_groups: str | None = None
+    # Qwen3-VL's deepstack: inputs_embeds is (batch, S, hidden_size * (1 +
+    # deepstack_layers)), each image token's features for the first layers'
+    # hidden states beside its embedding (zeros for text).
+    deepstack_layers: int = 0
+
+    @property
+    def inputs_width(self) -> int:
+        return self.hidden_size * (1 + self.deepstack_layers)
 
     def past_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.num_layers)
@@ -197,6 +206,7 @@ class ImageFacts:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] | None = None
     window_count: int | None = None
+    position_grid_side: int | None = None  # qwen3_vl: side of its learned position table
     # anyres (llava_next, llava_onevision; tile_size and patch_size too): the
     # [height, width] resolutions an image is tiled at, OneVision's K of
     # "anyres_max_K" (None: no shrinking), the newline vector (feature_dim,)
@@ -310,6 +320,9 @@ def _cross_check(m: "Manifest", where: str) -> None:
     if m.decoder.flavour == "ort" and m.decoder.position_ids != "1d":
         raise _bad(where, "decoder.flavour", "'portable' for mrope positions (the ort "
                    "flavour computes 1-D rotary positions inside its attention)", "ort")
+    if m.image.feature_dim != m.decoder.inputs_width:
+        raise _bad(where, "image.feature_dim", f"decoder.hidden_size x (1 + deepstack_layers) "
+                   f"= {m.decoder.inputs_width}", m.image.feature_dim)
     if m.decoder.flavour == "ort" and m.decoder.attention_groups:
         raise _bad(where, "decoder.flavour", "'portable' for a decoder with attention groups "
                    "(the ort flavour's attention is causal only)", "ort")
@@ -512,6 +525,7 @@ def _decoder(r: _Obj) -> Decoder:
         sliding_window=r.get("sliding_window", _optional(_int(1, MAX_CONTEXT))),
         flavour=r.get("flavour", _enum(FLAVOURS), "portable"),
         attention_groups=r.get("attention_groups", _optional(_enum(GROUP_RULES)), None),
+        deepstack_layers=r.get("deepstack_layers", _int(0, 64), 0),
     )
     r.end()
     if position_ids == "mrope" and d.mrope_section is None:
@@ -565,6 +579,7 @@ def _image(r: _Obj) -> ImageFacts:
         fullatt_block_indexes=r.get("fullatt_block_indexes", _optional(_list(_int(0, 4096))),
                                     None),
         window_count=r.get("window_count", opt_int, None),
+        position_grid_side=r.get("position_grid_side", opt_int, None),
         grid_pinpoints=r.get("grid_pinpoints", _optional(_list(_list(_int(1, 1 << 16), 2, 2),
                                                                 1, 256)), None),
         anyres_max_tiles=r.get("anyres_max_tiles", _optional(_int(1, 4096)), None),
@@ -581,6 +596,9 @@ def _image(r: _Obj) -> ImageFacts:
     if facts.image_newline is not None and len(facts.image_newline) != facts.feature_dim:
         raise _bad(r.where, "image.image_newline", f"{facts.feature_dim} numbers (feature_dim)",
                    f"{len(facts.image_newline)} numbers")
+    if "interp_indices" in facts.vision_grid_inputs and facts.position_grid_side is None:
+        raise ArtifactError(f"{r.where}: manifest key image.position_grid_side is missing "
+                            f"(needed by the vision input interp_indices)", hint=_HINT)
     if ("window_index" in facts.vision_grid_inputs
             and (facts.window_size is None or facts.patch_size is None)):
         raise ArtifactError(f"{r.where}: manifest key image.window_size is missing (needed by "

@@ -161,6 +161,29 @@ INTERNVL3_1B = {
     "tie_word_embeddings": False,
 }
 
+# Qwen/Qwen3-VL-2B-Instruct: a 24-block ViT (1024 wide, 16 px patches, 2x2
+# merge, a 48x48 learned position table) with deepstack features from blocks
+# 5, 11 and 17; Qwen3-1.7B (28 layers, 2048 wide, 16 heads / 8 KV heads of
+# 128, tied embeddings) with interleaved mrope.
+QWEN3_VL_2B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655,
+    "model_type": "qwen3_vl", "tie_word_embeddings": True, "video_token_id": 151656,
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+    "text_config": {"attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645,
+                    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+                    "intermediate_size": 6144, "max_position_embeddings": 262144,
+                    "model_type": "qwen3_vl_text", "num_attention_heads": 16,
+                    "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                     "rope_type": "default"},
+                    "rope_theta": 5000000, "tie_word_embeddings": True, "vocab_size": 151936},
+    "vision_config": {"deepstack_visual_indexes": [5, 11, 17], "depth": 24,
+                      "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1024, "in_channels": 3,
+                      "intermediate_size": 4096, "model_type": "qwen3_vl", "num_heads": 16,
+                      "num_position_embeddings": 2304, "out_hidden_size": 2048,
+                      "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+}
+
 # google/gemma-3-4b-it: SigLIP-so400m/14 at 896 px (27 layers), 4096 patches
 # average-pooled to 256 tokens; Gemma 3 4B (34 layers, 2560 wide, 8 heads / 4 KV
 # heads of 256, five sliding-window layers of 1024 to each global one).
@@ -442,6 +465,28 @@ def write_qwen2_vl(out: Path, config: dict) -> None:
     _json(out / "config.json", config)
 
 
+def write_qwen3_vl(out: Path, config: dict) -> None:
+    """As write_qwen2_vl, with Qwen3-VL's image settings: 16 px patches, mean
+    and std 0.5, 64k..16M pixels. The chat template is Qwen2-VL's, which
+    renders a user turn of images and text as Qwen3-VL's longer template does
+    (<|vision_start|><|image_pad|><|vision_end|>); tools and thinking are left out."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil)
+
+    tok = fast_tokenizer(build_tokenizer(QWEN_SPECIALS, []), eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", unk_token=None,
+                         extra_special_tokens={"image_token": "<|image_pad|>",
+                                               "video_token": "<|video_pad|>"})
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
+                             min_pixels=65536, max_pixels=16777216, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3).save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+    _json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id":
+                                           [151645, 151643], "pad_token_id": 151643})
+    _json(out / "config.json", config)
+
+
 def write_llava_onevision(out: Path, config: dict) -> None:
     """Tokenizer, image processor, processor_config.json and chat template, as
     published; not through LlavaOnevisionProcessor, which needs a video
@@ -535,6 +580,7 @@ PRESETS = {
     "llava-onevision-0.5b": (write_llava_onevision, LLAVA_ONEVISION_05B),
     "internvl3-1b": (write_internvl, INTERNVL3_1B),
     "gemma-3-4b": (write_gemma3, GEMMA3_4B),
+    "qwen3-vl-2b": (write_qwen3_vl, QWEN3_VL_2B),
 }
 
 

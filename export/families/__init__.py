@@ -10,12 +10,13 @@ from .internvl import InternVL
 from .llava import Llava
 from .llava_next import LlavaNext, LlavaOnevision
 from .paligemma import PaliGemma
-from .qwen2_vl import Qwen2VL, Qwen25VL
+from .qwen2_vl import Qwen2VL, Qwen3VL, Qwen25VL
 from .smolvlm import SmolVLM
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(), Idefics3(), SmolVLM(), Qwen2VL(),
                                                     Qwen25VL(), LlavaNext(), LlavaOnevision(),
-                                                    InternVL(), Gemma3(), PaliGemma())}
+                                                    InternVL(), Gemma3(), PaliGemma(),
+                                                    Qwen3VL())}
 
 
 def register(family: Family) -> Family:

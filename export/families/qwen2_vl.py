@@ -220,6 +220,7 @@ class Qwen2VL(Family):
         pixels = torch.randn(grid[0] * grid[1] * grid[2], patch_dim)  # (N, C*T*P*P)
         host = mrope.vision_inputs(self.grid_inputs, grid, self._grid_facts(model))
         dims = {"pixel_values": {0: "num_patches"}, "vision_position_ids": {0: "num_patches"},
+                "interp_indices": {0: "num_patches"}, "interp_weights": {0: "num_patches"},
                 "window_index": {0: "num_image_tokens"},
                 "cu_window_seqlens": {0: "num_window_edges"}}
         return GraphSpec("vision", self.vision_module(model),
@@ -308,3 +309,115 @@ class Qwen25VL(Qwen2VL):
         vc = model.config.vision_config
         return {**super()._grid_facts(model), "window_size": int(vc.window_size),
                 "fullatt_block_indexes": [int(i) for i in vc.fullatt_block_indexes]}
+
+
+class Qwen3VLVision(nn.Module):
+    """Qwen2VLVision for Qwen3-VL's tower, plus interp_indices (num_patches, 4)
+    int64 and interp_weights (num_patches, 4) float32: the bilinear taps that
+    resample its learned square position table to the image's grid, computed
+    on the host (runtime/mrope.py) and taken by the tower the way transformers'
+    vision_utils takes them (popped from kwargs).
+
+    -> image_features (1, T, D * (1 + L)): the merged features, then each of
+    the L deepstack mergers' features, side by side on the last axis. The
+    decoder splits them again (Qwen3VLDecoderWrapper); carried as one array,
+    they pass through the runtime's prompt embedding like any image feature."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.visual = model.model.visual
+
+    def forward(self, pixel_values, vision_position_ids, interp_indices, interp_weights):
+        out = self.visual(pixel_values, grid_thw=None, position_ids=vision_position_ids,
+                          cu_seqlens=_one_segment(pixel_values), interp_indices=interp_indices,
+                          interp_weights=interp_weights)
+        return torch.cat([out.pooler_output, *out.deepstack_features], dim=-1)[None]
+
+
+@contextlib.contextmanager
+def dense_deepstack(language_model):
+    """While inside: Qwen3-VL's deepstack adds its (B, S, D) features to every
+    position (zeros at text ones) instead of scattering them into the image
+    positions by a boolean mask, a data-dependent shape; the same sums."""
+    language_model._deepstack_process = lambda hidden, mask, embeds: hidden + embeds
+    try:
+        yield
+    finally:
+        del language_model._deepstack_process
+
+
+class Qwen3VLDecoderWrapper(nn.Module):
+    """DecoderWrapper over Qwen3-VL's text model: inputs_embeds (B, S, D * (1 + L))
+    holds each token's embedding and, for image tokens, the L deepstack
+    features added after the first L decoder layers (zeros for text)."""
+
+    def __init__(self, inner, hidden: int, layers: int):
+        super().__init__()
+        self.inner, self.hidden, self.layers = inner, hidden, layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        from .attention import grouped_attention
+
+        b, s = inputs_embeds.shape[:2]
+        main = inputs_embeds[..., :self.hidden]
+        deep = inputs_embeds[..., self.hidden:].reshape(b, s, self.layers, self.hidden)
+        inner = self.inner
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        cache = DynamicCache(pairs, config=inner.config)
+        with grouped_attention(inner.config), dense_deepstack(inner.language_model):
+            out = inner.language_model(
+                inputs_embeds=main, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, visual_pos_masks=None,
+                deepstack_visual_embeds=[deep[:, :, i] for i in range(self.layers)])
+        return inner._outputs(out)
+
+
+class Qwen3VL(Qwen2VL):
+    """Qwen3-VL: Qwen2.5-VL's patching (16 px patches), a learned position table
+    resampled to each grid, deepstack features from three tower layers added to
+    the first three decoder layers' hidden states, and interleaved mrope."""
+    name = "qwen3_vl"
+    architectures = ("Qwen3VLForConditionalGeneration",)
+    model_types = ("qwen3_vl",)
+    vision_module = Qwen3VLVision
+    grid_inputs = ("vision_position_ids", "interp_indices", "interp_weights")
+
+    def processor_class(self):
+        from transformers import Qwen3VLProcessor
+        return Qwen3VLProcessor
+
+    def _layers(self, model) -> int:
+        return len(model.config.vision_config.deepstack_visual_indexes)
+
+    def _grid_facts(self, model) -> dict[str, Any]:
+        vc = model.config.vision_config
+        return {**super()._grid_facts(model),
+                "position_grid_side": int(round(vc.num_position_embeddings ** 0.5))}
+
+    def decoder_graph(self, model) -> GraphSpec:
+        spec = super().decoder_graph(model)
+        hidden, layers = spec.args[0].shape[-1], self._layers(model)
+        embeds = torch.randn(*spec.args[0].shape[:2], hidden * (1 + layers))
+        spec.module = Qwen3VLDecoderWrapper(spec.module, hidden, layers)
+        spec.args = (embeds,) + spec.args[1:]
+        return spec
+
+    def decoder_facts(self, model, context_length: int) -> dict[str, Any]:
+        return {**super().decoder_facts(model, context_length),
+                "deepstack_layers": self._layers(model)}
+
+    def torch_image_features(self, model, hf_inputs: dict):
+        out = model.model.get_image_features(hf_inputs["pixel_values"],
+                                             hf_inputs["image_grid_thw"])
+        def whole(x):  # per-image pieces -> (T, D)
+            return torch.cat(list(x)) if isinstance(x, (list, tuple)) else x
+
+        parts = [whole(out.pooler_output)] + [whole(d) for d in out.deepstack_features]
+        return torch.cat(parts, dim=-1)[None]                             # (1, T, D(1+L))
+
+    def image_facts(self, model, processor) -> dict[str, Any]:
+        facts = super().image_facts(model, processor)
+        facts["feature_dim"] *= 1 + self._layers(model)
+        return facts
