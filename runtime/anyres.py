@@ -168,15 +168,3 @@ def pack_features(feats: np.ndarray, grid, image) -> np.ndarray:
     lines = np.broadcast_to(newline.astype(feats.dtype), (rows_out, 1, d))
     packed = np.concatenate([fmap, lines], axis=1).reshape(-1, d)   # (fh * (fw + 1), D)
     return np.concatenate([feats[0], packed])[None]                 # (1, M, D)
-
-
-def features(feats: np.ndarray, grid, image) -> np.ndarray:
-    """The vision graph's output as the prompt's image features: packed for
-    image expansion "anyres", as it is for every other."""
-    if _fact(image, "expand") != "anyres":
-        return feats
-    if grid is None:
-        raise UserInputError("this model's image features depend on the image's size, and none "
-                             "was given", expected="image_grid=(h, w, bh, bw) as preprocess() "
-                                                   "returns it")
-    return pack_features(feats, grid, image)

@@ -6,27 +6,11 @@ and is rendered the way transformers renders it: a sandboxed jinja2
 environment with trim_blocks and lstrip_blocks. The rendered prompt holds one
 image placeholder per image (several images: at the prompt's <image>
 markers, else all first; `user_content`), each of which `prompt_ids` expands
-by its own image's grid as the model's HF processor does (the manifest's
-image "expand"):
-
-    repeat    <image> -> tokens_per_image copies of it (LLaVA)
-    idefics3  <image> -> per tile of a rows x cols grid
-              <fake_token_around_image><row_r_col_c> + image_seq_len <image>,
-              "\n" after each row, then "\n" + the global image
-              <fake_token_around_image><global-img> + image_seq_len <image>
-              <fake_token_around_image>; a (0, 0) grid (image not split) is
-              the global image alone. The text is expanded before it is
-              tokenized, so merges (e.g. "\n\n") come out as the processor's.
-    qwen2_vl  <|image_pad|> -> t*h*w / merge_size**2 copies for a (t, h, w)
-              patch grid
-    anyres    <image> -> as many copies as the packed features of an image
-              of grid (h, w, bh, bw) (LLaVA-NeXT / OneVision: base tile,
-              unpadded tile map, a newline per row; runtime/anyres.py)
-    internvl  <IMG_CONTEXT> -> <img> + image_seq_len <IMG_CONTEXT> per tile of
-              a (rows, cols) grid (plus the thumbnail when split) + </img>
-    wrap      <start_of_image> -> image_start_token + tokens_per_image image
-              tokens + image_end_token, in the text (Gemma 3: "\n\n<start_of_image>"
-              ... "<end_of_image>\n\n")
+by its own image's grid as the model's HF processor does: the family's
+runtime adapter (runtime/adapters/, picked by the manifest's image.expand)
+says what one image's placeholder becomes, in the text before tokenizing
+(so merges such as "\n\n" come out as the processor's) or as copies of the
+image token after it.
 """
 from __future__ import annotations
 
@@ -38,7 +22,7 @@ from vlmedge import containment
 from vlmedge.errors import ArtifactError, UserInputError
 from vlmedge.manifest import ImageFacts, TokenizerFacts
 
-from . import anyres, mrope
+from .adapters import adapter_for
 
 
 def _raise(message: str):
@@ -49,11 +33,6 @@ def _raise(message: str):
 # with <image>"); without markers the images come first, as the HF chat
 # templates' default (a user message of N image entries, then the text).
 IMAGE_MARKER = "<image>"
-# Expansions whose several images in one prompt are each expanded by their own
-# grid and their features concatenated in order, as the HF processor + model
-# do (LLaVA, Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT, InternVL).
-SEVERAL_IMAGES = ("repeat", "idefics3", "qwen2_vl", "anyres", "internvl", "wrap")
-
 
 def user_content(question: str, n_images: int) -> list[dict]:
     """The user message's content parts for the chat template: n_images
@@ -170,7 +149,7 @@ class ChatTokenizer:
         self.image = image
         self.image_token_id = image.image_token_id
         self.tokens_per_image = image.tokens_per_image
-        self.expand = image.expand
+        self.adapter = adapter_for(image)  # the family's image layout (runtime/adapters/)
         # Text a user's prompt may not contain: it would become image slots.
         self._image_texts = sorted({t for t in (image.image_token, image.image_placeholder,
                                                 image.fake_image_token, image.global_image_token)
@@ -186,7 +165,7 @@ class ChatTokenizer:
         def run():
             try:
                 result["ids"] = self.prompt_ids("describe the image.", with_image=True,
-                                                image_grid=self._probe_grid())
+                                                image_grid=self.adapter.probe_grid())
             except (ArtifactError, UserInputError) as e:
                 result["error"] = e
 
@@ -203,18 +182,6 @@ class ChatTokenizer:
             raise ArtifactError("the manifest's chat template does not place the image",
                                 expected=f"the image placeholder {self.image.image_placeholder!r} "
                                          f"in the rendered prompt", hint="re-export the artifact")
-
-    def _probe_grid(self):
-        """A small valid image grid for the sample prompt of each expansion."""
-        if self.expand in ("idefics3", "internvl"):
-            return (1, 1)
-        if self.expand == "qwen2_vl":
-            m = self.image.merge_size
-            return (1, m, m)
-        if self.expand == "anyres":
-            bh, bw = self.image.grid_pinpoints[0]
-            return (bh, bw, bh, bw)
-        return None
 
     def check_text(self, question: str) -> None:
         """A prompt's text: valid Unicode (no lone surrogates, e.g. from
@@ -271,55 +238,28 @@ class ChatTokenizer:
             ([image_grid] if with_image else [])
         self.check_image_count(len(grids))
         text = self.render(question, n_images=len(grids))
-        if grids and self.expand == "idefics3":
-            # Expanded in the text, before tokenizing (merges as the processor's).
-            pieces = text.split(self.image.image_placeholder)
-            self._check_placed(len(pieces) - 1, len(grids))
-            text = pieces[0] + "".join(
-                idefics3_image_text(self.image, self._tile_grid(g)) + piece
-                for g, piece in zip(grids, pieces[1:]))
-            return self._nonempty(self.encode(text))
-        if grids and self.expand == "internvl":  # in the text too, as InternVLProcessor
-            pieces = text.split(self.image.image_placeholder)
-            self._check_placed(len(pieces) - 1, len(grids))
-            text = pieces[0] + "".join(internvl_image_text(self.image, g) + piece
-                                       for g, piece in zip(grids, pieces[1:]))
-            return self._nonempty(self.encode(text))
-        if grids and self.expand == "wrap":  # Gemma3Processor's full_image_sequence
-            pieces = text.split(self.image.image_placeholder)
-            self._check_placed(len(pieces) - 1, len(grids))
-            image_text = (self.image.image_start_token + self.image.image_token
-                          * self.tokens_per_image + self.image.image_end_token)
-            return self._nonempty(self.encode(image_text.join(pieces)))
+        if grids:
+            texts = [self.adapter.image_text(g) for g in grids]
+            if texts[0] is not None:  # expanded in the text, as the processor does
+                pieces = text.split(self.image.image_placeholder)
+                self._check_placed(len(pieces) - 1, len(grids))
+                text = pieces[0] + "".join(t + piece for t, piece in zip(texts, pieces[1:]))
+                return self._nonempty(self.encode(text))
         ids = self._nonempty(self.encode(text))
         if not grids:
             return ids
         self._check_placed(ids.count(self.image_token_id), len(grids))
-        counts = iter([self._image_token_count(g) for g in grids])
+        counts = iter([self.adapter.image_token_count(g) for g in grids])
         out: list[int] = []
         for t in ids:
             out.extend([t] * next(counts) if t == self.image_token_id else [t])
         return out
 
     def check_image_count(self, n: int) -> None:
-        """Several images in one prompt where this artifact's expansion
-        packs them as the HF processor + model do; else one line, before any
-        image is preprocessed."""
-        if n <= 1:
-            return
-        if self.expand == "anyres" and self.image.anyres_max_tiles is not None:
-            # LLaVA-OneVision (the only anyres family with anyres_max_K) switches to
-            # a different path for several images in one prompt (processor and
-            # model, batch_num_images > 1): each image padded square, base tile
-            # only, one newline; the runtime does not implement that path.
-            raise UserInputError("this model (LLaVA-OneVision) takes one image per prompt in "
-                                 "vlmedge", got=f"{n} images",
-                                 hint="ask about each image in its own prompt")
-        if self.expand in SEVERAL_IMAGES:
-            return
-        raise UserInputError(f"this model (image expansion {self.expand!r}) takes one image per "
-                             f"prompt", got=f"{n} images",
-                             hint="ask about each image in its own prompt")
+        """Several images in one prompt where this artifact's layout packs them
+        as the HF processor + model do; else one line, before any image is
+        preprocessed."""
+        self.adapter.check_image_count(n)
 
     def check_images(self, question: str, n: int) -> None:
         """A request's n images against this model and the question's <image>
@@ -335,20 +275,6 @@ class ChatTokenizer:
                                          f"{self.image.image_placeholder!r} in the rendered prompt",
                                 got=str(placed), hint="re-export the artifact")
 
-    def _image_token_count(self, image_grid) -> int:
-        """Copies of the image token one image of `image_grid` takes."""
-        counts = {"qwen2_vl": ("patch grid", "(t, h, w) as the processor's image_grid_thw",
-                               lambda g: mrope.image_token_count(g, self.image.merge_size)),
-                  "anyres": ("size", "(h, w, bh, bw) as preprocess() returns it",
-                             lambda g: anyres.image_token_count(g, self.image))}
-        if self.expand not in counts:
-            return self.tokens_per_image
-        what, form, count = counts[self.expand]
-        if image_grid is None:
-            raise UserInputError(f"this model's image token count depends on the image's "
-                                 f"{what}, and none was given", expected=f"image_grid={form}")
-        return count(image_grid)
-
     @staticmethod
     def _nonempty(ids: list[int]) -> list[int]:
         if not ids:
@@ -356,61 +282,8 @@ class ChatTokenizer:
                                 hint="re-export the artifact")
         return ids
 
-    def _tile_grid(self, image_grid) -> tuple[int, int]:
-        if image_grid is None:
-            if self.image.do_image_splitting:
-                raise UserInputError("this model's prompt depends on the image's tile grid, and "
-                                     "none was given", expected="image_grid=(rows, cols)",
-                                     hint="(0, 0) for an image that was not split")
-            return 0, 0
-        try:
-            rows, cols = (int(v) for v in image_grid)
-        except (TypeError, ValueError):
-            raise UserInputError("bad image tile grid", expected="(rows, cols)",
-                                 got=repr(image_grid)) from None
-        if rows < 0 or cols < 0 or (rows == 0) != (cols == 0):
-            raise UserInputError("bad image tile grid",
-                                 expected="(rows, cols) both >= 1, or (0, 0) for no split",
-                                 got=repr(tuple(image_grid)))
-        return rows, cols
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def idefics3_image_text(image: ImageFacts, grid: tuple[int, int]) -> str:
-    """The text Idefics3Processor.replace_image_token puts for one image of a
-    (rows, cols) tile grid; `image` is the manifest's image section."""
-    fake, glob = image.fake_image_token, image.global_image_token
-    tokens = image.image_token * image.image_seq_len
-    global_image = fake + glob + tokens + fake
-    rows, cols = grid
-    if rows == 0 and cols == 0:
-        return global_image
-    text = ""
-    for r in range(rows):
-        for c in range(cols):
-            text += fake + image.tile_token.format(row=r + 1, col=c + 1) + tokens
-        text += "\n"
-    return text + "\n" + global_image
-
-
-def internvl_image_text(image: ImageFacts, grid) -> str:
-    """The text InternVLProcessor.replace_image_token puts for one image of a
-    (rows, cols) tile grid: <img>, image_seq_len context tokens per tile (the
-    grid's, plus the thumbnail when split), </img>."""
-    try:
-        rows, cols = (int(v) for v in grid)
-    except (TypeError, ValueError):
-        raise UserInputError("this model's prompt depends on the image's tile grid",
-                             expected="image_grid=(rows, cols) as preprocess() returns it",
-                             got=repr(grid)[:40]) from None
-    if rows < 1 or cols < 1:
-        raise UserInputError("bad image tile grid", expected="(rows, cols) both >= 1",
-                             got=repr(tuple(grid)))
-    tiles = rows * cols + (1 if rows * cols > 1 else 0)
-    return (image.image_start_token + image.image_token * (image.image_seq_len * tiles)
-            + image.image_end_token)
 
 
 class StreamDecoder:

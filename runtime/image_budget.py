@@ -52,30 +52,30 @@ def budget_tiling(tiling: dict | None, image, shape: tuple[int, int], max_tokens
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise UserInputError("max_image_tokens must be a positive integer",
                              got=repr(max_tokens)[:40])
+    from .adapters import adapter_for  # the family's rule (runtime/adapters/)
+
     h, w = shape
-    if tiling is None:  # a fixed-size image
-        if max_tokens < image.tokens_per_image:
-            raise UserInputError("this model's image always takes "
-                                 f"{image.tokens_per_image} tokens",
-                                 expected=f"max_image_tokens >= {image.tokens_per_image}",
-                                 got=str(max_tokens))
-        return None
-    if tiling["method"] == "idefics3":
-        tile, per_tile = tiling["tile_size"], image.image_seq_len
-        if max_tokens < per_tile:
-            raise UserInputError("an image takes at least one tile",
-                                 expected=f"max_image_tokens >= {per_tile}", got=str(max_tokens))
-        top = tiling["longest_edge"] or max(h, w)
-        for k in range(max(top // tile, 1), 0, -1):
-            edge = min(k * tile, top)
-            if idefics3_tiles(h, w, edge, tile, tiling["do_image_splitting"]) * per_tile \
-                    <= max_tokens:
-                return {**tiling, "longest_edge": edge}
-        return {**tiling, "longest_edge": tile}
-    if tiling["method"] == "anyres":
-        return _anyres_budget(tiling, image, h, w, max_tokens)
-    if tiling["method"] == "internvl":
-        return _internvl_budget(tiling, image, h, w, max_tokens)
+    return adapter_for(image).budget(tiling, h, w, max_tokens)
+
+
+def idefics3_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
+    """The largest longest_edge (a multiple of the tile) whose tiling of an
+    h x w image takes at most max_tokens tokens."""
+    tile, per_tile = tiling["tile_size"], image.image_seq_len
+    if max_tokens < per_tile:
+        raise UserInputError("an image takes at least one tile",
+                             expected=f"max_image_tokens >= {per_tile}", got=str(max_tokens))
+    top = tiling["longest_edge"] or max(h, w)
+    for k in range(max(top // tile, 1), 0, -1):
+        edge = min(k * tile, top)
+        if idefics3_tiles(h, w, edge, tile, tiling["do_image_splitting"]) * per_tile \
+                <= max_tokens:
+            return {**tiling, "longest_edge": edge}
+    return {**tiling, "longest_edge": tile}
+
+
+def qwen_budget(tiling: dict, max_tokens: int) -> dict:
+    """max_pixels lowered to max_tokens merged patches' pixels."""
     unit = (tiling["patch_size"] * tiling["merge_size"]) ** 2  # pixels per image token
     max_pixels = min(tiling["max_pixels"], max_tokens * unit)
     if max_pixels < tiling["min_pixels"]:
@@ -85,7 +85,7 @@ def budget_tiling(tiling: dict | None, image, shape: tuple[int, int], max_tokens
     return {**tiling, "max_pixels": max_pixels}
 
 
-def _anyres_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
+def anyres_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
     """The pinpoints at which an h x w image takes at most max_tokens tokens."""
     counts = [(anyres.image_token_count((h, w, ph, pw), image), [ph, pw])
               for ph, pw in tiling["grid_pinpoints"]]
@@ -97,7 +97,7 @@ def _anyres_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict
     return {**tiling, "grid_pinpoints": fits}
 
 
-def _internvl_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
+def internvl_budget(tiling: dict, image, h: int, w: int, max_tokens: int) -> dict:
     """The largest max_patches at which an h x w image takes at most
     max_tokens tokens; max_patches 1 is one tile (the processor does not crop)."""
     per_tile = image.image_seq_len

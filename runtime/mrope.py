@@ -254,15 +254,3 @@ class MropePositions:
         pos = rope_index(ids, self.image_token_id, grids, self.merge_size, start)
         # As rope_deltas in transformers: max position + 1 - tokens so far.
         return pos[:, None, :], int(pos.max()) + 1 - (past + s)
-
-
-def position_strategy(decoder, image):
-    """The manifest's decoder.position_ids ("1d" | "mrope") -> a strategy
-    (decoder, image: the typed manifest sections, vlmedge.manifest)."""
-    kind = decoder.position_ids
-    if kind == "1d":
-        return LinearPositions()
-    if kind == "mrope":
-        return MropePositions(image.image_token_id, image.merge_size)
-    raise ArtifactError(f"unknown decoder position_ids kind {kind!r}", expected="1d | mrope",
-                        hint="upgrade vlmedge or re-export the artifact")

@@ -42,7 +42,7 @@ from vlmedge import manifest as manifest_mod
 from vlmedge import precision as precision_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
-from . import anyres, grounding, mrope, sampling
+from . import grounding, sampling
 from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
 from .decoders import open_decoder
@@ -160,10 +160,10 @@ class VLMSession:
         self._prefix_reuse = self.facts.attention_groups != "prompt"
         self._local = threading.local()  # per-thread preprocessing buffers
         self._dtype = np.dtype(precision_mod.get(m.precision).io_dtype)  # graphs' floats
-        # The decoder flavour's runner (runtime/decoders.py); positions are 1-D
-        # (Llama) or mrope (Qwen2-VL, 3 rows from the image grid).
-        self._runner = open_decoder(self.decoder, m,
-                                    mrope.position_strategy(self.facts, self.image_facts),
+        # The decoder flavour's runner (runtime/decoders.py); positions are the
+        # family adapter's: 1-D (Llama) or mrope (Qwen, 3 rows from the image grid).
+        self.adapter = self.chat.adapter  # picked once from the manifest (runtime/adapters/)
+        self._runner = open_decoder(self.decoder, m, self.adapter.positions(self.facts),
                                     self._dtype)
         self.preprocessor  # the manifest's preprocess config checked now, not on first image
         if max_image_tokens is not None and (not isinstance(max_image_tokens, int) or
@@ -289,23 +289,13 @@ class VLMSession:
         (num_patches, 3 * temporal_patch * patch * patch) flattened patches of
         one image, whose (t, h, w) patch grid `image_grid` gives the patches'
         coordinates (computed here, on the host)."""
-        extra = self.vision.input_names[1:]  # qwen2_vl: host-computed patch inputs
-        if pixel_values.ndim == 4 and pixel_values.shape[0] > 1 and not extra:
-            # Tiles (N, 3, S, S) one at a time, whatever the family: a 640x480
-            # frame is 13 SmolVLM tiles, and one batch of 13 peaked at 4.7 GB in
-            # onnxruntime against 0.9 GB tile by tile, which was also ~20% faster
-            # on this CPU (measured).
-            feats = np.concatenate([self._vision({self.vision.input_names[0]: t[None]})
-                                    for t in pixel_values])
-        else:
-            feeds = {self.vision.input_names[0]: pixel_values}
-            if extra:  # patch coordinates etc., from the grid (runtime/mrope.py)
-                vision = self.manifest.components["vision"]
-                shapes = {t.name: list(t.shape) for t in vision.inputs}
-                feeds.update(mrope.vision_inputs(extra, image_grid, self.image_facts, shapes))
-            feats = self._vision(feeds)
-        # anyres (LLaVA-NeXT/OneVision): per-tile features packed on the host by the image size
-        return anyres.features(feats, image_grid, self.image_facts)
+        # The family's adapter feeds the graph (tiles one at a time, or one call
+        # with host-computed grid inputs) and turns its output into the prompt's
+        # features (anyres: packed by the image size). runtime/adapters/
+        vision = self.manifest.components["vision"]
+        shapes = {t.name: list(t.shape) for t in vision.inputs}
+        return self.adapter.encode(self._vision, list(self.vision.input_names), pixel_values,
+                                   image_grid, shapes)
 
     def _vision(self, feeds: dict) -> np.ndarray:
         """One vision graph call: image_features (N, T_img, D)."""
