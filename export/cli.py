@@ -36,14 +36,16 @@ def main(
     target: str = typer.Option("onnx", "--target", "-t", help="onnx | trt"),
     precision: str = typer.Option("fp32", "--precision", "-p",
                                   help="fp32 | fp16 (GPU graphs) | int8 | int8-dynamic | int4 "
-                                  "(weight-only, ort decoder flavour)"),
+                                  "(weight-only: MatMulNBits in the ort flavour, int4 "
+                                  "DequantizeLinear blocks in the portable one)"),
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
-        "int8/int4; CPU and CUDA EPs). Default: ort for int4, else portable."),
+        "int8/int4; CPU and CUDA EPs). Default: ort for int4, else portable; "
+        "--decoder-flavour portable --precision int4 keeps standard ONNX ops."),
     vision_precision: str = typer.Option(
-        "fp32", "--vision-precision", help="ort flavour with int8/int4 weights: the vision graph "
-        "fp32 | int8 (static QDQ, calibrated on --calib, gated)."),
+        "fp32", "--vision-precision", help="weight-only exports (int4; the ort flavour's int8): "
+        "the vision graph fp32 | int8 (static QDQ, calibrated on --calib, gated)."),
     weight_method: str = typer.Option(
         "rtn", "--weight-method", help="ort flavour's int8/int4 weights: rtn (round to nearest) "
         "| gptq (calibrated on --calib: error-compensated rounding, onnxruntime's GPTQ)."),

@@ -71,6 +71,13 @@ def flavour(o: ExportOptions) -> str:
     return p.flavours[0] if p else "portable"
 
 
+def weight_only(o: ExportOptions) -> bool:
+    """Whether the quantization stage is weight-only (export/weight_only.py):
+    int4 in either flavour, int8 in the ort flavour; portable int8 is static
+    QDQ (export/quantize.py)."""
+    return o.precision == "int4" or (flavour(o) == "ort" and o.precision == "int8")
+
+
 def check_options(o: ExportOptions) -> None:
     if o.target not in TARGETS:
         raise UserInputError(f"unknown --target {o.target!r}", expected=" | ".join(TARGETS))
@@ -82,16 +89,18 @@ def check_options(o: ExportOptions) -> None:
     if o.vision_precision not in ("fp32", "int8"):
         raise UserInputError(f"unknown --vision-precision {o.vision_precision!r}",
                              expected="fp32 | int8")
-    if o.vision_precision != "fp32" and not (flavour(o) == "ort" and o.precision != "fp32"):
-        raise UserInputError("--vision-precision applies to the ort flavour's int8/int4 "
-                             "exports", got=f"--precision {o.precision}, --decoder-flavour "
-                             f"{flavour(o)}",
+    if o.vision_precision != "fp32" and not weight_only(o):
+        raise UserInputError("--vision-precision applies to weight-only exports (int4, or the "
+                             "ort flavour's int8)", got=f"--precision {o.precision}, "
+                             f"--decoder-flavour {flavour(o)}",
                              hint="--precision int8 (portable) quantizes the vision graph too")
     if o.weight_method not in ("rtn", "gptq"):
         raise UserInputError(f"unknown --weight-method {o.weight_method!r}", expected="rtn | gptq")
     if o.weight_method != "rtn" and not (flavour(o) == "ort" and o.precision != "fp32"):
-        raise UserInputError("--weight-method applies to the ort flavour's int8/int4 exports",
-                             got=f"--precision {o.precision}, --decoder-flavour {flavour(o)}")
+        raise UserInputError("--weight-method gptq applies to the ort flavour's int8/int4 "
+                             "exports", got=f"--precision {o.precision}, --decoder-flavour "
+                             f"{flavour(o)}", hint="the portable flavour's int4 is round to "
+                             "nearest (--weight-method rtn)")
     if flavour(o) == "ort" and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
                              got="--decoder-flavour ort",
@@ -102,8 +111,7 @@ def check_options(o: ExportOptions) -> None:
         raise UserInputError(
             f"--decoder-flavour {flavour(o)} takes --precision {' | '.join(takes)}",
             got=f"--precision {o.precision}",
-            hint="int4 is weight-only MatMulNBits, built for the ort flavour; fp16 and "
-                 "int8-dynamic are portable-flavour precisions")
+            hint="fp16 and int8-dynamic are portable-flavour precisions")
     if o.target == "trt" and not p.trt:
         raise UserInputError(f"--target trt takes --precision fp16 or int8, not {o.precision}",
                              hint="fp16 graphs, or int8 with explicit Q/DQ nodes (TensorRT cannot "
@@ -220,7 +228,8 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
         steps.append(("fp16", _to_fp16))
     steps.append(("write", _write_manifest))
     if p.calibrated:  # fp32 parity first, then the quantization stage and its gate
-        steps.append((f"{o.precision} (weight-only)" if native else o.precision, _quantize))
+        steps.append((f"{o.precision} (weight-only)" if weight_only(o) else o.precision,
+                      _quantize))
     if o.target == "trt":
         steps.append(("trt", _prepare_trt))
     if o.validate and p.parity is not None:
@@ -322,9 +331,9 @@ def _write_manifest(r: Run) -> None:
 
 
 def _quantize(r: Run) -> None:
-    """fp32 parity, then INT8 (export/quantize.py) or, for the ort flavour,
-    weight-only int8/int4 (export/weight_only.py), each with its gate."""
-    if flavour(r.o) == "ort":
+    """fp32 parity, then INT8 (export/quantize.py) or weight-only int4 / the
+    ort flavour's int8 (export/weight_only.py), each with its gate."""
+    if weight_only(r.o):
         from . import weight_only as stage_module
     else:
         from . import quantize as stage_module

@@ -1,13 +1,15 @@
-"""The exporter's weight-only stage for the ort decoder flavour: --precision int8 | int4
-with --decoder-flavour ort (int4 implies it).
+"""The exporter's weight-only stage: --precision int4 (either decoder flavour) and
+--precision int8 with --decoder-flavour ort.
 
-    1. parity: the fp32 ort-flavour artifact against PyTorch (tokens equal, logits
+    1. parity: the fp32 artifact against PyTorch (tokens equal, logits
        within the family's tolerance), as for every export
     2. reference: the fp32 artifact's greedy logits on the held-out calibration
        prompts, and (demo model) its scene accuracy (calibration/gate.py)
-    3. rebuild: the decoder again at int8/int4 (MatMulNBits, block 32, round to
-       nearest: export/ort_decoder.py); the embedding table int8 per row; the
-       vision graph stays fp32
+    3. rebuild: the ort flavour's decoder again at int8/int4 (MatMulNBits, block
+       32, round to nearest: export/ort_decoder.py), or the portable decoder's
+       MatMul weights as int4 blocks behind DequantizeLinear (export/
+       blocked_int4.py); the embedding table int8 per row; the vision graph
+       stays fp32
     4. with --vision-precision int8: the vision graph through the INT8 stage
        (calibration/int8.py, static QDQ, vision alone), gated beside the new decoder
     5. gate: the whole artifact against the fp32 reference, with the same figures
@@ -99,9 +101,13 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         with stage(f"{o.precision} reference"):
             ref = gate.reference(VLMSession(tmp, provider="cpu", verify=False, manifest=m),
                                  data.holdout, scene)
+    portable = m["decoder"].get("flavour", "portable") == "portable"
     with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()
-        if o.weight_method == "gptq":  # calibrated: from the fp32 graph in staging
+        if portable:  # int4 blocks behind DequantizeLinear, in the exported graph
+            from .blocked_int4 import quantize_decoder
+            quantize_decoder(tmp, log)
+        elif o.weight_method == "gptq":  # calibrated: from the fp32 graph in staging
             ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log)
         else:
             ort_decoder.build(loaded, tmp, o.precision, log)
@@ -139,7 +145,11 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     m["quantization"] = {
         "precision": o.precision,
         "method": "weight-only",
-        "format": f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
+        "format": (f"DequantizeLinear (opset 21) of int4 blocks of "
+                   f"{ort_decoder.BLOCK_SIZE} before each MatMul, symmetric, round to nearest "
+                   f"(onnxruntime's MatMulNBitsQuantizer, QDQ format; onnxruntime fuses them "
+                   f"into MatMulNBits at load)") if portable else
+                  f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
                   f"{ort_decoder.BLOCK_SIZE}, symmetric, " + (
                       "GPTQ on the calibration prompts (onnxruntime's MatMulNBitsQuantizer)"
                       if o.weight_method == "gptq" else
@@ -149,8 +159,9 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
                    f"{'int8 per row' if embed_int8 else 'fp32'}; vision "
                    f"{'int8 static QDQ (under vision)' if vision_report else 'fp32'}",
         "vision": vision_report,
-        "activations": "fp32 in the graph (onnxruntime's CPU kernels quantize them to int8 "
-                       "per block on the fly: accuracy_level 4)",
+        "activations": "fp32 in the graph" + ("" if portable else
+                       " (onnxruntime's CPU kernels quantize them to int8 per block on the "
+                       "fly: accuracy_level 4)"),
         "cpu_only": False,
         "calibration": {**data.describe(), "used_for": "the accuracy gate (held-out prompts)"
                         + (" and the vision graph's int8 ranges" if vision_report else "")}
@@ -166,7 +177,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         "onnxruntime_version": require("onnxruntime", "weight-only quantization").__version__,
     }
     if m.get("validation"):
-        m["validation"]["note"] = ("parity of the fp32 ort-flavour graphs with PyTorch, before "
+        m["validation"]["note"] = ("parity of the fp32 graphs with PyTorch, before "
                                    "the weight-only stage; its accuracy is under "
                                    "quantization.accuracy")
     log(f"[{o.precision}] decoder {sum(fp32_bytes.values()) / 1e6:.1f} MB -> "

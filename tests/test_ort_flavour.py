@@ -162,6 +162,54 @@ def test_int4_weight_only_export(ort_int4, ort_fp32):
     assert r.text and r.timings["new_tokens"] >= 1
 
 
+def test_portable_int4_is_standard_onnx_that_onnxruntime_fuses(tmp_path, ort_int4):
+    """--precision int4 --decoder-flavour portable: every constant-weight MatMul
+    behind an opset-21 DequantizeLinear of int4 blocks of 32 (standard ONNX, no
+    contrib op in the file), which onnxruntime's CPU provider fuses into
+    MatMulNBits at load; gated like the ort flavour's int4, and a quarter of the
+    fp32 decoder's size."""
+    import onnxruntime as ort
+
+    art = tmp_path / "demo-portable-int4"
+    summary, lines = _export(art, precision="int4", decoder_flavour="portable",
+                             calib="synthetic", calib_size=8)
+    m = manifest.load(art)
+    assert m.precision == "int4" and m.decoder.flavour == "portable"
+    assert m.components["decoder"].precision == "int4-weight-only"
+    graph = onnx.load(str(art / "decoder.onnx"), load_external_data=False)
+    assert {d.domain for d in graph.opset_import} <= {"", "ai.onnx"}  # no contrib ops
+    assert max(d.version for d in graph.opset_import if d.domain in ("", "ai.onnx")) >= 21
+    dqs = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {i.name: i for i in graph.graph.initializer}
+    assert len(dqs) >= 2 * m.decoder.num_layers + 1  # per layer q/k/v/o + MLP, and the head
+    for n in dqs:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert attrs.get("block_size") == 32 and attrs.get("axis", 1) == 0
+        assert weights[n.input[0]].data_type == onnx.TensorProto.INT4
+    assert "MatMulNBits" not in {n.op_type for n in graph.graph.node}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(art / "decoder.onnx"), so, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"),
+                                           load_external_data=False).graph.node}
+    assert "MatMulNBits" in fused and "DequantizeLinear" not in fused
+    q = m.quantization.report
+    assert q["accuracy"]["passed"] and "DequantizeLinear" in q["format"]
+    final = q["accuracy"]["final"]
+    assert final["scene_accuracy"] >= final["scene_accuracy_fp32"] - 0.01
+    assert final["agreement"] >= 0.97
+    assert q["size"]["ratio"] < 0.3
+    assert any("[int4]" in line and "int4 blocks of 32" in line for line in lines)
+    # vlm-bench's roofline counts the int4 weights at half a byte (bytes read per token)
+    from vlmedge.benchmarks.bench import roofline
+    got = roofline.initializer_bytes(art / "decoder.onnx")
+    data = m.files["decoder.onnx.data"].bytes
+    assert data <= got < data + m.files["decoder.onnx"].bytes
+    s = _session(art)
+    for image in _images(2):
+        assert s.generate(image, "what color is the circle?", max_new_tokens=4).text
+
+
 def test_int4_with_int8_vision(tmp_path, ort_int4):
     """--vision-precision int8: the vision graph through the INT8 stage alone (static QDQ),
     the decoder's int4 weights kept; the whole artifact gated against fp32."""
@@ -222,12 +270,15 @@ print("ok")
 
 @pytest.mark.parametrize("kw, words", [
     (dict(decoder_flavour="ort", target="trt", precision="fp16"), "--target trt needs"),
-    (dict(decoder_flavour="portable", precision="int4"), "takes --precision"),
+    (dict(decoder_flavour="portable", precision="int4", target="trt"),
+     "--target trt takes --precision fp16 or int8"),
+    (dict(decoder_flavour="portable", precision="int4", weight_method="gptq"),
+     "--weight-method gptq applies"),
     (dict(decoder_flavour="ort", precision="fp16"), "takes --precision"),
     (dict(decoder_flavour="fast"), "unknown --decoder-flavour"),
     (dict(vision_precision="int8"), "--vision-precision applies"),
     (dict(precision="int4", vision_precision="int4"), "unknown --vision-precision"),
-    (dict(weight_method="gptq"), "--weight-method applies"),
+    (dict(weight_method="gptq"), "--weight-method gptq applies"),
     (dict(precision="int4", weight_method="awq"), "unknown --weight-method"),
 ])
 def test_bad_flavour_options_are_one_line(kw, words, tmp_path):

@@ -9,10 +9,13 @@ the manifest (the allowed names), instead of string comparisons in each.
     fp16          float16   fp16                   -     -       no        yes  portable
     int8          float32   int8 QDQ / MatMulNBits yes   yes     no        yes  portable, ort
     int8-dynamic  float32   int8 MatMulInteger     yes   no      yes       no   portable
-    int4          float32   int4 MatMulNBits       yes   -       no        no   ort
+    int4          float32   int4 weight-only       yes   -       no        no   ort, portable
 
 (int8 with the ort flavour is weight-only MatMulNBits, export/weight_only.py;
-with the portable flavour static QDQ, calibration/int8.py.)
+with the portable flavour static QDQ, calibration/int8.py. int4 with the ort
+flavour is MatMulNBits; with the portable flavour opset-21 DequantizeLinear of
+int4 blocks before each MatMul, standard ONNX that onnxruntime fuses back into
+MatMulNBits at load; TensorRT would need fp16 activations for it: not offered.)
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               ("portable", "ort"), None),
     Precision("int8-dynamic", "float32", "int8 MatMulInteger", True, False, True, False,
               ("portable",), None),
-    Precision("int4", "float32", "int4 MatMulNBits, block 32", True, None, False, False,
-              ("ort",), None),
+    Precision("int4", "float32", "int4 weight-only, block 32", True, None, False, False,
+              ("ort", "portable"), None),
 )}
 NAMES = tuple(PRECISIONS)
 

@@ -19,13 +19,17 @@ the models ask of it.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-_ITEMSIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2}  # onnx elem types
+# Bytes per element of onnx element types (float8s: 1; uint4/int4: half a byte,
+# two to a byte as DequantizeLinear's blocked int4 weights are stored).
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 17: 1, 18: 1,
+             19: 1, 20: 1, 21: 0.5, 22: 0.5}
 _FLOP_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger", "FusedMatMul")
 
 
@@ -113,7 +117,7 @@ def initializer_bytes(path: Path) -> int | None:
         m = _load_structure(path)
     except ImportError:
         return None
-    return int(sum(int(np.prod(t.dims, dtype=np.int64)) * _ITEMSIZE.get(t.data_type, 4)
+    return int(sum(math.ceil(int(np.prod(t.dims, dtype=np.int64)) * _ITEMSIZE.get(t.data_type, 4))
                    for t in m.graph.initializer))
 
 
