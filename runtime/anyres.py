@@ -19,6 +19,11 @@ ORIGINAL image size, so it happens here, after the vision graph:
 An image's grid, as the runtime passes it around, is (h, w, bh, bw): its
 original size and the resolution it was tiled at. The prompt's image token
 count follows from it (`image_token_count`), equal to the processor's.
+
+LLaVA-OneVision packs an image that shares a prompt with others differently
+(processor and model, batch_num_images > 1): padded to a square of the mean
+colour, resized to one tile, its side*side features and one newline. Its
+grid is (h, w, 0, 0): SQUARE.
 """
 from __future__ import annotations
 
@@ -61,15 +66,20 @@ def _fact(image, key: str):
     return image[key] if isinstance(image, Mapping) else getattr(image, key)
 
 
+SQUARE = (0, 0)  # (bh, bw) of a OneVision image padded square, one tile (several images)
+
+
 def check_grid(grid, image) -> tuple[int, int, int, int]:
-    """(h, w, bh, bw) as ints, (bh, bw) one of the artifact's pinpoints, or a
-    UserInputError saying what is wrong."""
+    """(h, w, bh, bw) as ints, (bh, bw) one of the artifact's pinpoints (or
+    SQUARE, for OneVision), or a UserInputError saying what is wrong."""
     try:
         h, w, bh, bw = (int(v) for v in grid)
     except (TypeError, ValueError):
         raise UserInputError("bad anyres image grid", expected="(height, width, tiled height, "
                              "tiled width) as preprocess() returns it", got=repr(grid)) from None
     pins = {tuple(int(v) for v in p) for p in _fact(image, "grid_pinpoints")}
+    if _fact(image, "anyres_max_tiles") is not None:
+        pins.add(SQUARE)
     if min(h, w) < 1 or (bh, bw) not in pins:
         raise UserInputError("bad anyres image grid",
                              expected=f"a size >= 1 and a tiled resolution among the artifact's "
@@ -108,6 +118,9 @@ def feature_layout(grid, image) -> dict:
 def image_token_count(grid, image) -> int:
     """Tokens an image takes in the prompt: the base tile's side^2, then per
     row of the packed map its features and one newline."""
+    if tuple(check_grid(grid, image)[2:]) == SQUARE:  # one tile and one newline
+        side = int(_fact(image, "tile_size")) // int(_fact(image, "patch_size"))
+        return side * side + 1
     lay = feature_layout(grid, image)
     top, bottom, left, right = lay["window"]
     fh, fw = lay["shrunk"] or (bottom - top, right - left)
@@ -145,8 +158,13 @@ def bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def pack_features(feats: np.ndarray, grid, image) -> np.ndarray:
     """Per-tile features (N, side*side, D), base tile first, -> the image's
-    packed features (1, M, D), M = image_token_count(grid, image)."""
-    lay = feature_layout(grid, image)
+    packed features (1, M, D), M = image_token_count(grid, image); a SQUARE
+    grid's one tile: its features, then the newline."""
+    if tuple(check_grid(grid, image)[2:]) == SQUARE:
+        side = int(_fact(image, "tile_size")) // int(_fact(image, "patch_size"))
+        lay = {"side": side, "rows": 0, "cols": 0}
+    else:
+        lay = feature_layout(grid, image)
     side, rows, cols = lay["side"], lay["rows"], lay["cols"]
     n, t, d = feats.shape
     if n != rows * cols + 1 or t != side * side:
@@ -158,6 +176,8 @@ def pack_features(feats: np.ndarray, grid, image) -> np.ndarray:
         raise ArtifactError("image.image_newline disagrees with the vision graph",
                             expected=f"{d} values", got=str(newline.shape[0]),
                             hint="re-export the artifact")
+    if rows == 0:  # SQUARE: LlavaOnevisionModel.pack_image_features for one tile
+        return np.concatenate([feats[0], newline.astype(feats.dtype)[None]])[None]
     fmap = feats[1:].reshape(rows, cols, side, side, d).transpose(0, 2, 1, 3, 4)
     fmap = fmap.reshape(rows * side, cols * side, d)                # (H, W, D)
     top, bottom, left, right = lay["window"]

@@ -237,6 +237,7 @@ class ChatTokenizer:
         grids = list(image_grids) if image_grids is not None else \
             ([image_grid] if with_image else [])
         self.check_image_count(len(grids))
+        self.adapter.check_grids(grids)
         text = self.render(question, n_images=len(grids))
         if grids:
             texts = [self.adapter.image_text(g) for g in grids]

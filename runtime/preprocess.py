@@ -354,6 +354,10 @@ class ImagePreprocessor:
         rgb = load_image(image, layout, composite_alpha=self.config["convert_rgb"])  # (h, w, 3)
         if tiling["method"] == "idefics3":
             return self._idefics3(rgb, tiling)
+        if tiling["method"] == "anyres" and tiling.get("square"):
+            fill = tuple(int(m * 255) for m in self._mean)  # HF's background colour
+            frames, grid = square_frame(rgb, tiling["tile_size"], fill, self._filter)
+            return frames_to_pixel_values(frames, self._scale, self._mean, self._std)[0], grid
         if tiling["method"] == "anyres":
             frames, grid = anyres_frames(rgb, tiling["grid_pinpoints"], tiling["tile_size"],
                                          self._filter)
@@ -452,7 +456,9 @@ MAX_PINPOINTS = 256  # LLaVA-OneVision has 36
 MAX_INTERNVL_PATCHES = 256
 
 
-_TILING_OPTIONAL = {"idefics3": ("global_image",)}
+# anyres "square": the image padded to a square of the mean colour and resized to
+# one tile (LLaVA-OneVision's path for an image that shares a prompt with others).
+_TILING_OPTIONAL = {"idefics3": ("global_image",), "anyres": ("square",)}
 
 
 def _check_tiling(tiling) -> dict:
@@ -497,6 +503,9 @@ def _check_anyres(tiling: dict) -> dict:
     """tile_size an int; grid_pinpoints 1..MAX_PINPOINTS [height, width]
     pairs, each side a multiple of tile_size within MAX_CONFIG_SIZE."""
     tile, pins = tiling["tile_size"], tiling["grid_pinpoints"]
+    if not isinstance(tiling.get("square", False), bool):
+        raise UserInputError("ImagePreprocessor: anyres tiling square must be true or false",
+                             got=repr(tiling["square"])[:40])
     if not _size_ok(tile):
         raise UserInputError("ImagePreprocessor: bad tiling tile_size",
                              expected=f"an int in 1..{MAX_CONFIG_SIZE}", got=repr(tile)[:40])
@@ -725,6 +734,23 @@ def anyres_frames(rgb: np.ndarray, pinpoints, tile: int, resample="bicubic"
     tiles = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
     frames[1:] = tiles.reshape(rows * cols, tile, tile, 3)
     return frames, (int(h), int(w), int(bh), int(bw))
+
+
+def square_frame(rgb: np.ndarray, tile: int, fill: tuple[int, int, int], resample="bicubic"
+                 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """uint8 (H, W, 3) -> (frames uint8 (1, tile, tile, 3), grid (H, W, 0, 0)): the
+    image centred on a square of `fill` (the odd pixel after it), resized to one
+    tile, as LlavaOnevisionImageProcessor's pad_to_square + resize for an image
+    that shares a prompt with others."""
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = np.asarray(fill, np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = rgb
+    frames = np.empty((1, tile, tile, 3), np.uint8)
+    resize(canvas, tile, tile, resample, out=frames[0])
+    return frames, (int(h), int(w), 0, 0)
 
 
 def internvl_grid(h: int, w: int, tiling: dict) -> tuple[int, int]:

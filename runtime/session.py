@@ -227,20 +227,22 @@ class VLMSession:
             self._local.pre = pre
         return pre
 
-    def _preprocess(self, image, layout: str, max_image_tokens: int | None = None
-                    ) -> tuple[np.ndarray, Any]:
+    def _preprocess(self, image, layout: str, max_image_tokens: int | None = None,
+                    several: bool = False) -> tuple[np.ndarray, Any]:
         """preprocess() without the copy: the buffer is consumed by the caller's
-        stage. max_image_tokens: the budget (None: the session's default)."""
+        stage. max_image_tokens: the budget (None: the session's default);
+        several: the image shares its prompt with others (the adapter's tiling
+        for that: LLaVA-OneVision's differs)."""
         from .image_io import load_image
         rgb = load_image(image, layout=layout)
         budget = max_image_tokens if max_image_tokens is not None else self.max_image_tokens
-        if budget is None:
-            pixels, grid = self.preprocessor.preprocess(rgb)
-        else:
+        tiling = own = self.preprocessor.config["tiling"]
+        if several:
+            tiling = self.adapter.several_tiling(tiling)
+        if budget is not None:
             from .image_budget import budget_tiling
-            tiling = budget_tiling(self.preprocessor.config["tiling"], self.image_facts,
-                                   rgb.shape[:2], budget)
-            pixels, grid = self.preprocessor.preprocess(rgb, tiling=tiling)
+            tiling = budget_tiling(tiling, self.image_facts, rgb.shape[:2], budget)
+        pixels, grid = self.preprocessor.preprocess(rgb, tiling=None if tiling is own else tiling)
         # The original (w, h) and grid of this thread's last image: generate()
         # reads grounding boxes back into its pixels (_boxes).
         self._local.seen = ((int(rgb.shape[1]), int(rgb.shape[0])), grid)
@@ -264,18 +266,20 @@ class VLMSession:
         preprocess() gives the shapes of the other families, and their grid)."""
         return self.preprocess(image, layout)[0]
 
-    def encode(self, image, layout: str = "RGB", max_image_tokens: int | None = None
-               ) -> EncodedImage:
+    def encode(self, image, layout: str = "RGB", max_image_tokens: int | None = None,
+               several: bool = False) -> EncodedImage:
         """Preprocess and encode `image` once, for several questions or for
         frames that did not change (see EncodedImage); several images: one
-        encode() each, passed to generate() as a list."""
+        encode() each, passed to generate() as a list, with several=True
+        (LLaVA-OneVision encodes an image beside others differently; other
+        families ignore it)."""
         _check_single_image(image, "encode()")
         if isinstance(image, EncodedImage):
             return image
         timings: dict[str, float] = {}
         with self._lock:
             t = time.perf_counter()
-            pixels, grid = self._preprocess(image, layout, max_image_tokens)
+            pixels, grid = self._preprocess(image, layout, max_image_tokens, several)
             timings["preprocess_ms"] = _ms(t)
             t = time.perf_counter()
             feats = self.encode_image(pixels, grid)
@@ -535,7 +539,8 @@ class VLMSession:
                 if isinstance(im, EncodedImage):
                     staged.append((None, im.grid, im))
                     continue
-                pixels, grid = self._preprocess(im, layout, max_image_tokens)
+                pixels, grid = self._preprocess(im, layout, max_image_tokens,
+                                                several=len(images) > 1)
                 staged.append((pixels.copy(), grid, None))  # the next image reuses the buffer
             timings["preprocess_ms"] = _ms(t)
             grids = [g for _, g, _ in staged]
@@ -705,7 +710,7 @@ class VLMSession:
             raise UserInputError("ask() needs an image", hint="use generate(None, q) for text")
         if isinstance(image, (list, tuple)):  # several: encoded once, no shared prefix cache
             self.chat.check_image_count(len(image))
-            encoded = [self.encode(im, layout) for im in image]
+            encoded = [self.encode(im, layout, several=len(image) > 1) for im in image]
             return [self.generate(encoded, q, max_new_tokens=max_new_tokens, layout=layout)
                     for q in questions]
         with self._lock:

@@ -81,10 +81,14 @@ def _parts(prompt: str, n: int) -> list[dict]:
     return out
 
 
-def _hf(lm, images, prompt):
+def _hf(lm, images, prompt, nested=False):
+    """The processor's inputs; nested: the images as one sample's list, as
+    apply_chat_template(tokenize=True) passes a conversation's images (LLaVA-
+    OneVision reads batch_num_images from that nesting)."""
     msgs = [{"role": "user", "content": _parts(prompt, len(images))}]
     text = lm.processor.apply_chat_template(msgs, add_generation_prompt=True)
-    return dict(lm.processor(images=images, text=text, return_tensors="pt"))
+    return dict(lm.processor(images=[images] if nested else images, text=text,
+                             return_tensors="pt"))
 
 
 def _torch_tokens(lm, hf, stop_ids, n=8):
@@ -235,16 +239,37 @@ def test_refusals_are_one_line(family):
     assert "placeholder" in _one_line(e)
 
 
-def test_onevision_refuses_several_images(family):
-    """LLaVA-OneVision packs several images in one prompt differently from
-    one (each padded square, base tile only): refused, before any vision."""
+def test_onevision_several_images_equal_transformers(family):
+    """LLaVA-OneVision's own path for several images in one prompt (each padded
+    to a square of the mean colour, resized to one tile: its features and one
+    newline): pixels bit for bit, ids and greedy tokens equal transformers',
+    markers mid-prompt too; ask() and images encoded with several=True take
+    it; one image keeps the anyres path; an image encoded alone is refused
+    beside others (and one encoded for several alone), in one line."""
     lm, s = family("llava_onevision")
-    a, b = _images("llava_next")
-    with pytest.raises(UserInputError) as e:
-        s.generate([a, b], QUESTION, max_new_tokens=2)
-    assert "one image per prompt" in _one_line(e)
-    with pytest.raises(UserInputError):
-        s.ask([a, b], [QUESTION])
+    a, b = _images("llava_next")  # wide and tall: the padding differs
+    hf = _hf(lm, [a, b], QUESTION, nested=True)
+    assert hf["batch_num_images"].tolist() == [2]
+    for i, im in enumerate((a, b)):
+        pixels, grid = s._preprocess(im, "RGB", several=True)
+        assert grid == (im.height, im.width, 0, 0)
+        np.testing.assert_array_equal(pixels, hf["pixel_values"][i, :1].numpy())
+    want = _torch_tokens(lm, hf, s.chat.stop_token_ids)
+    r = s.generate([a, b], QUESTION, max_new_tokens=8)
+    assert r.token_ids == want, (r.token_ids, want)
+    side = s.image_facts.tile_size // s.image_facts.patch_size
+    assert r.timings["image_tokens"] == int(hf["input_ids"].eq(s.chat.image_token_id).sum()) \
+        == 2 * (side * side + 1)
+    marked = _hf(lm, [a, b], MARKED, nested=True)
+    assert s.generate([a, b], MARKED, max_new_tokens=8).token_ids == \
+        _torch_tokens(lm, marked, s.chat.stop_token_ids)
+    assert s.ask([a, b], [QUESTION], max_new_tokens=8)[0].token_ids == want
+    encs = [s.encode(im, several=True) for im in (a, b)]
+    assert s.generate(encs, QUESTION, max_new_tokens=8).token_ids == want
+    for bad in ([s.encode(a), s.encode(b)], encs[0]):
+        with pytest.raises(UserInputError) as e:
+            s.generate(bad, QUESTION, max_new_tokens=2)
+        assert "alone and beside other images" in _one_line(e)
     assert s.generate([a], QUESTION, max_new_tokens=2).token_ids == \
         s.generate(a, QUESTION, max_new_tokens=2).token_ids
 
@@ -256,8 +281,9 @@ def _vlm_run(*args):
 
 
 def test_vlm_run_repeated_image(family, tmp_path):
-    """Repeated --image: every prompt about all the images; a family that
-    cannot take several refuses in one line."""
+    """Repeated --image: every prompt about all the images (LLaVA-OneVision on
+    its several-image path too); more images than a prompt takes are refused
+    in one line."""
     _, s = family("qwen2_vl")
     paths = []
     for i, im in enumerate(_images("qwen2_vl")[:2]):
@@ -269,7 +295,14 @@ def test_vlm_run_repeated_image(family, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == want
     _, ov = family("llava_onevision")
-    r = _vlm_run(ov.directory, "--image", paths[0], "--image", paths[1], "-n", "2")
+    want = ov.generate([str(p) for p in paths], QUESTION, max_new_tokens=4).token_ids
+    r = _vlm_run(ov.directory, "--image", paths[0], "--image", paths[1], "--prompt", QUESTION,
+                 "-n", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want
+    from vlmedge.runtime.session import MAX_IMAGES
+    r = _vlm_run(s.directory, *[a for _ in range(MAX_IMAGES + 1) for a in ("--image", paths[0])],
+                 "-n", "2")
     assert r.returncode != 0
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "one image per prompt" in lines[0], r.stderr
+    assert len(lines) == 1 and "images" in lines[0], r.stderr

@@ -28,17 +28,35 @@ class AnyRes(Adapter):
     def image_token_count(self, grid) -> int:
         return packing.image_token_count(self.check_grid(grid), self.image)
 
-    def check_image_count(self, n: int) -> None:
-        if n > 1 and self.image.anyres_max_tiles is not None:
-            # LLaVA-OneVision (the only anyres family with anyres_max_K) switches to
-            # a different path for several images in one prompt (processor and
-            # model, batch_num_images > 1): each image padded square, base tile
-            # only, one newline; the runtime does not implement that path.
-            raise UserInputError("this model (LLaVA-OneVision) takes one image per prompt in "
-                                 "vlmedge", got=f"{n} images",
-                                 hint="ask about each image in its own prompt")
+    @property
+    def _onevision(self) -> bool:  # the only anyres family with anyres_max_K
+        return self.image.anyres_max_tiles is not None
+
+    def several_tiling(self, tiling):
+        """LLaVA-OneVision switches path for several images in one prompt
+        (processor and model, batch_num_images > 1): each image padded square
+        and resized to one tile, its features and one newline (grid (h, w, 0, 0))."""
+        return {**tiling, "square": True} if self._onevision else tiling
+
+    def check_grids(self, grids: list) -> None:
+        if not self._onevision:
+            return
+        square = [tuple(self.check_grid(g)[2:]) == packing.SQUARE for g in grids]
+        if len(grids) > 1 and not all(square) or len(grids) == 1 and square[0]:
+            raise UserInputError(
+                "LLaVA-OneVision encodes an image differently alone and beside other images",
+                expected="images encoded for this prompt's image count",
+                got=f"{sum(square)} of {len(grids)} encoded for several images",
+                hint="pass the raw images (or encode them in the prompt they go to)")
 
     def budget(self, tiling, h, w, max_tokens):
+        if tiling.get("square"):  # one tile and its newline, whatever the budget
+            need = packing.image_token_count((h, w, *packing.SQUARE), self.image)
+            if max_tokens < need:
+                raise UserInputError(f"an image beside others takes {need} tokens with this "
+                                     f"model", expected=f"max_image_tokens >= {need}",
+                                     got=str(max_tokens))
+            return tiling
         return image_budget.anyres_budget(tiling, self.image, h, w, max_tokens)
 
     def encode(self, run, input_names, pixels, grid, shapes):

@@ -44,6 +44,14 @@ class Adapter:
         repeated image_token_count times after tokenizing."""
         return None
 
+    def several_tiling(self, tiling: dict | None) -> dict | None:
+        """The tiling of an image that shares its prompt with others (the same,
+        but for LLaVA-OneVision)."""
+        return tiling
+
+    def check_grids(self, grids: list) -> None:
+        """Grids that cannot go together in one prompt, refused in one line."""
+
     def check_image_count(self, n: int) -> None:
         """Refuse, in one line, more images in one prompt than the layout packs."""
         if n > 1 and not self.several_images:
