@@ -55,7 +55,7 @@ class Int8Options:
     threads: int | None = None  # onnxruntime intra-op threads (None: its default)
     progress: bool = False  # rich progress bars on stderr while collecting
     # The graphs to quantize: both, or ("vision",) alone beside a decoder quantized
-    # otherwise (the ort flavour's weight-only int8/int4, export/weight_only.py);
+    # otherwise (weight-only int4, or the ort flavour's int8: export/weight_only.py);
     # the embedding table follows the decoder.
     graphs: tuple[str, ...] = GRAPHS
 

@@ -5,8 +5,8 @@ precision (vlmedge/precision.py): load, vision, embedding, decoder (portable:
 torch.onnx; ort: the onnxruntime-genai builder, export/ort_decoder.py), fp16
 (fp16 only), write, then either validate (parity with PyTorch) or, for a
 calibrated precision, its quantization stage, which proves fp32 parity first
-(INT8: export/quantize.py; the ort flavour's weight-only int8/int4:
-export/weight_only.py), and trt (--target trt). Each stage is one function of
+(INT8: export/quantize.py; weight-only int4, either flavour, and the ort
+flavour's int8: export/weight_only.py), and trt (--target trt). Each stage is one function of
 the shared `Run`; each prints its elapsed time; the result is a summary dict
 (also the --json output). See vlmedge/manifest.py for what the manifest holds.
 """
@@ -36,9 +36,9 @@ class ExportOptions:
     output: Path
     target: str = "onnx"
     precision: str = "fp32"
-    # "portable" | "ort"; None: ort for int4 (weight-only needs it), else portable
+    # "portable" | "ort"; None: ort for int4 (its fastest), else portable
     decoder_flavour: str | None = None
-    # ort flavour with int8/int4 weights: the vision graph "fp32" or "int8" (static QDQ)
+    # weight-only exports (weight_only()): the vision graph "fp32" or "int8" (static QDQ)
     vision_precision: str = "fp32"
     # ort flavour's int8/int4 weights: "rtn" (round to nearest) | "gptq" (calibrated)
     weight_method: str = "rtn"

@@ -56,7 +56,8 @@ def check(loaded) -> None:
         raise UnsupportedArchitectureError(
             f"--decoder-flavour ort does not take {fam.name}: its image tokens attend to each "
             "other both ways, and the ort flavour's attention is causal only",
-            hint="use --decoder-flavour portable")
+            expected="a decoder with causal attention only",
+            got=f"attention groups ({fam.attention_groups})", hint="use --decoder-flavour portable")
     head = fam.decoder_facts(model, 0)["head_dim"]
     if head % GQA_HEAD_MULTIPLE:
         raise UnsupportedArchitectureError(

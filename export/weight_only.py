@@ -31,7 +31,7 @@ from vlmedge import manifest as manifest_mod
 from vlmedge.errors import AccuracyGateError
 from vlmedge.lazy import require
 
-from . import ort_decoder
+from . import blocked_int4, ort_decoder
 from .quantize import fp32_parity, is_demo
 
 DECODER_FILES = ("decoder.onnx", "decoder.onnx.data")
@@ -105,8 +105,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()
         if portable:  # int4 blocks behind DequantizeLinear, in the exported graph
-            from .blocked_int4 import quantize_decoder
-            quantize_decoder(tmp, log)
+            blocked_int4.quantize_decoder(tmp, log)
         elif o.weight_method == "gptq":  # calibrated: from the fp32 graph in staging
             ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log)
         else:
@@ -146,7 +145,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         "precision": o.precision,
         "method": "weight-only",
         "format": (f"DequantizeLinear (opset 21) of int4 blocks of "
-                   f"{ort_decoder.BLOCK_SIZE} before each MatMul, symmetric, round to nearest "
+                   f"{blocked_int4.BLOCK_SIZE} before each MatMul, symmetric, round to nearest "
                    f"(onnxruntime's MatMulNBitsQuantizer, QDQ format; onnxruntime fuses them "
                    f"into MatMulNBits at load)") if portable else
                   f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "

@@ -31,8 +31,8 @@ def main(
         None, "--image", "-i", help="Image file (JPEG/PNG/...); default: the bundled demo scene. "
         "Repeat for several images in one prompt (each --prompt is about all of them): they "
         "go at the prompt's <image> markers, one per image, else all first. LLaVA, "
-        "Idefics3/SmolVLM, Qwen2/2.5/3-VL, LLaVA-NeXT/OneVision, InternVL and Gemma 3 take "
-        "several."),
+        "Idefics3/SmolVLM, Qwen2/2.5/3-VL, LLaVA-NeXT/OneVision, InternVL, Gemma 3 and "
+        "PaliGemma take several (up to 16)."),
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", "-p", help="Question; repeat for several (images encoded once)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
@@ -82,7 +82,7 @@ def main(
             _check_grounding(session.manifest.family)
         opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed, **structured)
-        session.chat.check_image_count(len(paths))  # a family that takes one: before any work
+        session.chat.check_image_count(len(paths))  # too many: refused before any work
         # Each image encoded once, whatever the number of questions; one image
         # goes alone (its prompt prefix's KV cache is reused across questions).
         encoded = [session.encode(p, several=len(paths) > 1) for p in paths]

@@ -10,13 +10,15 @@ what the exported graphs take (they take any tile count or patch grid):
                the global one alone) fits: tokens = tiles x image_seq_len
     qwen2_vl   max_pixels = budget x (patch x merge)^2, so smart_resize keeps
                the merged patches, the image tokens, within the budget
-    repeat     (LLaVA) the image always takes tokens_per_image: a smaller
-               budget is an error
+    repeat     (LLaVA, PaliGemma; and wrap, Gemma 3) the image always takes
+               tokens_per_image: a smaller budget is an error
     anyres     (LLaVA-NeXT/OneVision) the grid pinpoints are narrowed to those
                at which this image's packed features fit; the runtime carries
                the pinpoint used in the image grid, so packing follows it (the
                model was trained on the full set: a smaller budget is a
-               coarser image, not the processor's own choice)
+               coarser image, not the processor's own choice); an image
+               beside others in a LLaVA-OneVision prompt is one tile and a
+               newline, whatever the budget (below that: an error)
     internvl   max_patches is lowered to the largest whose tiling of this image
                (rows x cols tiles + the thumbnail, or one tile) fits:
                tokens = tiles x image_seq_len (the processor's max_patches

@@ -43,6 +43,7 @@ from vlmedge import precision as precision_mod
 from vlmedge.errors import ArtifactError, ContextOverflowError, UserInputError
 
 from . import grounding, sampling
+from .adapters.base import MAX_IMAGES
 from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
 from .decoders import open_decoder
@@ -599,9 +600,9 @@ class VLMSession:
         image: a path, encoded bytes (JPEG/PNG/...), a PIL image, or a numpy
         (H, W, 3) uint8 array whose channel order is `layout` ("RGB", or "BGR"
         for OpenCV camera frames), or an EncodedImage; None for a text-only
-        prompt. A list of them puts several images in one prompt (LLaVA,
-        Idefics3/SmolVLM, Qwen2/2.5-VL, LLaVA-NeXT, InternVL; others refuse
-        in one line): each goes at its "<image>" marker in the prompt ("is
+        prompt. A list of them puts several images in one prompt (every
+        family, each packed as its processor does; at most MAX_IMAGES): each
+        goes at its "<image>" marker in the prompt ("is
         <image> the same scene as <image>?", one marker per image), or with
         no marker they all come first, as the model's chat template does.
         Greedy when temperature == 0; `seed` makes sampling repeatable.
@@ -777,7 +778,6 @@ def _check_request(image, prompt, max_new_tokens, stop, seed) -> None:
                                      got=type(im).__name__)
 
 
-MAX_IMAGES = 16  # images per prompt: far above what an edge context holds
 
 
 def _image_count(image) -> int:

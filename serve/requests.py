@@ -3,8 +3,8 @@ error JSON for everything refused.
 
 A request holds one user turn, with up to MAX_IMAGES images (its image_url
 parts, in order: the runtime's list of images for one prompt, placed at the
-text's <image> markers, else first; a model that takes one image per prompt
-refuses several with a 400): system messages are put before the question,
+text's <image> markers, else first; each family packs several as its
+processor does): system messages are put before the question,
 earlier assistant turns are refused (no multi-turn chat yet). Supported: messages
 with text and image_url parts, stream, max_tokens / max_completion_tokens,
 temperature, top_p, stop, seed, response_format (json_object, json_schema),

@@ -305,4 +305,4 @@ def test_vlm_run_repeated_image(family, tmp_path):
                  "-n", "2")
     assert r.returncode != 0
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "images" in lines[0], r.stderr
+    assert len(lines) == 1 and "too many images in one prompt" in lines[0], r.stderr

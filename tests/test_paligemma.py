@@ -222,3 +222,22 @@ def test_int8_and_tensorrt_plan(tmp_path):
     for prof in manifest.read_json(trt)["trt"]["plan"]["components"]["decoder"]["profiles"]:
         groups, embeds = prof["shapes"]["attention_groups"], prof["shapes"]["inputs_embeds"]
         assert [v[:2] for v in groups.values()] == [v[:2] for v in embeds.values()]
+
+
+@pytest.mark.parametrize("prompt,n", [("describe <image> please", 1),
+                                      ("<image> and <image> : " + QUESTION, 2),
+                                      (QUESTION, 2)])
+def test_markers_and_several_images_equal_processor(prompt, n, built):
+    """<image> markers keep their place and <bos> follows the last image, as
+    PaliGemmaProcessor writes it (images first without markers); ids and
+    greedy tokens equal transformers' for one and two images."""
+    _, _, art, _, loaded = built
+    s = _session(art)
+    images = [_image(100, 40, seed=1), _image(40, 90, seed=2)][:n]
+    text = prompt if "<image>" in prompt else "<image>" * n + prompt
+    hf = dict(loaded.processor(images=[images], text=text, return_tensors="pt"))
+    hf.pop("labels", None)
+    grids = [None] * n
+    assert s.chat.prompt_ids(prompt, image_grids=grids) == hf["input_ids"][0].tolist()
+    want = _torch_generate(loaded, hf, 6, s.chat.stop_token_ids)
+    assert s.generate(images, prompt, max_new_tokens=6).token_ids == want

@@ -22,9 +22,10 @@ Sections (schema 2):
     vlmedge_version  exporter version
     family           "llava" | "idefics3" | "smolvlm" | "qwen2_vl" | "qwen2_5_vl"
                      | "llava_next" | "llava_onevision" | "internvl" | "gemma3"
-                     | "paligemma"
+                     | "paligemma" | "qwen3_vl"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
-                     | "int4" (weight-only, the ort decoder flavour)
+                     | "int4" (weight-only: MatMulNBits in the ort flavour, int4
+                     DequantizeLinear blocks in the portable one)
     source           Source: path, architecture, content_hash, random_weights
     files            {name: FileEntry(sha256, bytes)} for every file the runtime opens
     components       {vision|embed|decoder: Component(file, data_file, precision,
@@ -35,7 +36,8 @@ Sections (schema 2):
                      name templates with "{i}", logits "last", position_ids "1d" |
                      "mrope" (+ mrope_section), sliding_window, attention_groups
                      (None, "images" or "prompt": an extra input, the tokens that
-                     attend both ways in the prefill); flavour
+                     attend both ways in the prefill), deepstack_layers (Qwen3-VL:
+                     inputs_embeds is hidden_size x (1 + L) wide); flavour
                      "portable" (standard ops: position_ids input, present =
                      concat(past, new)) | "ort" (onnxruntime's GroupQueryAttention
                      with rotary inside, no position_ids, one preallocated KV
@@ -46,7 +48,8 @@ Sections (schema 2):
                      expansion's facts (anyres: grid pinpoints, anyres_max_tiles
                      and the learned image_newline vector the host packs with;
                      internvl: the <img> / </img> tokens around its tiles; wrap:
-                     the text around one image's tokens, Gemma 3's);
+                     the text around one image's tokens, Gemma 3's; qwen2_vl:
+                     the vision graph's host inputs, Qwen3-VL's position_grid_side);
                      max_image_tokens, the default image-token budget (optional)
     preprocess       the runtime's ImagePreprocessor config (resize rule, size,
                      resample, rescale, mean/std, crop, tiling); its keys are

@@ -276,7 +276,7 @@ def decoder_shapes(m, prompt_tokens: int) -> dict[str, list[int]]:
     """The decoder's input shapes for the prefill of `prompt_tokens` (empty
     past); m: the typed Manifest."""
     d = m.decoder
-    shapes = {"inputs_embeds": [1, prompt_tokens, d.hidden_size],
+    shapes = {"inputs_embeds": [1, prompt_tokens, d.inputs_width],  # Qwen3-VL: deepstack too
               "attention_mask": [1, prompt_tokens],
               "position_ids": [3, 1, prompt_tokens] if d.position_ids == "mrope"
               else [1, prompt_tokens]}

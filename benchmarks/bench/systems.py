@@ -43,12 +43,15 @@ def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
     specs, seen = [], set()
     for d in dirs:
         m = manifest_mod.load(d, verify=verify)
-        # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4, and
-        # ort-int4-vint8 where its vision graph is int8 too (--vision-precision int8)
+        # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4; a
+        # weight-only export whose vision graph is int8 too (--vision-precision int8)
+        # adds -vint8: ort-int4-vint8, onnx-int4-vint8 (the portable flavour's int4)
         name = f"{m.target}-{m.precision}"
         if m.decoder.flavour == "ort":
-            vint8 = m.components["vision"].precision == "int8" and m.precision != "int8"
-            name = f"ort-{m.precision}" + ("-vint8" if vint8 else "")
+            name = f"ort-{m.precision}"
+        if m.components["vision"].precision == "int8" and m.precision in ("int4", "int8") \
+                and m.components["decoder"].precision.endswith("weight-only"):
+            name += "-vint8"
         if name in seen:
             name = f"{name}:{Path(d).name}"
         seen.add(name)

@@ -25,16 +25,19 @@ from .base import Family, GraphSpec, torch
 
 nn = torch.nn
 
-# Images first, then <bos>, the user's text and a newline: PaliGemmaProcessor's
-# prompt (its "<image>" is expanded to image_seq_length copies by the runtime).
+# PaliGemmaProcessor's prompt for the last (user) message: its parts in order,
+# images as "<image>" (expanded to image_seq_length copies by the runtime),
+# <bos> right after the last image (first, when there is none), then "\n".
 TEMPLATE = (
-    "{% for message in messages %}{% if message['content'] is not string %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
-    "{% endif %}{% endfor %}{% endif %}{% endfor %}{{ bos_token }}"
-    "{% for message in messages %}{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% endfor %}{{ '\n' }}")
+    "{% set parts = messages[-1]['content'] %}"
+    "{% if parts is string %}{{ bos_token + parts }}{% else %}"
+    "{% set ns = namespace(last=-1) %}"
+    "{% for item in parts %}{% if item['type'] == 'image' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% if ns.last < 0 %}{{ bos_token }}{% endif %}"
+    "{% for item in parts %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% if loop.index0 == ns.last %}{{ bos_token }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '\n' }}")
 TEXT_MODELS = ("gemma", "gemma2")
 
 

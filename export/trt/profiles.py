@@ -126,7 +126,9 @@ def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Ran
         most, least = max(counts), min(counts)
         opt = min(max(counts), max(least, 5))  # a 2 x 2 grid: a camera frame's usual pinpoint
         toks = (per, per * opt, per * most)
-        return {"batch": (least, opt, n * most)}, toks
+        # batch from 1: the runtime feeds tiles one at a time (runtime/adapters/base.py),
+        # and OneVision's several-image path is one tile
+        return {"batch": (1, opt, n * most)}, toks
     if method == "internvl":
         return _internvl_ranges(tiling, per, n)
     return {"batch": (1, 1, n)}, (per, per, per)
@@ -146,7 +148,8 @@ def _internvl_ranges(tiling: dict[str, Any], per: int, n: int
     # a grid of min_patches tiles (min > max: no grid qualifies, HF's tiles 1 x 1)
     least = internvl_tile_count((1, lo)) if lo <= hi else 1
     opt = min(max(internvl_tile_count(internvl_grid(480, 640, tiling)), least), most)
-    return {"batch": (least, opt, n * most)}, (per * least, per * opt, per * most)
+    # batch from 1: the runtime feeds tiles one at a time (runtime/adapters/base.py)
+    return {"batch": (1, opt, n * most)}, (per * least, per * opt, per * most)
 
 
 def dim_ranges(m: dict[str, Any], lim: Limits) -> dict[str, list[tuple[str, dict[str, Range]]]]:

@@ -9,6 +9,8 @@ from vlmedge.errors import UserInputError
 
 from .. import mrope
 
+MAX_IMAGES = 16  # images per prompt: far above what an edge context holds
+
 
 class Adapter:
     """The run-time half of a family (see the package docstring).
@@ -19,7 +21,6 @@ class Adapter:
 
     layout = ""
     tiling: str | None = None
-    several_images = True  # several images in one prompt, as the HF processor packs them
 
     def __init__(self, image):
         self.image = image
@@ -53,11 +54,11 @@ class Adapter:
         """Grids that cannot go together in one prompt, refused in one line."""
 
     def check_image_count(self, n: int) -> None:
-        """Refuse, in one line, more images in one prompt than the layout packs."""
-        if n > 1 and not self.several_images:
-            raise UserInputError(f"this model (image layout {self.layout!r}) takes one image "
-                                 f"per prompt", got=f"{n} images",
-                                 hint="ask about each image in its own prompt")
+        """Refuse, in one line, more images in one prompt than the runtime takes
+        (every layout packs several, each its processor's way)."""
+        if n > MAX_IMAGES:  # each would be preprocessed before the context check
+            raise UserInputError("too many images in one prompt", expected=f"<= {MAX_IMAGES}",
+                                 got=str(n), hint="ask about fewer images at a time")
 
     # -- the image-token budget --------------------------------------------------
     def budget(self, tiling: dict | None, h: int, w: int, max_tokens: int) -> dict | None:
