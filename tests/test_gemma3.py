@@ -12,11 +12,14 @@ import sys
 
 import numpy as np
 import pytest
-from torch_blocker import PRELUDE
 
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
+from family_testing import (decoder_profiles_cover_groups,  # noqa: E402
+                            export_trt_fp16_and_check, generate_without_torch)
+from family_testing import session as _session  # noqa: E402
+from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import _hf_ids, _image, _text_config, _tokenizer  # noqa: E402
 
 from vlmedge import manifest  # noqa: E402
@@ -104,21 +107,6 @@ def artifact(src, tmp_path_factory):
 def loaded(src):
     from vlmedge.export import loading
     return loading.load(src)
-
-
-def _session(art, **kw):
-    from vlmedge.runtime import VLMSession
-    return VLMSession(art, provider="cpu", threads=1, **kw)
-
-
-def _torch_generate(loaded, hf: dict, n: int, stop_ids) -> list[int]:
-    """transformers' generate (its own KV cache, the image block's mask in the
-    prefill), the stop token left out as the runtime does."""
-    with torch.inference_mode():
-        out = loaded.model.generate(**hf, max_new_tokens=n, do_sample=False)
-    ref = out[0, hf["input_ids"].shape[1]:].tolist()
-    stops = [i for i, t in enumerate(ref) if t in stop_ids]
-    return ref[:stops[0]] if stops else ref
 
 
 # -- export -------------------------------------------------------------------------
@@ -242,17 +230,7 @@ def test_raw_image_generation_without_torch(artifact, tmp_path):
     path = tmp_path / "wide.png"
     _image(100, 40).save(path)
     want = _session(artifact[0]).generate(str(path), QUESTION, max_new_tokens=6).token_ids
-    code = f"""
-{PRELUDE}import json
-from vlmedge.runtime import VLMSession
-s = VLMSession({str(artifact[0])!r}, provider='cpu', threads=1)
-r = s.generate({str(path)!r}, {QUESTION!r}, max_new_tokens=6)
-assert 'torch' not in sys.modules and 'transformers' not in sys.modules
-print(json.dumps(r.token_ids))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == want
+    assert generate_without_torch(artifact[0], path, QUESTION) == want
 
 
 def test_ask_reuses_the_prefix(artifact):
@@ -321,19 +299,4 @@ def test_int8_export_runs(src, tmp_path):
 
 
 def test_check_trt_on_fp16_trt_export(src, tmp_path):
-    from pathlib import Path
-
-    from vlmedge.export.trt import compat
-
-    art = tmp_path / "tiny-gemma3-trt-fp16"
-    exe = str(Path(sys.executable).parent / "vlm-export")
-    r = subprocess.run([exe, "--model", str(src), "--target", "trt", "--precision", "fp16",
-                        "--output", str(art), "--max-context", "512", "--no-validate"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rep = compat.check_path(art)
-    assert rep.passed, compat.format_report(rep)
-    m = manifest.read_json(art)
-    for prof in m["trt"]["plan"]["components"]["decoder"]["profiles"]:
-        groups, embeds = prof["shapes"]["attention_groups"], prof["shapes"]["inputs_embeds"]
-        assert [v[:2] for v in groups.values()] == [v[:2] for v in embeds.values()]
+    decoder_profiles_cover_groups(export_trt_fp16_and_check(src, tmp_path / "trt-fp16"))

@@ -13,6 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
+from family_testing import (decoder_profiles_cover_groups,  # noqa: E402
+                            export_trt_fp16_and_check)
+from family_testing import session as _session  # noqa: E402
+from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import _image, _text_config, _tokenizer  # noqa: E402
 
 from vlmedge import manifest  # noqa: E402
@@ -80,19 +84,6 @@ def built(request, tmp_path_factory):
     summary = exporter.run_export(exporter.ExportOptions(model_dir=src, output=art),
                                   log=lambda s: None)
     return request.param, src, art, summary, loading.load(src)
-
-
-def _session(art):
-    from vlmedge.runtime import VLMSession
-    return VLMSession(art, provider="cpu", threads=1)
-
-
-def _torch_generate(loaded, hf: dict, n: int, stop_ids) -> list[int]:
-    with torch.inference_mode():
-        out = loaded.model.generate(**hf, max_new_tokens=n, do_sample=False)
-    ref = out[0, hf["input_ids"].shape[1]:].tolist()
-    stops = [i for i, t in enumerate(ref) if t in stop_ids]
-    return ref[:stops[0]] if stops else ref
 
 
 def test_exports_and_validates(built):
@@ -196,12 +187,7 @@ def test_int8_and_tensorrt_plan(tmp_path):
     """PaliGemma 2 through static QDQ int8 (synthetic calibration; the gate's
     figures in the summary), and a --target trt fp16 export that check-trt
     passes, its decoder profiles giving attention_groups the prompt's dims."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from vlmedge.export import exporter
-    from vlmedge.export.trt import compat
 
     src = build_paligemma(tmp_path / "src")
     art = tmp_path / "int8"
@@ -211,17 +197,7 @@ def test_int8_and_tensorrt_plan(tmp_path):
     assert summary["quantization"]["passed"], summary["quantization"]
     r = _session(art).generate(_image(100, 40), QUESTION, max_new_tokens=4)
     assert r.timings["image_tokens"] == TOKENS
-    trt = tmp_path / "trt"
-    exe = str(Path(sys.executable).parent / "vlm-export")
-    p = subprocess.run([exe, "--model", str(src), "--target", "trt", "--precision", "fp16",
-                        "--output", str(trt), "--max-context", "512", "--no-validate"],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rep = compat.check_path(trt)
-    assert rep.passed, compat.format_report(rep)
-    for prof in manifest.read_json(trt)["trt"]["plan"]["components"]["decoder"]["profiles"]:
-        groups, embeds = prof["shapes"]["attention_groups"], prof["shapes"]["inputs_embeds"]
-        assert [v[:2] for v in groups.values()] == [v[:2] for v in embeds.values()]
+    decoder_profiles_cover_groups(export_trt_fp16_and_check(src, tmp_path / "trt"))
 
 
 @pytest.mark.parametrize("prompt,n", [("describe <image> please", 1),

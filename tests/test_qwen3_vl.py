@@ -5,17 +5,18 @@ validates; the host's grid inputs equal transformers'; raw images of several
 sizes, and several images in one prompt, go through generate() to
 transformers' greedy tokens; the deepstack features are in the graph (the
 answer changes without them); int8, the TensorRT plan and the refusals."""
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from torch_blocker import PRELUDE
 
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
+from family_testing import export_trt_fp16_and_check, generate_without_torch  # noqa: E402
+from family_testing import session as _session  # noqa: E402
+from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import QWEN_TEMPLATE, _hf_ids, _image, _text_config, _tokenizer  # noqa: E402
 
 from vlmedge import manifest  # noqa: E402
@@ -90,19 +91,6 @@ def artifact(src, tmp_path_factory):
 def loaded(src):
     from vlmedge.export import loading
     return loading.load(src)
-
-
-def _session(art):
-    from vlmedge.runtime import VLMSession
-    return VLMSession(art, provider="cpu", threads=1)
-
-
-def _torch_generate(loaded, hf: dict, n: int, stop_ids) -> list[int]:
-    with torch.inference_mode():
-        out = loaded.model.generate(**hf, max_new_tokens=n, do_sample=False)
-    ref = out[0, hf["input_ids"].shape[1]:].tolist()
-    stops = [i for i, t in enumerate(ref) if t in stop_ids]
-    return ref[:stops[0]] if stops else ref
 
 
 def test_exports_and_validates(artifact):
@@ -195,17 +183,7 @@ def test_generation_without_torch(artifact, tmp_path):
     path = tmp_path / "wide.png"
     _image(200, 64).save(path)
     want = _session(artifact[0]).generate(str(path), QUESTION, max_new_tokens=6).token_ids
-    code = f"""
-{PRELUDE}import json
-from vlmedge.runtime import VLMSession
-s = VLMSession({str(artifact[0])!r}, provider='cpu', threads=1)
-r = s.generate({str(path)!r}, {QUESTION!r}, max_new_tokens=6)
-assert 'torch' not in sys.modules and 'transformers' not in sys.modules
-print(json.dumps(r.token_ids))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == want
+    assert generate_without_torch(artifact[0], path, QUESTION) == want
 
 
 def test_ask_and_encoded_image_reuse(artifact):
@@ -246,10 +224,7 @@ def test_feature_width_is_cross_checked(artifact, tmp_path):
 
 
 def test_int8_and_tensorrt_plan(src, tmp_path):
-    from pathlib import Path
-
     from vlmedge.export import exporter
-    from vlmedge.export.trt import compat
 
     art = tmp_path / "int8"
     summary = exporter.run_export(exporter.ExportOptions(
@@ -258,14 +233,7 @@ def test_int8_and_tensorrt_plan(src, tmp_path):
     assert summary["quantization"]["passed"], summary["quantization"]
     r = _session(art).generate(_image(128, 128), QUESTION, max_new_tokens=4)
     assert r.timings["image_tokens"] == 16
-    trt = tmp_path / "trt"
-    exe = str(Path(sys.executable).parent / "vlm-export")
-    p = subprocess.run([exe, "--model", str(src), "--target", "trt", "--precision", "fp16",
-                        "--output", str(trt), "--max-context", "512", "--no-validate"],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rep = compat.check_path(trt)
-    assert rep.passed, compat.format_report(rep)
+    export_trt_fp16_and_check(src, tmp_path / "trt")
 
 
 def test_unknown_architecture_still_refused_in_one_line(src):

@@ -338,3 +338,44 @@ class Family:
     def torch_image_features(self, model, hf_inputs: dict):
         """PyTorch reference for the vision graph's output, (N, T_img, D)."""
         raise NotImplementedError
+
+
+class ImageFeatures(nn.Module):
+    """pixel_values (N, 3, H, W) -> image_features (N, T, D_text): the model's own
+    get_image_features (tower, pooling, projector), for families whose image is
+    one fixed-size view (Gemma 3, PaliGemma)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.model
+
+    def forward(self, pixel_values):
+        return self.model.get_image_features(pixel_values).pooler_output
+
+
+class FixedSizeImages(Family):
+    """A family whose image is resized to the processor's (height, width), no
+    tiling, and encoded by the model's get_image_features."""
+
+    def image_size(self, processor) -> tuple[int, int]:
+        size = processor.image_processor.size
+        return int(size["height"]), int(size["width"])
+
+    def vision_graph(self, model, processor) -> GraphSpec:
+        pixels = torch.randn(2, 3, *self.image_size(processor))
+        return GraphSpec("vision", ImageFeatures(model), (pixels,), ["pixel_values"],
+                         ["image_features"], {"pixel_values": {0: "batch"}},
+                         {"image_features": {0: "batch"}})
+
+    def torch_image_features(self, model, hf_inputs: dict):
+        return model.model.get_image_features(hf_inputs["pixel_values"]).pooler_output
+
+    def preprocess_config(self, processor) -> dict[str, Any]:
+        from vlmedge.runtime.preprocess import config_from_hf
+        return {**config_from_hf(processor.image_processor.to_dict()), "tiling": None}
+
+    def sample_features(self, model, processor):
+        """The vision graph's output for one blank image, (1, T, D)."""
+        with torch.no_grad():
+            return ImageFeatures(model)(torch.zeros(1, 3, *self.image_size(processor)))
+

@@ -28,30 +28,14 @@ from typing import Any
 
 from vlmedge.errors import ModelDirError, UnsupportedArchitectureError
 
-from .base import Family, GraphSpec, torch
-
-nn = torch.nn
+from .base import FixedSizeImages
 
 
-class Gemma3Vision(nn.Module):
-    """pixel_values (N, 3, S, S) -> image_features (N, mm_tokens_per_image, D_text)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model.model
-
-    def forward(self, pixel_values):
-        return self.model.get_image_features(pixel_values).pooler_output
-
-
-class Gemma3(Family):
+class Gemma3(FixedSizeImages):
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     model_types = ("gemma3",)
     attention_groups = "images"
-    # The tower runs 27 layers over 4,096 patches at full size: fp32 rounding
-    # in the pooled features grows like LLaVA's; logits likewise.
-    tolerances = {"image_features": 1e-4, "logits": 1e-4}
 
     def check_config(self, config) -> None:
         tower = getattr(getattr(config, "vision_config", None), "model_type", None)
@@ -66,22 +50,7 @@ class Gemma3(Family):
                 "a generator", expected="use_bidirectional_attention false",
                 got="true", hint="export a generative Gemma 3 checkpoint")
 
-    def _size(self, processor) -> tuple[int, int]:
-        size = processor.image_processor.size
-        return int(size["height"]), int(size["width"])
-
-    def vision_graph(self, model, processor) -> GraphSpec:
-        pixels = torch.randn(2, 3, *self._size(processor))
-        return GraphSpec("vision", Gemma3Vision(model), (pixels,), ["pixel_values"],
-                         ["image_features"], {"pixel_values": {0: "batch"}},
-                         {"image_features": {0: "batch"}})
-
-    def torch_image_features(self, model, hf_inputs: dict):
-        return model.model.get_image_features(hf_inputs["pixel_values"]).pooler_output
-
     def preprocess_config(self, processor) -> dict[str, Any]:
-        from vlmedge.runtime.preprocess import config_from_hf
-
         ip = processor.image_processor
         if getattr(ip, "do_pan_and_scan", None):
             raise ModelDirError("Gemma 3's pan-and-scan crops are not supported",
@@ -89,12 +58,11 @@ class Gemma3(Family):
                                          "(the default)", got="true",
                                 hint="set do_pan_and_scan to false: each image is then one "
                                      "resized view, as Gemma 3 runs by default")
-        return {**config_from_hf(ip.to_dict()), "tiling": None}
+        return super().preprocess_config(processor)
 
     def image_facts(self, model, processor) -> dict[str, Any]:
         tok = processor.tokenizer
-        with torch.no_grad():
-            feats = Gemma3Vision(model)(torch.zeros(1, 3, *self._size(processor)))
+        feats = self.sample_features(model, processor)
         n = int(processor.image_seq_length)
         if n != feats.shape[1]:
             raise ModelDirError("the processor's image_seq_length disagrees with the model",

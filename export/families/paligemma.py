@@ -21,9 +21,7 @@ from typing import Any
 
 from vlmedge.errors import UnsupportedArchitectureError
 
-from .base import Family, GraphSpec, torch
-
-nn = torch.nn
+from .base import FixedSizeImages
 
 # PaliGemmaProcessor's prompt for the last (user) message: its parts in order,
 # images as "<image>" (expanded to image_seq_length copies by the runtime),
@@ -41,18 +39,7 @@ TEMPLATE = (
 TEXT_MODELS = ("gemma", "gemma2")
 
 
-class PaliGemmaVision(nn.Module):
-    """pixel_values (N, 3, S, S) -> image_features (N, (S/patch)^2, D_text)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model.model
-
-    def forward(self, pixel_values):
-        return self.model.get_image_features(pixel_values).pooler_output
-
-
-class PaliGemma(Family):
+class PaliGemma(FixedSizeImages):
     name = "paligemma"
     architectures = ("PaliGemmaForConditionalGeneration",)
     model_types = ("paligemma",)
@@ -82,26 +69,8 @@ class PaliGemma(Family):
         out.pop("labels", None)  # training targets (all ignored for a prompt alone)
         return out
 
-    def _size(self, processor) -> tuple[int, int]:
-        size = processor.image_processor.size
-        return int(size["height"]), int(size["width"])
-
-    def vision_graph(self, model, processor) -> GraphSpec:
-        pixels = torch.randn(2, 3, *self._size(processor))
-        return GraphSpec("vision", PaliGemmaVision(model), (pixels,), ["pixel_values"],
-                         ["image_features"], {"pixel_values": {0: "batch"}},
-                         {"image_features": {0: "batch"}})
-
-    def torch_image_features(self, model, hf_inputs: dict):
-        return model.model.get_image_features(hf_inputs["pixel_values"]).pooler_output
-
-    def preprocess_config(self, processor) -> dict[str, Any]:
-        from vlmedge.runtime.preprocess import config_from_hf
-        return {**config_from_hf(processor.image_processor.to_dict()), "tiling": None}
-
     def image_facts(self, model, processor) -> dict[str, Any]:
-        with torch.no_grad():
-            feats = PaliGemmaVision(model)(torch.zeros(1, 3, *self._size(processor)))
+        feats = self.sample_features(model, processor)
         token = processor.image_token
         return {"image_token": token,
                 "image_token_id": int(model.config.image_token_id),

@@ -1,0 +1,66 @@
+"""What the family test files (test_gemma3, test_paligemma, test_qwen3_vl) share:
+transformers' reference tokens, a runtime run without torch, and a TensorRT
+fp16 export checked by check-trt."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from torch_blocker import PRELUDE
+
+
+def session(art):
+    from vlmedge.runtime import VLMSession
+    return VLMSession(art, provider="cpu", threads=1)
+
+
+def torch_generate(loaded, hf: dict, n: int, stop_ids) -> list[int]:
+    """transformers' generate (its own KV cache) on the processor's inputs,
+    cut before the first stop token, as the runtime's generate() leaves it out."""
+    import torch
+
+    with torch.inference_mode():
+        out = loaded.model.generate(**hf, max_new_tokens=n, do_sample=False)
+    ref = out[0, hf["input_ids"].shape[1]:].tolist()
+    stops = [i for i, t in enumerate(ref) if t in stop_ids]
+    return ref[:stops[0]] if stops else ref
+
+
+def generate_without_torch(art, image_path, question: str, n: int = 6) -> list[int]:
+    """generate() in a fresh process where importing torch or transformers fails;
+    returns its token ids (the process asserts neither was imported)."""
+    code = f"""
+{PRELUDE}import json
+from vlmedge.runtime import VLMSession
+s = VLMSession({str(art)!r}, provider='cpu', threads=1)
+r = s.generate({str(image_path)!r}, {question!r}, max_new_tokens={n})
+assert 'torch' not in sys.modules and 'transformers' not in sys.modules
+print(json.dumps(r.token_ids))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def export_trt_fp16_and_check(src, out) -> dict:
+    """`vlm-export --target trt --precision fp16` through the CLI, then check-trt's
+    static report on it (asserted passing); returns the manifest as JSON."""
+    from vlmedge import manifest
+    from vlmedge.export.trt import compat
+
+    exe = str(Path(sys.executable).parent / "vlm-export")
+    p = subprocess.run([exe, "--model", str(src), "--target", "trt", "--precision", "fp16",
+                        "--output", str(out), "--max-context", "512", "--no-validate"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = compat.check_path(out)
+    assert rep.passed, compat.format_report(rep)
+    return manifest.read_json(out)
+
+
+def decoder_profiles_cover_groups(m: dict) -> None:
+    """Each decoder profile gives attention_groups the dims of inputs_embeds'
+    (batch, sequence)."""
+    for prof in m["trt"]["plan"]["components"]["decoder"]["profiles"]:
+        groups, embeds = prof["shapes"]["attention_groups"], prof["shapes"]["inputs_embeds"]
+        assert [v[:2] for v in groups.values()] == [v[:2] for v in embeds.values()]
