@@ -58,11 +58,9 @@ class PortableDecoder:
                  "attention_mask": np.ones((1, cache.length + s), np.int64),
                  "position_ids": positions,
                  **cache.feeds(f.past_key, f.past_value)}
-        if f.attention_groups == "prompt":  # a prefix-LM: the prompt is one block
-            feeds["attention_groups"] = np.full((1, s), 0 if ids is not None and
-                                                cache.length == 0 else -1, np.int64)
-        elif f.attention_groups:
-            feeds["attention_groups"] = attention_groups(ids, s, self.image_token_id)
+        if f.attention_groups:
+            feeds["attention_groups"] = attention_groups(f.attention_groups, ids, s,
+                                                         cache.length, self.image_token_id)
         out = backend.run(feeds)
         logits = out["logits"][0, -1].astype(np.float32, copy=False)
         return logits, KVCache.from_outputs(out, f.num_layers, f.present_key, f.present_value,
@@ -148,17 +146,27 @@ class OrtDecoder:
         return logits[0, -1].astype(np.float32, copy=False), KVCache(buf.arrays, need, 0, buf)
 
 
-def attention_groups(ids, s: int, image_token_id: int | None) -> np.ndarray:
-    """The "images" rule: (1, s) int64 for a step of s tokens: each run of
-    image tokens in `ids` is a group (0, 1, ... in order) whose tokens attend
-    to each other both ways, as Gemma 3's image blocks; text and generated
-    tokens are -1 (causal). A step without ids (a generated token) is all -1.
-    An image's run is never split across steps: a prompt is prefilled whole,
-    and a shared prefix (ask, the watch loop) ends after the image tokens.
-    (The "prompt" rule, PaliGemma's prefix-LM, makes the whole first prefill
-    one group; the session then never splits a prompt's prefill.)"""
+def attention_groups(rule: str, ids, s: int, past: int, image_token_id: int | None
+                     ) -> np.ndarray:
+    """attention_groups (1, s) int64 for a step of s tokens after `past` cached
+    ones, by the manifest's rule: tokens of one group (>= 0) attend to each
+    other both ways, -1 is causal. A step without ids (a generated token) is
+    all -1.
+
+      images  each run of image tokens in `ids` is a group (0, 1, ... in
+              order), as Gemma 3's image blocks. An image's run is never split
+              across steps: a prompt is prefilled whole, and a shared prefix
+              (ask, the watch loop) ends after the image tokens.
+      prompt  the first prefill (past 0) is one group: PaliGemma's prefix-LM
+              (the session never splits such a prompt's prefill)."""
     out = np.full((1, s), -1, np.int64)
-    if ids is None or image_token_id is None:
+    if ids is None:
+        return out
+    if rule == "prompt":
+        if past == 0:
+            out[:] = 0
+        return out
+    if image_token_id is None:
         return out
     image = np.asarray(ids, np.int64)[-s:] == image_token_id          # (s,)
     starts = image & ~np.concatenate(([False], image[:-1]))           # first token of a run

@@ -9,6 +9,49 @@ from pathlib import Path
 from torch_blocker import PRELUDE
 
 
+def module_fixtures(build, name: str):
+    """The (src, artifact, loaded) module fixtures of a family test file: the tiny
+    model `build(dir)` writes, its fp32 export (dir, summary) and the PyTorch side
+    loaded as the exporter loads it. Assign them as module globals."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def src(tmp_path_factory):
+        return build(tmp_path_factory.mktemp(f"tiny_{name}"))
+
+    @pytest.fixture(scope="module")
+    def artifact(src, tmp_path_factory):
+        from vlmedge.export import exporter
+
+        art = tmp_path_factory.mktemp(f"{name}_art") / f"tiny-{name}"
+        return art, exporter.run_export(exporter.ExportOptions(model_dir=src, output=art),
+                                        log=lambda s: None)
+
+    @pytest.fixture(scope="module")
+    def loaded(src):
+        from vlmedge.export import loading
+        return loading.load(src)
+
+    return src, artifact, loaded
+
+
+def prefill_logits(s, ids, feats, causal: bool = False):
+    """The last position's logits of one prefill of `ids` (image rows from
+    `feats`); causal: the decoder fed attention_groups -1 everywhere (no token
+    attends ahead), the graph's masks otherwise (the session's prefill)."""
+    import numpy as np
+
+    if not causal:
+        return s.prefill(ids, feats, s.empty_cache())[0]
+    f = s.manifest.decoder
+    feeds = {"inputs_embeds": s.embed_prompt(ids, feats),
+             "attention_mask": np.ones((1, len(ids)), np.int64),
+             "position_ids": np.arange(len(ids))[None],
+             "attention_groups": np.full((1, len(ids)), -1, np.int64),
+             **s.empty_cache().feeds(f.past_key, f.past_value)}
+    return s.decoder.run(feeds)["logits"][0, -1]
+
+
 def session(art):
     from vlmedge.runtime import VLMSession
     return VLMSession(art, provider="cpu", threads=1)

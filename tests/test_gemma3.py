@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
 from family_testing import (decoder_profiles_cover_groups,  # noqa: E402
-                            export_trt_fp16_and_check, generate_without_torch)
+                            export_trt_fp16_and_check, generate_without_torch,
+                            module_fixtures, prefill_logits)
 from family_testing import session as _session  # noqa: E402
 from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import _hf_ids, _image, _text_config, _tokenizer  # noqa: E402
@@ -89,24 +90,7 @@ def build_gemma3(out, seed: int = 3, window: int = WINDOW):
 SIZES = [(100, 40), (40, 40), (50, 128), (300, 200)]
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return build_gemma3(tmp_path_factory.mktemp("tiny_gemma3"))
-
-
-@pytest.fixture(scope="module")
-def artifact(src, tmp_path_factory):
-    from vlmedge.export import exporter
-
-    art = tmp_path_factory.mktemp("gemma3_art") / "tiny-gemma3"
-    return art, exporter.run_export(exporter.ExportOptions(model_dir=src, output=art),
-                                    log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def loaded(src):
-    from vlmedge.export import loading
-    return loading.load(src)
+src, artifact, loaded = module_fixtures(build_gemma3, "gemma3")
 
 
 # -- export -------------------------------------------------------------------------
@@ -141,11 +125,14 @@ def test_attention_groups_from_ids():
     from vlmedge.runtime.decoders import attention_groups
 
     ids = [1, 7, 7, 2, 3, 7, 7, 7, 4]
-    np.testing.assert_array_equal(attention_groups(ids, 9, 7),
+    np.testing.assert_array_equal(attention_groups("images", ids, 9, 0, 7),
                                   [[-1, 0, 0, -1, -1, 1, 1, 1, -1]])
     # a step of the last 4 ids: groups are numbered within the step (only equality counts)
-    np.testing.assert_array_equal(attention_groups(ids, 4, 7), [[0, 0, 0, -1]])
-    np.testing.assert_array_equal(attention_groups(None, 1, 7), [[-1]])
+    np.testing.assert_array_equal(attention_groups("images", ids, 4, 5, 7), [[0, 0, 0, -1]])
+    np.testing.assert_array_equal(attention_groups("images", None, 1, 9, 7), [[-1]])
+    # PaliGemma's prefix-LM: the first prefill is one block, anything after it causal
+    np.testing.assert_array_equal(attention_groups("prompt", ids, 9, 0, 7), [[0] * 9])
+    np.testing.assert_array_equal(attention_groups("prompt", ids[:2], 2, 9, 7), [[-1, -1]])
 
 
 # -- the runtime on raw images --------------------------------------------------------
@@ -189,16 +176,8 @@ def test_image_block_and_window_change_the_answer(artifact, loaded):
         ref = loaded.model(**hf).logits[0, -1].numpy()
     ids = hf["input_ids"][0].tolist()
     feats = s.encode_image(hf["pixel_values"].numpy())
-    logits, _ = s.prefill(ids, feats, s.empty_cache())
-    assert np.abs(logits - ref).max() <= 1e-4
-    f = s.manifest.decoder
-    feeds = {"inputs_embeds": s.embed_prompt(ids, feats),
-             "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids))[None],
-             "attention_groups": np.full((1, len(ids)), -1, np.int64),
-             **s.empty_cache().feeds(f.past_key, f.past_value)}
-    causal = s.decoder.run(feeds)["logits"][0, -1]
-    assert np.abs(causal - ref).max() > 1e-2
+    assert np.abs(prefill_logits(s, ids, feats) - ref).max() <= 1e-4
+    assert np.abs(prefill_logits(s, ids, feats, causal=True) - ref).max() > 1e-2
     cfg = loaded.model.config.text_config
     before = cfg.sliding_window
     cfg.sliding_window = 4096  # every layer sees the whole past

@@ -15,6 +15,7 @@ from torch_blocker import PRELUDE
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
+from family_testing import module_fixtures  # noqa: E402
 from test_families import _hf_ids, _image, _text_config, _tokenizer  # noqa: E402
 
 from vlmedge import manifest  # noqa: E402
@@ -91,24 +92,7 @@ def build_internvl(out, seed: int = 10):
 SIZES = [(100, 40), (40, 40), (80, 80), (50, 128), (64, 33), (300, 40)]
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return build_internvl(tmp_path_factory.mktemp("tiny_internvl"))
-
-
-@pytest.fixture(scope="module")
-def artifact(src, tmp_path_factory):
-    from vlmedge.export import exporter
-
-    art = tmp_path_factory.mktemp("internvl_art") / "tiny-internvl"
-    return art, exporter.run_export(exporter.ExportOptions(model_dir=src, output=art),
-                                    log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def loaded(src):
-    from vlmedge.export import loading
-    return loading.load(src)
+src, artifact, loaded = module_fixtures(build_internvl, "internvl")
 
 
 def _session(art, **kw):

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
 from family_testing import (decoder_profiles_cover_groups,  # noqa: E402
-                            export_trt_fp16_and_check)
+                            export_trt_fp16_and_check, prefill_logits)
 from family_testing import session as _session  # noqa: E402
 from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import _image, _text_config, _tokenizer  # noqa: E402
@@ -126,15 +126,8 @@ def test_prefix_block_changes_the_answer(built):
         ref = loaded.model(**hf).logits[0, -1].numpy()
     ids = hf["input_ids"][0].tolist()
     feats = s.encode_image(hf["pixel_values"].numpy())
-    logits, _ = s.prefill(ids, feats, s.empty_cache())
-    assert np.abs(logits - ref).max() <= 1e-4
-    f = s.manifest.decoder
-    feeds = {"inputs_embeds": s.embed_prompt(ids, feats),
-             "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids))[None],
-             "attention_groups": np.full((1, len(ids)), -1, np.int64),
-             **s.empty_cache().feeds(f.past_key, f.past_value)}
-    assert np.abs(s.decoder.run(feeds)["logits"][0, -1] - ref).max() > 1e-2
+    assert np.abs(prefill_logits(s, ids, feats) - ref).max() <= 1e-4
+    assert np.abs(prefill_logits(s, ids, feats, causal=True) - ref).max() > 1e-2
 
 
 def test_ask_and_encoded_images_prefill_whole_prompts(built):

@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
-from family_testing import export_trt_fp16_and_check, generate_without_torch  # noqa: E402
+from family_testing import (export_trt_fp16_and_check,  # noqa: E402
+                            generate_without_torch, module_fixtures)
 from family_testing import session as _session  # noqa: E402
 from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import QWEN_TEMPLATE, _hf_ids, _image, _text_config, _tokenizer  # noqa: E402
@@ -73,24 +74,7 @@ def build_qwen3_vl(out, seed: int = 0):
     return out
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return build_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl"))
-
-
-@pytest.fixture(scope="module")
-def artifact(src, tmp_path_factory):
-    from vlmedge.export import exporter
-
-    art = tmp_path_factory.mktemp("qwen3_vl_art") / "tiny-qwen3-vl"
-    return art, exporter.run_export(exporter.ExportOptions(model_dir=src, output=art),
-                                    log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def loaded(src):
-    from vlmedge.export import loading
-    return loading.load(src)
+src, artifact, loaded = module_fixtures(build_qwen3_vl, "qwen3_vl")
 
 
 def test_exports_and_validates(artifact):

@@ -444,10 +444,13 @@ def write_llava(out: Path, config: dict) -> None:
     _json(out / "config.json", config)
 
 
-def write_qwen2_vl(out: Path, config: dict) -> None:
+def write_qwen2_vl(out: Path, config: dict, qwen3: bool = False) -> None:
     """Tokenizer, image processor and chat template; no processor config:
     Qwen2VLProcessor wants a video processor (torchvision); the qwen2_vl
-    family builds an image-only one from these files."""
+    family builds an image-only one from these files. qwen3: Qwen3-VL's image
+    settings (16 px patches, mean and std 0.5, 64k..16M pixels); its chat
+    template is Qwen2-VL's, which renders a user turn of images and text as
+    Qwen3-VL's longer template does (tools and thinking left out)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 
@@ -456,31 +459,11 @@ def write_qwen2_vl(out: Path, config: dict) -> None:
                          extra_special_tokens={"image_token": "<|image_pad|>",
                                                "video_token": "<|video_pad|>"})
     tok.save_pretrained(out)
-    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
-                             min_pixels=56 * 56, max_pixels=28 * 28 * 16384,
-                             image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(out)
-    (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
-    _json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id":
-                                           [151645, 151643], "pad_token_id": 151643})
-    _json(out / "config.json", config)
-
-
-def write_qwen3_vl(out: Path, config: dict) -> None:
-    """As write_qwen2_vl, with Qwen3-VL's image settings: 16 px patches, mean
-    and std 0.5, 64k..16M pixels. The chat template is Qwen2-VL's, which
-    renders a user turn of images and text as Qwen3-VL's longer template does
-    (<|vision_start|><|image_pad|><|vision_end|>); tools and thinking are left out."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil)
-
-    tok = fast_tokenizer(build_tokenizer(QWEN_SPECIALS, []), eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>", unk_token=None,
-                         extra_special_tokens={"image_token": "<|image_pad|>",
-                                               "video_token": "<|video_pad|>"})
-    tok.save_pretrained(out)
-    Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
-                             min_pixels=65536, max_pixels=16777216, image_mean=[0.5] * 3,
-                             image_std=[0.5] * 3).save_pretrained(out)
+    images = dict(patch_size=16, min_pixels=65536, max_pixels=16777216, image_mean=[0.5] * 3,
+                  image_std=[0.5] * 3) if qwen3 else \
+        dict(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 16384,
+             image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    Qwen2VLImageProcessorPil(temporal_patch_size=2, merge_size=2, **images).save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
     _json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id":
                                            [151645, 151643], "pad_token_id": 151643})
@@ -580,7 +563,7 @@ PRESETS = {
     "llava-onevision-0.5b": (write_llava_onevision, LLAVA_ONEVISION_05B),
     "internvl3-1b": (write_internvl, INTERNVL3_1B),
     "gemma-3-4b": (write_gemma3, GEMMA3_4B),
-    "qwen3-vl-2b": (write_qwen3_vl, QWEN3_VL_2B),
+    "qwen3-vl-2b": (lambda out, config: write_qwen2_vl(out, config, qwen3=True), QWEN3_VL_2B),
 }
 
 
