@@ -64,7 +64,7 @@ class PortableDecoder:
         out = backend.run(feeds)
         logits = out["logits"][0, -1].astype(np.float32, copy=False)
         return logits, KVCache.from_outputs(out, f.num_layers, f.present_key, f.present_value,
-                                            offset)
+                                            cache.length + s, offset)
 
 
 class OrtDecoder:

@@ -1,7 +1,8 @@
 """The decoder's KV cache between steps.
 
 The decoder graph takes past_key_values.{i}.key|value (B, kv_heads, past, head_dim)
-and returns present.{i}.key|value (B, kv_heads, past + S, head_dim). The
+and returns present.{i}.key|value (B, kv_heads, past + S, head_dim); a window
+layer (decoder.window_layers) keeps at most decoder.window_cache of those rows. The
 present arrays of one step are the past of the next, handed over by
 reference: Python never copies the cache per token (the concatenation
 happens once, inside the graph). A cache is immutable once made, so one
@@ -73,11 +74,14 @@ class KVCache:
 
     @classmethod
     def from_outputs(cls, outputs: dict[str, np.ndarray], num_layers: int, present_key: str,
-                     present_value: str, position_offset: int = 0) -> "KVCache":
+                     present_value: str, length: int, position_offset: int = 0) -> "KVCache":
+        """length: the positions the cache now covers (past + step). A window
+        layer's arrays hold fewer rows (decoder.window_layers), so it is not
+        read off an array's shape."""
         arrays = []
         for i in range(num_layers):
             arrays += [outputs[present_key.format(i=i)], outputs[present_value.format(i=i)]]
-        return cls(tuple(arrays), int(arrays[0].shape[2]), position_offset)
+        return cls(tuple(arrays), length, position_offset)
 
     @property
     def nbytes(self) -> int:

@@ -52,7 +52,7 @@ def build_gemma3(out, seed: int = 3, window: int = WINDOW):
     from transformers.models.gemma3.image_processing_pil_gemma3 import (
         Gemma3ImageProcessorPil)
 
-    tok, vocab = _tokenizer(SPECIAL, ["user", "model", "\n"] + scenes.vocabulary(),
+    tok, vocab = _tokenizer(SPECIAL, ["user", "model", "\n"] + scenes.vocabulary(boxes=False),
                             bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                             extra_special_tokens={"boi_token": "<start_of_image>",
                                                   "eoi_token": "<end_of_image>",
@@ -119,6 +119,53 @@ def test_decoder_graph_takes_attention_groups(artifact):
             for v in dec.graph.input}
     assert dims["attention_groups"] == ["batch", "sequence_length"]
     assert dec.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+
+def test_window_layer_cache_holds_only_the_window(artifact):
+    """Per-layer cache lengths: the sliding layer's past/present take their own
+    dim and hold at most window - 1 rows however long the context; the global
+    layer holds every position. (Answers still equal transformers' at every
+    length: the generate tests run past the window.)"""
+    import onnx
+
+    m = manifest.load(artifact[0])
+    assert m.decoder.window_layers == (0,) and m.decoder.window_cache == WINDOW - 1
+    dec = onnx.load(str(artifact[0] / "decoder.onnx"), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(dec.graph.input) + list(dec.graph.output)}
+    assert dims["past_key_values.0.key"][2] == "past_window_length"
+    assert dims["present.0.value"][2] == "present_window_length"
+    assert dims["past_key_values.1.key"][2] == "past_sequence_length"
+    s = _session(artifact[0])
+    image = _image(100, 40)
+    pixels, grid = s.preprocess(image)
+    ids = s.chat.prompt_ids(QUESTION, image_grid=grid)
+    assert len(ids) > 2 * WINDOW
+    logits, cache = s.prefill(ids, s.encode_image(pixels, grid), s.empty_cache(), grid)
+    assert cache.length == len(ids)
+    assert [a.shape[2] for a in cache.arrays] == [WINDOW - 1] * 2 + [len(ids)] * 2
+    for n in range(3):  # decode steps keep the window's rows, the global layer grows
+        logits, cache = s.prefill([int(np.argmax(logits))], None, cache, grid)
+        assert [a.shape[2] for a in cache.arrays] == [WINDOW - 1] * 2 + [len(ids) + n + 1] * 2
+    assert cache.length == len(ids) + 3
+    # the manifest's row count per layer, as the runtime and vlm-bench read it
+    assert m.decoder.cache_rows(0, 1000) == WINDOW - 1 and m.decoder.cache_rows(1, 1000) == 1000
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(window_cache=None), "window_cache"),          # layers listed, no row count
+    (dict(window_layers=[0, 2]), "window_layers"),      # no layer 2 in a 2-layer decoder
+    (dict(window_layers=[0, 0]), "window_layers"),      # twice
+    (dict(attention_groups=None), "window_layers"),     # only the grouped graph cuts caches
+    (dict(window_layers=[], window_cache=9), "window_cache")])
+def test_window_layers_are_checked_when_read(artifact, change, match):
+    from vlmedge.errors import ArtifactError
+
+    m = manifest.read_json(artifact[0])
+    m["decoder"].update(change)
+    with pytest.raises(ArtifactError, match=match) as e:
+        manifest.Manifest.from_dict(m)
+    assert "\n" not in str(e.value)
 
 
 def test_attention_groups_from_ids():

@@ -38,7 +38,7 @@ def build_paligemma(out, v2: bool = True, seed: int = 4):
     from transformers import GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    tok, vocab = _tokenizer(SPECIAL, ["\n"] + scenes.vocabulary(), bos_token="<bos>",
+    tok, vocab = _tokenizer(SPECIAL, ["\n"] + scenes.vocabulary(boxes=False), bos_token="<bos>",
                             eos_token="<eos>", pad_token="<pad>",
                             extra_special_tokens={"image_token": "<image>"})
     torch.manual_seed(seed)
@@ -95,6 +95,9 @@ def test_exports_and_validates(built):
     assert m.family == "paligemma" and m.image.expand == "repeat"
     assert m.decoder.attention_groups == "prompt" and m.decoder.sliding_window is None
     assert m.decoder.context_length == 512  # PaliGemma 2's window is in the graph
+    # PaliGemma 2's sliding layers keep only the window in their cache
+    assert (m.decoder.window_layers, m.decoder.window_cache) == (
+        ((0,), WINDOW - 1) if name == "paligemma2" else ((), None))
     for p in m.validation["prompts"]:  # greedy output of the random model is not one token
         assert len(set(p["torch_text"].split())) > 3, p["torch_text"]
 

@@ -37,7 +37,9 @@ Sections (schema 2):
                      "mrope" (+ mrope_section), sliding_window, attention_groups
                      (None, "images" or "prompt": an extra input, the tokens that
                      attend both ways in the prefill), deepstack_layers (Qwen3-VL:
-                     inputs_embeds is hidden_size x (1 + L) wide); flavour
+                     inputs_embeds is hidden_size x (1 + L) wide), window_layers
+                     and window_cache (layers whose cache keeps only the last
+                     window_cache rows: sliding-window layers); flavour
                      "portable" (standard ops: position_ids input, present =
                      concat(past, new)) | "ort" (onnxruntime's GroupQueryAttention
                      with rotary inside, no position_ids, one preallocated KV
@@ -170,6 +172,17 @@ class Decoder:
     # deepstack_layers)), each image token's features for the first layers'
     # hidden states beside its embedding (zeros for text).
     deepstack_layers: int = 0
+    # Layers whose cache keeps only the last `window_cache` rows: the
+    # sliding-window layers of a grouped decoder (Gemma 2/3), whose present is
+    # cut to the window in the graph, so context past the window costs them
+    # no memory. Their past/present take the dims past_window_length /
+    # present_window_length. () and None: every layer keeps its whole past.
+    window_layers: tuple[int, ...] = ()
+    window_cache: int | None = None
+
+    def cache_rows(self, layer: int, length: int) -> int:
+        """Rows layer `layer` holds in a cache of `length` positions."""
+        return min(length, self.window_cache) if layer in self.window_layers else length
 
     @property
     def inputs_width(self) -> int:
@@ -529,8 +542,21 @@ def _decoder(r: _Obj) -> Decoder:
         flavour=r.get("flavour", _enum(FLAVOURS), "portable"),
         attention_groups=r.get("attention_groups", _optional(_enum(GROUP_RULES)), None),
         deepstack_layers=r.get("deepstack_layers", _int(0, 64), 0),
+        window_layers=r.get("window_layers", _list(_int(0, 1023), 0, 1024), ()),
+        window_cache=r.get("window_cache", _optional(_int(1, MAX_CONTEXT)), None),
     )
     r.end()
+    if (d.window_cache is None) != (not d.window_layers):
+        raise _bad(r.where, "decoder.window_cache", "an integer exactly when window_layers "
+                   "lists layers", d.window_cache)
+    if len(set(d.window_layers)) != len(d.window_layers) or \
+            any(i >= d.num_layers for i in d.window_layers):
+        raise _bad(r.where, "decoder.window_layers", f"distinct layer indices < num_layers "
+                   f"{d.num_layers}", list(d.window_layers))
+    if d.window_layers and not d.attention_groups:
+        raise _bad(r.where, "decoder.window_layers", "none without attention_groups (only the "
+                   "grouped decoder graph cuts a layer's cache to its window)",
+                   list(d.window_layers))
     if position_ids == "mrope" and d.mrope_section is None:
         raise _bad(r.where, "decoder.mrope_section", "3 integers for position_ids 'mrope'", None)
     if d.sliding_window is not None and d.context_length > d.sliding_window:

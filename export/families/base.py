@@ -62,6 +62,9 @@ class DecoderWrapper(nn.Module):
 
     first_position = 0  # added to position_ids (Family.first_position)
     window_limits_groups = True  # Family.window_limits_groups
+    # Layers whose present keeps only the last window_rows rows (window_cache()).
+    window_layers: tuple[int, ...] = ()
+    window_rows: int | None = None
 
     def __init__(self, language_model, lm_head, config):
         super().__init__()
@@ -92,8 +95,12 @@ class DecoderWrapper(nn.Module):
         if cap is not None:  # Gemma 2/3: logits squashed into (-cap, cap)
             logits = torch.tanh(logits / cap) * cap
         present = []
-        for layer in out.cache.layers:
-            present += [layer.keys, layer.values]
+        for i, layer in enumerate(out.cache.layers):
+            if i in self.window_layers:  # (B, kv, min(past + S, rows), hd): the window's keys
+                present += [layer.keys[:, :, -self.window_rows:],
+                            layer.values[:, :, -self.window_rows:]]
+            else:
+                present += [layer.keys, layer.values]
         return logits, present
 
 
@@ -104,9 +111,11 @@ class GroupedDecoderWrapper(DecoderWrapper):
 
     The masks are built here, not by transformers, so one graph holds every
     rule the model's attention has: the groups (Gemma 3's bidirectional image
-    blocks), and the sliding window of the layers that have one (the cache
-    keeps the whole past for every layer, so the window is a mask, exact at
-    any context length)."""
+    blocks), and the sliding window of the layers that have one, exact at
+    any context length. Those layers' cache keeps only the window: their
+    past holds the last ps <= window_rows positions, so their mask is the
+    last ps + S columns of the full one, and their present is cut to the
+    last window_rows rows (window_cache())."""
 
     def forward(self, inputs_embeds, attention_mask, position_ids, attention_groups, past):
         from transformers import DynamicCache
@@ -119,6 +128,9 @@ class GroupedDecoderWrapper(DecoderWrapper):
                             self.window_limits_groups)
         if "sliding_attention" not in (getattr(self.config, "layer_types", None) or ()):
             masks = masks["full_attention"]  # one mask for every layer (Gemma 1 takes no dict)
+        elif self.window_layers:  # keys of those layers: the last ps past ones + this step's
+            kept = pairs[self.window_layers[0]][0].shape[2] + inputs_embeds.shape[1]
+            masks["sliding_attention"] = masks["sliding_attention"][..., -kept:]
         with grouped_attention(self.config, window_in_mask=True):
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=masks,
                                       position_ids=self._positions(position_ids),
@@ -161,6 +173,18 @@ def sliding_window(text_config) -> int | None:
     else:
         sliding = getattr(text_config, "use_sliding_window", None) is not False
     return int(window) if sliding and window is not None else None
+
+
+def window_cache(text_config) -> tuple[tuple[int, ...], int | None]:
+    """The sliding-window layers whose cache a grouped decoder cuts to the
+    window, and the rows each keeps: W - 1, the past keys a query at the
+    window's end still sees (q - k < W). ((), None) without such layers."""
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None) or ()
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if window is None or int(window) < 2 or not layers:
+        return (), None
+    return layers, int(window) - 1
 
 
 def decoder_facts(text_config, context_length: int) -> dict[str, Any]:
@@ -253,15 +277,21 @@ class Family:
         pos = self.position_ids_sample(b, s, p)
         past, in_names, in_dims, out_names, out_dims = [], [], {}, ["logits"], {}
         out_dims["logits"] = {0: "batch"}
+        windowed, rows = window_cache(tc) if self.attention_groups else ((), None)
         for i in range(facts["num_layers"]):
+            # A window layer's past is traced shorter than the others' (its own dim).
+            cut = i in windowed
+            rows_i = max(1, min(p - 1, rows)) if cut else p
             for kind in ("key", "value"):
-                past.append(torch.randn(b, facts["num_kv_heads"], p, facts["head_dim"]))
+                past.append(torch.randn(b, facts["num_kv_heads"], rows_i, facts["head_dim"]))
                 name = f"past_key_values.{i}.{kind}"
                 in_names.append(name)
-                in_dims[name] = {0: "batch", 2: "past_sequence_length"}
+                in_dims[name] = {0: "batch", 2: "past_window_length" if cut
+                                 else "past_sequence_length"}
                 out = f"present.{i}.{kind}"
                 out_names.append(out)
-                out_dims[out] = {0: "batch", 2: "total_sequence_length"}
+                out_dims[out] = {0: "batch", 2: "present_window_length" if cut
+                                 else "total_sequence_length"}
         pos_dims = {0: "batch", 1: "sequence_length"} if pos.dim() == 2 else \
             {1: "batch", 2: "sequence_length"}
         names = ["inputs_embeds", "attention_mask", "position_ids"]
@@ -277,6 +307,7 @@ class Family:
         module = wrapper(self.language_model(model), self.lm_head(model), tc)
         module.first_position = self.first_position
         module.window_limits_groups = self.window_limits_groups
+        module.window_layers, module.window_rows = windowed, rows
         return GraphSpec("decoder", module, args + (past,), names + in_names, out_names,
                          {**dims, **in_dims}, out_dims)
 
@@ -288,6 +319,9 @@ class Family:
         facts = decoder_facts(self.text_config(model.config), context_length)
         if self.attention_groups:  # the window is a mask in the graph: no context cap
             facts.update(attention_groups=self.attention_groups, sliding_window=None)
+            layers, rows = window_cache(self.text_config(model.config))
+            if layers:
+                facts.update(window_layers=list(layers), window_cache=rows)
         return facts
 
     def preprocess_config(self, processor) -> dict[str, Any]:

@@ -10,9 +10,9 @@ What differs from a LLaVA-style model, and where it is handled:
   the last sliding_window keys. The decoder graph takes attention_groups
   and builds both masks itself (base.GroupedDecoderWrapper), so the window
   is exact at any context length and the manifest's context is not capped
-  at it. The cache keeps the whole past on every layer (a per-layer cache
-  length is not implemented: the local layers' rows past the window are
-  masked, not dropped).
+  at it. The local layers' cache keeps only their window (W - 1 rows, cut
+  in the graph; the manifest's decoder.window_layers / window_cache), the
+  global layers' the whole context: per-layer cache lengths.
 - The logits may be soft-capped (final_logit_softcapping), in the graph.
 - The embedding is scaled by sqrt(hidden) inside get_input_embeddings: the
   embed graph carries it.

@@ -28,7 +28,9 @@ per component:
              (GEMM over a prompt vs. matrix-vector per token):
                prefill: sequence_length [1, P, C], past [0, 0, C-1]
                decode:  sequence_length [1, 1, 1], past [0, D, C-1]
-             with total_sequence_length = past + sequence (attention_mask).
+             with total_sequence_length = past + sequence (attention_mask);
+             a decoder with window layers (Gemma 2/3) adds their
+             past_window_length, capped at decoder.window_cache rows.
 
 P, the typical prompt, is one image's tokens plus TEXT_TOKENS (a short
 question in its chat template); D = P + ANSWER_TOKENS, the past in the middle
@@ -164,17 +166,18 @@ def dim_ranges(m: dict[str, Any], lim: Limits) -> dict[str, list[tuple[str, dict
     p = min(c, tok[1] + TEXT_TOKENS)  # typical prompt: one image + a short question
     d = min(c - 1, p + ANSWER_TOKENS)  # past during a typical short answer
     batch = (1, 1, b)
+    prefill = {"batch": batch, "sequence_length": (1, p, c),
+               "past_sequence_length": (0, 0, c - 1), "total_sequence_length": (1, p, c)}
+    decode = {"batch": batch, "sequence_length": (1, 1, 1),
+              "past_sequence_length": (0, d, c - 1), "total_sequence_length": (1, d + 1, c)}
+    w = (m.get("decoder") or {}).get("window_cache")
+    if w:  # window layers hold at most w rows, whatever the context
+        prefill["past_window_length"] = (0, 0, min(w, c - 1))
+        decode["past_window_length"] = (0, min(d, w), min(w, c - 1))
     return {
         "vision": [("images", vision)],
         "embed": [("tokens", {"batch": batch, "sequence_length": (1, p, c)})],
-        "decoder": [
-            ("prefill", {"batch": batch, "sequence_length": (1, p, c),
-                         "past_sequence_length": (0, 0, c - 1),
-                         "total_sequence_length": (1, p, c)}),
-            ("decode", {"batch": batch, "sequence_length": (1, 1, 1),
-                        "past_sequence_length": (0, d, c - 1),
-                        "total_sequence_length": (1, d + 1, c)}),
-        ],
+        "decoder": [("prefill", prefill), ("decode", decode)],
     }
 
 
