@@ -1,4 +1,5 @@
-"""Scene-world accuracy: ask held-out questions, score exact matches.
+"""Scene-world accuracy: ask held-out questions, score the answers (exact
+match; a box by IoU >= 0.5, scenes.is_right).
 
 The same (scene, question) pairs are produced for a given (n, seed) whatever
 answers them (PyTorch, an ONNX artifact, INT8, ...), so accuracies compare
@@ -16,11 +17,6 @@ from vlmedge.demo import scenes
 AnswerFn = Callable[[object, str], str]
 
 
-def normalize(text: str) -> str:
-    """Exact match up to case, surrounding space and a trailing full stop."""
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
 def evaluate(answer: AnswerFn, n: int, seed: int = scenes.DEFAULT_EVAL_SEED,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Ask `n` held-out questions; returns accuracy overall and per kind,
@@ -32,7 +28,7 @@ def evaluate(answer: AnswerFn, n: int, seed: int = scenes.DEFAULT_EVAL_SEED,
     start = time.perf_counter()
     for i, (scene, q) in enumerate(items):
         got = answer(scene.image, q.question)
-        ok = normalize(got) == normalize(q.answer)
+        ok = scenes.is_right(q.kind, q.answer, got)
         total[q.kind] += 1
         right[q.kind] += ok
         if not ok and len(wrong) < 20:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmedge.demo import scenes
+
 from .dataset import Sample
 from .feeds import DECODE_STEPS, greedy
 
@@ -175,15 +177,9 @@ def _kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
-def normalize(text: str) -> str:
-    """Exact match up to case, surrounding space and a trailing full stop:
-    the rule of benchmarks/scene_eval.normalize (benchmarks sits above
-    calibration, so it is not imported)."""
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
 def scene_accuracy(session, samples: list[Sample]) -> dict[str, Any]:
-    """Exact-match accuracy on the samples' questions (those with answers)."""
+    """Accuracy on the samples' questions (those with answers), by the scene
+    world's rule (scenes.is_right: exact match, a box by IoU)."""
     right: dict[str, int] = {}
     total: dict[str, int] = {}
     for s in samples:
@@ -192,7 +188,7 @@ def scene_accuracy(session, samples: list[Sample]) -> dict[str, Any]:
         results = session.ask(s.image(), list(s.prompts), max_new_tokens=SCENE_MAX_NEW_TOKENS)
         for r, answer, kind in zip(results, s.answers, s.kinds):
             total[kind] = total.get(kind, 0) + 1
-            right[kind] = right.get(kind, 0) + (normalize(r.text) == normalize(answer))
+            right[kind] = right.get(kind, 0) + scenes.is_right(kind, answer, r.text)
     n = sum(total.values())
     return {"accuracy": sum(right.values()) / n if n else None, "n": n,
             "per_kind": {k: right[k] / total[k] for k in total}}

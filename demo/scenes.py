@@ -16,6 +16,7 @@ an artifact can use it without torch.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,14 @@ TRAIN_SEEDS = range(0, 10_000_000)
 EVAL_SEED_BASE = 1_000_000_000
 DEFAULT_EVAL_SEED = 0
 
-QUESTION_KINDS = ("color", "shape", "size", "count", "position", "yesno", "caption")
+QUESTION_KINDS = ("color", "shape", "size", "count", "position", "yesno", "caption", "box")
+
+# Grounding answers ("find the red circle.") are LLaVA-1.5's box format:
+# "[x1, y1, x2, y2]", each a fraction of the image side with two decimals
+# (x right, y down from the top-left). A box answer is right when its IoU with
+# the true box is at least BOX_IOU (the usual detection threshold).
+BOX_STEPS = 100  # coordinates are k / BOX_STEPS, k = 0..BOX_STEPS: one word each
+BOX_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,16 @@ class SceneObject:
     @property
     def name(self) -> str:
         return f"{self.color} {self.shape}"
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(x1, y1, x2, y2) in pixels: the extent of the shape as drawn."""
+        r = SIZES[self.size]
+        poly = _polygon(self.shape, self.cx, self.cy, r)
+        if poly is None:  # circle
+            return (self.cx - r, self.cy - r, self.cx + r, self.cy + r)
+        xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+        return (min(xs), min(ys), max(xs), max(ys))
 
     @property
     def position(self) -> str:
@@ -178,12 +196,61 @@ def questions(scene: Scene, rng: np.random.Generator | None = None) -> list[Ques
                 break
     answer = "yes" if (color, shape) in present else "no"
     out.append(Question("yesno", f"is there a {color} {shape}?", answer))
+    # Last, and drawing nothing from rng, so the other kinds' choices are
+    # those of the scene world before grounding was added.
+    out.append(Question("box", f"find the {target.name}.", box_text(target.box)))
     return out
+
+
+def box_text(box: tuple[float, float, float, float]) -> str:
+    """Pixel box -> the answer text, "[0.21, 0.33, 0.35, 0.47]"."""
+    return "[" + ", ".join(_coordinate(v / IMAGE_SIZE) for v in box) + "]"
+
+
+def _coordinate(fraction: float) -> str:
+    k = min(max(round(fraction * BOX_STEPS), 0), BOX_STEPS)
+    return f"{k / BOX_STEPS:.2f}"
+
+
+_BOX = re.compile(r"\[\s*([01](?:\.\d+)?)\s*,\s*([01](?:\.\d+)?)\s*,"
+                  r"\s*([01](?:\.\d+)?)\s*,\s*([01](?:\.\d+)?)\s*\]")
+
+
+def read_box(text: str) -> tuple[float, float, float, float] | None:
+    """The first "[x1, y1, x2, y2]" of fractions in `text`, in pixels; None if none."""
+    m = _BOX.search(text[:4096])
+    if m is None:
+        return None
+    return tuple(float(g) * IMAGE_SIZE for g in m.groups())
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes (0 when either is empty)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(iw, 0.0) * max(ih, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 and inter > 0 else 0.0
+
+
+def normalize(text: str) -> str:
+    """Exact match up to case, surrounding space and a trailing full stop."""
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def is_right(kind: str, answer: str, got: str) -> bool:
+    """The scene world's scoring rule for `got` against the true `answer` of a
+    question of `kind`: a box is right at IoU >= BOX_IOU with the true box,
+    every other answer by exact match (up to normalize)."""
+    if kind == "box":
+        box, want = read_box(got), read_box(answer)
+        return box is not None and want is not None and iou(box, want) >= BOX_IOU
+    return normalize(got) == normalize(answer)
 
 
 def eval_items(n: int, seed: int = DEFAULT_EVAL_SEED) -> list[tuple[Scene, Question]]:
     """`n` held-out (scene, question) pairs, cycling through the question kinds
-    so each kind gets n/7 of them. Scenes come from the evaluation seed range."""
+    so each kind gets n/8 of them. Scenes come from the evaluation seed range."""
     items = []
     scene_seed = EVAL_SEED_BASE + seed * 100_000
     i = 0
@@ -195,10 +262,15 @@ def eval_items(n: int, seed: int = DEFAULT_EVAL_SEED) -> list[tuple[Scene, Quest
     return items
 
 
-def vocabulary() -> list[str]:
-    """Every word the scene world's questions and answers use."""
+def vocabulary(boxes: bool = True) -> list[str]:
+    """Every word the scene world's questions and answers use; boxes=False
+    leaves out the grounding words ("find", brackets, coordinates): the tiny
+    random-weight family test models keep the word list their seeds were
+    picked with (a larger vocabulary draws other random weights)."""
     words = set(COLORS) | set(SHAPES) | set(SIZES) | set(NUMBER_WORDS)
     words |= {"what", "color", "is", "the", "shape", "object", "size", "where", "top", "bottom",
               "left", "right", "describe", "image", "how", "many", "shapes", "are", "there",
               "a", "and", "yes", "no", "?", ",", "."}
+    if boxes:
+        words |= {"find", "[", "]"} | {f"{k / BOX_STEPS:.2f}" for k in range(BOX_STEPS + 1)}
     return sorted(words)

@@ -143,6 +143,11 @@ def validate(family, model, processor, artifact_dir: Path, precision: str,
                               "tolerances": dict(tol), "greedy_tokens": GREEDY_TOKENS,
                               "prompts": []}
     worst_feat = worst_logit = worst_cache = 0.0
+    # Image features are held to tol x max(1, their largest magnitude): fp32
+    # rounding grows with the values (a trained tower's features reach ~80,
+    # where 1e-4 absolute is ~1e-6 relative), so a bound in absolute units
+    # alone would fail exact graphs of larger models.
+    feat_scale = 1.0
     all_match = ids_match = True
     for q in QUESTIONS:
         hf = family.hf_inputs(processor, image, q)
@@ -170,6 +175,7 @@ def validate(family, model, processor, artifact_dir: Path, precision: str,
         feats = session.encode_image(np.asarray(family.vision_args(hf)[0].numpy(), np.float32),
                                      image_grid=grid)
         d_feat = float(np.abs(feats.astype(np.float32) - ref_feats).max())
+        feat_scale = max(feat_scale, float(np.abs(ref_feats).max()))
         our_ids = session.chat.prompt_ids(q, image_grid=grid)
         same_ids = our_ids == ref_ids
         ids_match &= same_ids
@@ -190,6 +196,7 @@ def validate(family, model, processor, artifact_dir: Path, precision: str,
             "onnx_text": session.chat.decode(tokens)})
     result.update({
         "max_abs_diff_image_features": worst_feat,
+        "image_features_scale": feat_scale,
         "max_abs_diff_logits": worst_logit,
         "cached_vs_recompute_max_abs_diff": worst_cache,
         "tokens_match": bool(all_match),
@@ -197,7 +204,7 @@ def validate(family, model, processor, artifact_dir: Path, precision: str,
         "seconds": round(time.perf_counter() - start, 2),
     })
     result["passed"] = bool(all_match and ids_match
-                            and worst_feat <= tol["image_features"]
+                            and worst_feat <= tol["image_features"] * feat_scale
                             and worst_logit <= tol["logits"]
                             and worst_cache <= tol["logits"])
     return result

@@ -283,8 +283,11 @@ class ChatTokenizer:
                                 hint="re-export the artifact")
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        """The answer text, special tokens skipped; keep_special keeps them (the
+        grounding markers of Qwen2-VL and InternVL are special tokens, and
+        the box parsers read labels from between them)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=not keep_special)
 
 
 class StreamDecoder:

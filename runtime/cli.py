@@ -137,8 +137,8 @@ def _check_grounding(family: str) -> None:
     from vlmedge.runtime.grounding import convention_for
     if convention_for(family) is None:
         raise UserInputError("--annotate: this model's answers carry no boxes vlmedge can read",
-                             got=f"family {family}", hint="Qwen2-VL, Qwen2.5-VL and InternVL "
-                             "artifacts answer with boxes")
+                             got=f"family {family}", hint="Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
+                             "InternVL, PaliGemma and LLaVA (the demo) artifacts answer with boxes")
 
 
 def _annotate(image_path: Path, boxes: list[dict], out: Path) -> None:

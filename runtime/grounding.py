@@ -21,6 +21,11 @@ the image the caller passed (before any resize or tiling), clipped to it:
               "detect cat" answers.
 
   qwen3_vl    Qwen2.5-VL's JSON objects, coordinates normalized to 0..1000.
+  llava       [x1, y1, x2, y2], each a fraction 0..1 of the image the model
+              saw (LLaVA-1.5's grounding format; the demo model answers "find
+              the red circle." this way). With CLIP's shortest-edge resize and
+              center crop that image is a centered region of the original, so
+              the caller passes that region (`region`); no label.
 The text is untrusted (a model can emit anything): malformed text gives [],
 never an exception, and the work is bounded (MAX_TEXT chars scanned, at most
 MAX_BOXES boxes). numpy/stdlib only; PIL is imported by draw_boxes alone.
@@ -37,8 +42,8 @@ MAX_BOXES = 256    # boxes returned: more is a degenerate answer, not a scene
 
 # Manifest family -> the convention its answers follow (families absent: none).
 CONVENTIONS = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "internvl": "internvl",
-               "paligemma": "paligemma", "qwen3_vl": "qwen3_vl"}
-PARSERS = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl", "internvl", "paligemma")
+               "paligemma": "paligemma", "qwen3_vl": "qwen3_vl", "llava": "llava"}
+PARSERS = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl", "internvl", "paligemma", "llava")
 
 
 @dataclass(frozen=True)
@@ -69,16 +74,25 @@ def model_size_from_grid(grid, patch_size: int | None) -> tuple[int, int] | None
 
 
 def parse_boxes(text: str, convention: str, image_size: tuple[int, int],
-                model_size: tuple[int, int] | None = None) -> list[Box]:
+                model_size: tuple[int, int] | None = None,
+                region: tuple[float, float, float, float] | None = None) -> list[Box]:
     """Boxes in `text` per `convention` (one of PARSERS), in the pixels of the
     original image of image_size (w, h). model_size (w, h): the image the model
     saw, for conventions in its absolute pixels (qwen2_5_vl; None: taken as the
-    original's). Unknown convention, bad sizes or malformed text: []."""
+    original's). region (x0, y0, w, h): the part of the original the model saw,
+    for the llava convention (None: the whole image). Unknown convention, bad
+    sizes or malformed text: []."""
     parse = _PARSE.get(convention)
     if parse is None or not isinstance(text, str) or not _size_ok(image_size):
         return []
     w, h = float(image_size[0]), float(image_size[1])
-    if convention == "qwen2_5_vl":
+    ox = oy = 0.0
+    if convention == "llava":
+        if region is not None and _size_ok(region[2:]) and all(map(math.isfinite, region[:2])):
+            ox, oy, sx, sy = (float(v) for v in region)
+        else:
+            sx, sy = w, h
+    elif convention == "qwen2_5_vl":
         mw, mh = model_size if _size_ok(model_size) else (w, h)
         sx, sy = w / mw, h / mh
     elif convention == "paligemma":
@@ -87,7 +101,7 @@ def parse_boxes(text: str, convention: str, image_size: tuple[int, int],
         sx, sy = w / 1000.0, h / 1000.0
     boxes = []
     for label, x1, y1, x2, y2 in parse(text[:MAX_TEXT]):
-        box = _box(label, x1 * sx, y1 * sy, x2 * sx, y2 * sy, w, h)
+        box = _box(label, ox + x1 * sx, oy + y1 * sy, ox + x2 * sx, oy + y2 * sy, w, h)
         if box is not None:
             boxes.append(box)
             if len(boxes) >= MAX_BOXES:
@@ -185,9 +199,18 @@ def _paligemma(text: str):
         yield (m.group(5), x1, y1, x2, y2)
 
 
+# -- llava: [x1, y1, x2, y2] as fractions 0..1 --------------------------------
+
+
+def _llava(text: str):
+    for q in _QUAD.finditer(text):
+        v = [float(g) for g in q.groups()]
+        if all(0.0 <= c <= 1.0 for c in v):  # larger numbers are not this format
+            yield (None, *v)
+
+
 _PARSE = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen2_5_vl, "qwen2_vl": _qwen2_vl,
-          "internvl": _internvl,
-          "paligemma": _paligemma}
+          "internvl": _internvl, "paligemma": _paligemma, "llava": _llava}
 
 
 def draw_boxes(image, boxes: list[Box], out_path) -> None:

@@ -308,6 +308,18 @@ class ImagePreprocessor:
             return tuple(c["size"])
         return h, w
 
+    def seen_region(self, h: int, w: int) -> tuple[float, float, float, float]:
+        """(x0, y0, width, height): the part of an h x w image (its pixels) that
+        the model sees after the resize and center crop (the whole image for
+        a tiling config). It extends past the image where the crop pads."""
+        if self.config["tiling"] is not None:
+            return 0.0, 0.0, float(w), float(h)
+        oh, ow = self.resized_size(h, w)
+        crop_h, crop_w = self.config["crop"] or (oh, ow)
+        top, left = crop_offsets(oh, ow, crop_h, crop_w)
+        sx, sy = ow / w, oh / h
+        return left / sx, top / sy, crop_w / sx, crop_h / sy
+
     def __call__(self, image, layout: str = "RGB") -> np.ndarray:
         """Image -> float32 (1, 3, H, W) pixel_values (RGB, CHW)."""
         if self.config["tiling"] is not None:  # the pixels alone would lose the grid

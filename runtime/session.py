@@ -629,16 +629,20 @@ class VLMSession:
         value = None if reason == "cancelled" else \
             _structured_value(constraint, text, max_new_tokens)
         return GenerationResult(text, tokens, len(ids), reason, timings, value,
-                                self._boxes(image, text))
+                                self._boxes(image, tokens))
 
-    def _boxes(self, image, text: str) -> list:
+    def _boxes(self, image, tokens: list[int]) -> list:
         """The answer's grounding boxes in the original image's pixels, where
         the family has a convention and the request had exactly one image
-        (several: which image a box is on is not said). Reads what _preprocess
-        recorded in this thread for this request (or the EncodedImage's)."""
+        (several: which image a box is on is not said). The tokens are decoded
+        with special tokens kept, so labels between grounding markers that
+        are special tokens (<ref>...</ref>, <|object_ref_start|>...) survive.
+        Reads what _preprocess recorded in this thread for this request (or
+        the EncodedImage's)."""
         conv = grounding.convention_for(self.manifest.family)
         if conv is None or _image_count(image) != 1:
             return []
+        text = self.chat.decode(tokens, keep_special=True)
         image = image[0] if isinstance(image, (list, tuple)) else image
         if isinstance(image, EncodedImage):
             size, grid = image.image_size, image.grid
@@ -647,7 +651,8 @@ class VLMSession:
         if size is None:
             return []
         model_size = grounding.model_size_from_grid(grid, self.manifest.image.patch_size)
-        return grounding.parse_boxes(text, conv, size, model_size)
+        region = self.preprocessor.seen_region(size[1], size[0])
+        return grounding.parse_boxes(text, conv, size, model_size, region)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, **kw) -> Iterator[str]:
         """Like generate(), yielding text pieces as tokens arrive; every piece

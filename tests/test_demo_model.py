@@ -32,7 +32,7 @@ def test_vlm_eval_json_contract():
     out = json.loads(r.stdout)
     assert out["n"] == 14 and 0.0 <= out["accuracy"] <= 1.0
     assert set(out["per_kind"]) == {"color", "shape", "size", "count", "position", "yesno",
-                                    "caption"}
+                                    "caption", "box"}
 
 
 def test_demo_accuracy_500_questions():
@@ -85,21 +85,28 @@ def test_train_smoke(tmp_path):
 
 
 def test_token_targets_put_counts_on_the_summary_token_only():
-    """Row 0 is CLIP's class token (the summary): counts, no colour/shape/size
-    and no row/column; rows 1..16 are the grid cells, objects in theirs."""
+    """Row 0 is CLIP's class token (the summary): counts, no colour/shape/size,
+    no row/column and no box; rows 1..16 are the grid cells, objects (and
+    their boxes, as the answer's coordinate classes) in theirs."""
     from vlmedge.demo import scenes, train
 
     scene = next(s for s in map(scenes.make_scene, range(100)) if len(s.objects) == 3)
     t = train.cell_targets(scene)
-    assert t.shape == (17, 8)
+    assert t.shape == (17, 12)
     sizes = [o.size for o in scene.objects]
     assert list(t[0]) == [0, 0, 0, train.IGNORE, train.IGNORE, 3, sizes.count("small"),
-                          sizes.count("large")]
-    assert (t[1:, 5:] == train.IGNORE).all()
-    occupied = {1 + o.row * scenes.GRID + o.col for o in scene.objects}
+                          sizes.count("large")] + [train.IGNORE] * 4
+    assert (t[1:, 5:8] == train.IGNORE).all()
+    occupied = {1 + o.row * scenes.GRID + o.col: o for o in scene.objects}
     for i in range(1, 17):
         assert (t[i, 1] > 0) == (i in occupied)
         assert (t[i, 3], t[i, 4]) == divmod(i - 1, scenes.GRID)
+        if i in occupied:  # k of each coordinate word k / BOX_STEPS of the box answer
+            box = scenes.read_box(scenes.box_text(occupied[i].box))
+            want = [round(v / scenes.IMAGE_SIZE * scenes.BOX_STEPS) for v in box]
+            assert list(t[i, 8:]) == want
+        else:
+            assert (t[i, 8:] == train.IGNORE).all()
 
 
 def test_count_questions_route_to_the_summary_token():
@@ -124,7 +131,7 @@ def test_training_batches_are_the_same_with_a_data_worker():
 
     def stream(workers):
         args = argparse.Namespace(seed=5, vision_steps=2, steps=3, batch=3, turns=3,
-                                  count_route=1, data_workers=workers)
+                                  count_route=1, data_workers=workers, kind_weight=[])
         return list(train.batches(args))
 
     a, b = stream(0), stream(1)

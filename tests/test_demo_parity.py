@@ -19,7 +19,7 @@ def test_greedy_tokens_equal_pytorch_on_56_held_out_questions(demo_artifact, dem
 
     torch_model = TorchAnswerer(demo_dir, max_new_tokens=24)
     session = VLMSession(demo_artifact, provider="cpu")
-    items = scenes.eval_items(56, seed=7)  # 8 of each question kind
+    items = scenes.eval_items(56, seed=7)  # 7 of each of the 8 question kinds
     mismatches = []
     for scene, q in items:
         ours = session.generate(scene.image, q.question, max_new_tokens=24).token_ids

@@ -165,6 +165,26 @@ def test_failed_validation_keeps_nothing_unless_asked(tmp_path, tiny_llava_dir, 
     assert m["validation"]["passed"] is False
 
 
+def test_image_feature_bound_scales_with_the_features(tiny_llava_artifact, tmp_path,
+                                                     tiny_llava_dir, monkeypatch):
+    """Image features are held to tol x max(1, their largest magnitude); the
+    figure is in the validation record and in a failure's one line."""
+    from vlmedge.errors import ValidationError
+    from vlmedge.export import exporter
+    from vlmedge.export.families import FAMILIES
+
+    v = tiny_llava_artifact[1]["validation"]
+    scale = v["image_features_scale"]
+    assert scale >= 1.0
+    assert v["max_abs_diff_image_features"] <= v["tolerances"]["image_features"] * scale
+    monkeypatch.setattr(FAMILIES["llava"], "tolerances", {"image_features": -1.0, "logits": 1e-4})
+    opts = exporter.ExportOptions(model_dir=Path(tiny_llava_dir), output=tmp_path / "out")
+    with pytest.raises(ValidationError, match=r"max_abs_diff_image_features=.*largest feature") \
+            as e:
+        exporter.run_export(opts, log=lambda s: None)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_full_size_smolvlm_256m_preset_exports_with_external_data(tmp_path):
     """A full-size random-weight SmolVLM-256M-shaped model from the committed

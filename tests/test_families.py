@@ -65,7 +65,7 @@ def build_idefics3(out: Path) -> Path:
     rowcol = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     special = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>",
                "<fake_token_around_image>", "<image>", "<global-img>"] + rowcol
-    tok, vocab = _tokenizer(special, ["User", "Assistant", ":", "\n"] + scenes.vocabulary(),
+    tok, vocab = _tokenizer(special, ["User", "Assistant", ":", "\n"] + scenes.vocabulary(boxes=False),
                             bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                             pad_token="<pad>")
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def build_qwen2_vl(out: Path, v2_5: bool = False) -> Path:
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<unk>"]
-    tok, vocab = _tokenizer(special, ["user", "assistant", "\n"] + scenes.vocabulary(),
+    tok, vocab = _tokenizer(special, ["user", "assistant", "\n"] + scenes.vocabulary(boxes=False),
                             eos_token="<|im_end|>", pad_token="<|endoftext|>",
                             extra_special_tokens={"image_token": "<|image_pad|>",
                                                   "video_token": "<|video_pad|>"})

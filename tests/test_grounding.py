@@ -1,10 +1,11 @@
 """Grounding: answer text -> boxes in the original image's pixels
 (runtime/grounding.py), the session's result.boxes and vlm-run --annotate.
 
-No exported model here answers with boxes (the demo and tiny models are
-LLaVA, which has no grounding convention), so the parsers run on realistic
-answer strings and the session glue on a stand-in session; an end-to-end run
-needs a Qwen2.5-VL/InternVL artifact that grounds."""
+The parsers run on realistic answer strings of each family. End to end, the
+demo model answers "find the red circle." with a LLaVA-1.5 box
+("[x1, y1, x2, y2]", fractions of the image it saw): its exported artifact's
+boxes are checked against the scenes' true boxes, on the scene itself and on a
+wider frame the processor center-crops (the region is mapped back)."""
 import json
 import subprocess
 import sys
@@ -136,37 +137,114 @@ def test_box_count_and_text_scanned_are_capped():
 
 
 # -- family -> convention, and the session's result.boxes -----------------------
+# -- llava: [x1, y1, x2, y2] fractions of the region the model saw --------------
+def test_llava_fractions_of_the_seen_region():
+    assert parse_boxes("[0.25, 0.5, 0.75, 1.0]", "llava", (200, 100)) == \
+        [Box(None, 50.0, 50.0, 150.0, 100.0)]
+    # the demo's decoded form, with spaces inside the brackets
+    assert parse_boxes("[ 0.25, 0.50, 0.75, 1.00 ]", "llava", (200, 100)) == \
+        [Box(None, 50.0, 50.0, 150.0, 100.0)]
+    # a center-cropped region (x0, y0, w, h): the fractions are of it
+    assert parse_boxes("[0.0, 0.0, 0.5, 1.0]", "llava", (200, 100), region=(50, 0, 100, 100)) \
+        == [Box(None, 50.0, 0.0, 100.0, 100.0)]
+    assert parse_boxes("[2, 3, 40, 50]", "llava", (200, 100)) == []  # not fractions
+    assert parse_boxes("the red circle", "llava", (200, 100)) == []
+
+
+def test_seen_region_of_shortest_edge_resize_and_center_crop():
+    from vlmedge.runtime.preprocess import ImagePreprocessor
+    pre = ImagePreprocessor({"resize": "shortest_edge", "size": 128, "crop": [128, 128]})
+    # 640x480 -> 170x128 (w x h), crop 128 wide from column 21: 21 * 640/170 px in
+    x0, y0, w, h = pre.seen_region(480, 640)
+    assert (y0, h) == (0.0, 480.0)
+    assert abs(x0 - 21 * 640 / 170) < 1e-9 and abs(w - 128 * 640 / 170) < 1e-9
+    assert pre.seen_region(128, 128) == (0.0, 0.0, 128.0, 128.0)
+    # no crop: the whole image; a tiling config: the whole image
+    assert ImagePreprocessor({"size": 64}).seen_region(100, 300) == (0.0, 0.0, 300.0, 100.0)
+
+
 def test_family_conventions():
     assert grounding.convention_for("qwen2_5_vl") == "qwen2_5_vl"
     assert grounding.convention_for("qwen2_vl") == "qwen2_vl"
     assert grounding.convention_for("internvl") == "internvl"
-    for fam in ("llava", "idefics3", "smolvlm", "llava_next", "llava_onevision"):
+    assert grounding.convention_for("llava") == "llava"
+    for fam in ("idefics3", "smolvlm", "llava_next", "llava_onevision", "gemma3"):
         assert grounding.convention_for(fam) is None
     assert grounding.model_size_from_grid((2, 3), 14) is None        # idefics3 rows/cols
     assert grounding.model_size_from_grid((1, 4, 6), None) is None
 
 
+# Grounding markers that the Qwen2-VL and InternVL tokenizers hold as special tokens.
+MARKERS = ["<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+           "<ref>", "</ref>", "<box>", "</box>"]
+
+
+def _byte_tokenizer():
+    """A real byte-level tokenizer (any text round-trips) with MARKERS special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(MARKERS)
+    return tok
+
+
+TOKENIZER = _byte_tokenizer()
+
+
+def _ids(text):
+    return TOKENIZER.encode(text).ids
+
+
 def _stand_in(family, patch_size=14, seen=None):
-    """What VLMSession._boxes reads: the manifest's family and patch size and
-    this thread's last preprocessed image."""
+    """What VLMSession._boxes reads: the manifest's family and patch size, its
+    preprocessor, its chat tokenizer's decode and this thread's last
+    preprocessed image."""
+    from vlmedge.runtime.chat import ChatTokenizer
+    from vlmedge.runtime.preprocess import ImagePreprocessor
+    chat = SimpleNamespace(tokenizer=TOKENIZER)
+    chat.decode = lambda ids, keep_special=False: ChatTokenizer.decode(chat, ids, keep_special)
     return SimpleNamespace(manifest=SimpleNamespace(family=family,
                                                     image=SimpleNamespace(patch_size=patch_size)),
-                           _local=SimpleNamespace(seen=seen))
+                           preprocessor=ImagePreprocessor({"size": 128, "crop": [128, 128]}),
+                           chat=chat, _local=SimpleNamespace(seen=seen))
 
 
 def test_session_boxes_glue():
     enc = EncodedImage(np.zeros((1, 1, 1), np.float32), (1, 22, 32), {}, 0, image_size=(1280, 880))
-    boxes = VLMSession._boxes(_stand_in("qwen2_5_vl"), enc, QWEN25)
+    boxes = VLMSession._boxes(_stand_in("qwen2_5_vl"), enc, _ids(QWEN25))
     assert boxes == parse_boxes(QWEN25, "qwen2_5_vl", (1280, 880), (448, 308))
     assert len(boxes) == 2
     # a raw image: the size and grid _preprocess recorded for this request
     raw = VLMSession._boxes(_stand_in("qwen2_5_vl", seen=((1280, 880), (1, 22, 32))),
-                            "frame.jpg", QWEN25)
+                            "frame.jpg", _ids(QWEN25))
     assert raw == boxes
-    assert VLMSession._boxes(_stand_in("qwen2_5_vl"), [enc, enc], QWEN25) == []  # two images
-    assert VLMSession._boxes(_stand_in("llava"), enc, QWEN25) == []
-    internvl = "<ref>a</ref><box>[[0,0,1,1]]</box>"
+    assert VLMSession._boxes(_stand_in("qwen2_5_vl"), [enc, enc], _ids(QWEN25)) == []  # two
+    assert VLMSession._boxes(_stand_in("llava"), enc, _ids(QWEN25)) == []  # not its convention
+    llava = VLMSession._boxes(_stand_in("llava", seen=((256, 128), None)), "f.png",
+                              _ids("[0.0, 0.0, 1.0, 1.0]"))
+    assert llava == [Box(None, 64.0, 0.0, 192.0, 128.0)]  # the center crop of a 256x128 frame
+    internvl = _ids("<ref>a</ref><box>[[0,0,1,1]]</box>")
     assert VLMSession._boxes(_stand_in("internvl"), None, internvl) == []  # text only
+
+
+def test_labels_between_special_token_markers_survive():
+    """The answer text skips special tokens; the boxes are read with them kept,
+    so InternVL's and Qwen2-VL's labels come back."""
+    seen = ((1000, 500), None)
+    text = "<ref>red car</ref><box>[[100, 200, 300, 400]]</box>"
+    ids = _ids(text)
+    shown = TOKENIZER.decode(ids)  # the answer text: markers gone, the label unmarked
+    assert shown == "red car[[100, 200, 300, 400]]"
+    assert [b.label for b in parse_boxes(shown, "internvl", (1000, 500))] == [None]
+    boxes = VLMSession._boxes(_stand_in("internvl", seen=seen), "f.png", ids)
+    assert boxes == [Box("red car", 100.0, 100.0, 300.0, 200.0)]
+    text = ("<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(100,250),(500,750)"
+            "<|box_end|>")
+    boxes = VLMSession._boxes(_stand_in("qwen2_vl", seen=seen), "f.png", _ids(text))
+    assert boxes == [Box("the dog", 100.0, 125.0, 500.0, 375.0)]
 
 
 # -- drawing and vlm-run --annotate ------------------------------------------------
@@ -184,18 +262,66 @@ def test_draw_boxes_changes_pixels_on_the_outline(tmp_path):
     assert (px[100, 100] == 255).all() and (px[190, 290] == 255).all()  # inside, outside
 
 
-def test_vlm_run_annotate_refuses_family_without_boxes(tiny_llava_artifact, tmp_path):
-    out = tmp_path / "out.png"
-    r = subprocess.run([_bin("vlm-run"), str(tiny_llava_artifact[0]), "--annotate", str(out),
-                        "-n", "2"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("vlm-run")]
-    assert len(lines) == 1 and "carry no boxes vlmedge can read" in lines[0], r.stderr
-    assert not out.exists()
+# -- the demo model grounds end to end ----------------------------------------
+def _demo_cases(n=6):
+    from vlmedge.demo import scenes
+    out = []
+    for k in range(n):
+        scene = scenes.make_scene(scenes.EVAL_SEED_BASE + 4200 + k)
+        q = scenes.questions(scene)[-1]
+        assert q.kind == "box"
+        out.append((scene, q, scenes.read_box(q.answer)))
+    return out
 
 
-def test_llava_result_has_no_boxes(tiny_llava_artifact):
-    r = subprocess.run([_bin("vlm-run"), str(tiny_llava_artifact[0]), "--json", "-n", "2"],
+def test_demo_answers_boxes_in_image_pixels(demo_artifact):
+    """result.boxes of "find the <object>." on held-out scenes: IoU >= 0.5 with
+    the true box, both on the 128 px scene and on a 192x128 frame whose
+    center crop is the scene (the box comes back 32 px to the right)."""
+    from vlmedge.demo import scenes
+    from vlmedge.runtime import VLMSession
+    sess = VLMSession(demo_artifact, threads=1)
+    rng = np.random.default_rng(0)
+    right = right_wide = 0
+    cases = _demo_cases()
+    for scene, q, truth in cases:
+        r = sess.generate(scene.image, q.question, max_new_tokens=16)
+        assert len(r.boxes) == 1 and r.boxes[0].label is None, r.text
+        b = r.boxes[0]
+        _ok(b, 128, 128)
+        right += scenes.iou((b.x1, b.y1, b.x2, b.y2), truth) >= 0.5
+        wide = rng.integers(0, 256, (128, 192, 3), dtype=np.uint8)
+        wide[:, 32:160] = np.asarray(scene.image)
+        r = sess.generate(wide, q.question, max_new_tokens=16)
+        assert len(r.boxes) == 1, r.text
+        b = r.boxes[0]
+        _ok(b, 192, 128)
+        shifted = (truth[0] + 32, truth[1], truth[2] + 32, truth[3])
+        right_wide += scenes.iou((b.x1, b.y1, b.x2, b.y2), shifted) >= 0.5
+    # 95%+ on 500 questions (vlm-eval); 6 of 6 here would be luck-free only
+    # for a perfect model, so allow one miss each.
+    assert right >= len(cases) - 1 and right_wide >= len(cases) - 1
+
+
+def test_vlm_run_annotate_draws_the_demo_box(demo_artifact, tmp_path):
+    scene, q, truth = _demo_cases(1)[0]
+    src, out = tmp_path / "scene.png", tmp_path / "out.png"
+    scene.image.save(src)
+    r = subprocess.run([_bin("vlm-run"), str(demo_artifact), "--image", str(src), "--prompt",
+                        q.question, "--annotate", str(out), "--json", "-n", "16"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["boxes"] == []
+    boxes = json.loads(r.stdout)["boxes"]
+    assert len(boxes) == 1
+    b = boxes[0]
+    before = np.asarray(scene.image)
+    after = np.asarray(Image.open(out).convert("RGB"))
+    assert after.shape == before.shape
+    # the outline is red where the box's top-left corner is; far from it nothing changed
+    y, x = min(int(b["y1"]), 126), min(int(b["x1"]), 126)
+    corner = after[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+    assert (corner == (255, 0, 0)).all(-1).any()
+    far = [(yy, xx) for yy in (0, 127) for xx in (0, 127)
+           if min(abs(yy - b["y1"]), abs(yy - b["y2"])) > 4
+           and min(abs(xx - b["x1"]), abs(xx - b["x2"])) > 4]
+    assert far and all((after[p] == before[p]).all() for p in far)

@@ -51,7 +51,7 @@ def build_internvl(out, seed: int = 10):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         GotOcr2ImageProcessorPil)
 
-    tok, vocab = _tokenizer(SPECIAL, ["user", "assistant", "\n"] + scenes.vocabulary(),
+    tok, vocab = _tokenizer(SPECIAL, ["user", "assistant", "\n"] + scenes.vocabulary(boxes=False),
                             eos_token="<|im_end|>", pad_token="<|endoftext|>",
                             extra_special_tokens={"start_image_token": "<img>",
                                                   "end_image_token": "</img>",

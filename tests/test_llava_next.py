@@ -35,7 +35,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", 
 
 
 def _tiny_tokenizer():
-    return _tokenizer(SPECIAL, ["user", "assistant", "\n"] + scenes.vocabulary(),
+    return _tokenizer(SPECIAL, ["user", "assistant", "\n"] + scenes.vocabulary(boxes=False),
                       eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 

@@ -41,7 +41,7 @@ def build_qwen3_vl(out, seed: int = 0):
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<unk>"]
-    tok, vocab = _tokenizer(special, ["user", "assistant", "\n"] + scenes.vocabulary(),
+    tok, vocab = _tokenizer(special, ["user", "assistant", "\n"] + scenes.vocabulary(boxes=False),
                             eos_token="<|im_end|>", pad_token="<|endoftext|>",
                             extra_special_tokens={"image_token": "<|image_pad|>",
                                                   "video_token": "<|video_pad|>"})

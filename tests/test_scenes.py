@@ -76,9 +76,45 @@ def test_answers_agree_with_drawn_pixels(seed):
 
 
 def test_vocabulary_covers_every_question_and_answer():
+    import re
+    # The demo tokenizer's split: box coordinates, words, each punctuation mark.
+    split = re.compile(r"\d+\.\d+|\w+|[^\w\s]").findall
     vocab = set(scenes.vocabulary())
     for seed in range(200):
         for q in scenes.questions(scenes.make_scene(seed)):
-            words = q.question.replace("?", " ?").replace(".", " .").replace(",", " ,").split()
-            words += q.answer.replace(",", " ,").split()
+            words = split(q.question) + split(q.answer)
             assert set(words) <= vocab, set(words) - vocab
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_box_answers_hold_the_drawn_object(seed):
+    """The true box covers the object's pixels and little else: IoU >= 0.7
+    with the box of its colour's pixels (the drawn extent is a pixel wider)."""
+    scene = scenes.make_scene(seed)
+    px = np.asarray(scene.image)
+    q = scenes.questions(scene)[-1]
+    assert q.kind == "box" and q.question.startswith("find the ")
+    target = next(o for o in scene.objects if q.question == f"find the {o.name}.")
+    box = scenes.read_box(q.answer)
+    # the answer's two decimals are within one step of the exact extent
+    assert max(abs(a - b) for a, b in zip(box, target.box)) <= scenes.IMAGE_SIZE / 200 + 1e-9
+    ys, xs = np.nonzero(_colour_mask(px, scenes.COLORS[target.color]))
+    drawn = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert scenes.iou(box, drawn) >= 0.7, (box, drawn)
+    for o in scene.objects:  # another object's box is not this one
+        if o is not target:
+            assert scenes.iou(o.box, target.box) == 0.0
+
+
+def test_box_scoring_rule():
+    q = scenes.Question("box", "find the red circle.", "[0.25, 0.25, 0.50, 0.50]")
+    assert scenes.read_box(q.answer) == (32.0, 32.0, 64.0, 64.0)
+    assert scenes.is_right(q.kind, q.answer, "[ 0.25, 0.25, 0.50, 0.50 ]")
+    assert scenes.is_right(q.kind, q.answer, "[0.27, 0.27, 0.52, 0.52]")      # IoU 0.72
+    assert not scenes.is_right(q.kind, q.answer, "[0.35, 0.35, 0.60, 0.60]")  # IoU 0.22
+    assert not scenes.is_right(q.kind, q.answer, "top left")
+    assert not scenes.is_right(q.kind, q.answer, "[0.25, 0.25, 0.50]")
+    assert scenes.iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    assert scenes.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    # every other kind: exact match up to case, spaces and a final full stop
+    assert scenes.is_right("color", "red", " Red. ") and not scenes.is_right("color", "red", "blue")

@@ -45,7 +45,7 @@ def build_smolvlm(out):
     special = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>",
                "<fake_token_around_image>", "<image>", "<global-img>", "<video>"] + rowcol
     tok, vocab = _tokenizer(
-        special, ["User", "Assistant", ":", "\n"] + scenes.vocabulary(),
+        special, ["User", "Assistant", ":", "\n"] + scenes.vocabulary(boxes=False),
         bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<pad>",
         extra_special_tokens={"fake_image_token": "<fake_token_around_image>",
                               "image_token": "<image>", "global_image_token": "<global-img>",
@@ -204,3 +204,25 @@ def test_generate_on_raw_image_equals_transformers(size, loaded, session):
     assert r.token_ids == want, (r.token_ids, ref)
     assert r.stop_reason == ("stop_token" if stops else "max_new_tokens")
     assert len(set(want)) > 2, want  # not a flat-logit cycle
+
+
+# -- a family without a box convention ------------------------------------------
+def test_vlm_run_annotate_refuses_family_without_boxes(artifact, tmp_path):
+    """SmolVLM answers carry no boxes vlmedge reads: --annotate is refused in
+    one line before any work, and a plain --json run reports no boxes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vlm_run = str(Path(sys.executable).parent / "vlm-run")
+    out = tmp_path / "out.png"
+    r = subprocess.run([vlm_run, str(artifact[0]), "--annotate", str(out), "-n", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("vlm-run")]
+    assert len(lines) == 1 and "carry no boxes vlmedge can read" in lines[0], r.stderr
+    assert not out.exists()
+    r = subprocess.run([vlm_run, str(artifact[0]), "--json", "-n", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["boxes"] == []

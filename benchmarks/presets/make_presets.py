@@ -333,7 +333,8 @@ def corpus() -> list[str]:
     for seed in range(300):
         scene = scenes.make_scene(seed)
         lines.append(scenes.caption(scene))
-        lines += [q.question + " " + q.answer for q in scenes.questions(scene)]
+        # without the box kind (added later): the presets' tokenizers regenerate as committed
+        lines += [q.question + " " + q.answer for q in scenes.questions(scene) if q.kind != "box"]
     return lines
 
 
