@@ -6,7 +6,7 @@ Two sources (`--calib`):
   DIR        images found recursively (folder.py), each with its prompts from
              DIR/prompts.jsonl, or DEFAULT_PROMPTS where the file names none;
   synthetic  the demo scene world (vlmedge.demo.scenes): each scene with its
-             seven questions and their answers, so the gate can also score
+             eight questions and their answers, so the gate can also score
              answers. Seeds come from SYNTHETIC_SEEDS, disjoint from the
              training seeds [0, 10^7) and from vlm-eval's [10^9, ...).
 

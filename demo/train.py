@@ -5,7 +5,7 @@
 
 The shipped model (demo/model) is the model trained from scratch before
 grounding was added (`git show 03c9f97:demo/model/...`: 7 question kinds,
-0.996 on 500 questions) taught the box kind by two fine-tuning runs:
+0.996 on 500 questions) taught the box kind by three fine-tuning runs:
 
     python -m vlmedge.demo.train --init-from OLD --out FT1 --vision-steps 800 \
         --vision-lr 1e-3 --steps 1500 --lr 7e-4                          # ~10 min

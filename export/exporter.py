@@ -430,8 +430,10 @@ def _figures(v: dict) -> str:
     return (f"tokens_match={v.get('tokens_match')}, prompt_ids_match={v.get('prompt_ids_match')}, "
             f"max_abs_diff_logits={v.get('max_abs_diff_logits'):.3g} "
             f"(tol {v['tolerances']['logits']:g}), max_abs_diff_image_features="
-            f"{v.get('max_abs_diff_image_features'):.3g} (tol {v['tolerances']['image_features']:g}"
-            f" x max(1, largest feature {v.get('image_features_scale', 1.0):.3g})), "
+            f"{v.get('max_abs_diff_image_features'):.3g} (bound "
+            f"{v.get('image_features_bound', v['tolerances']['image_features']):.3g}: tol "
+            f"{v['tolerances']['image_features']:g} x max(1, largest feature "
+            f"{v.get('image_features_scale', 1.0):.3g}) at fp32), "
             f"cached_vs_recompute={v.get('cached_vs_recompute_max_abs_diff'):.3g}")
 
 
@@ -449,7 +451,8 @@ def _summary(o: ExportOptions, out: Path, m: dict, times: dict) -> dict[str, Any
         "validation": {k: v.get(k) for k in ("passed", "skipped", "reason", "tokens_match",
                                              "prompt_ids_match", "max_abs_diff_logits",
                                              "max_abs_diff_image_features",
-                                             "image_features_scale", "tolerances",
+                                             "image_features_scale", "image_features_bound",
+                                             "tolerances",
                                              "cached_vs_recompute_max_abs_diff") if k in v}
         if v else None,
         "stage_seconds": times,

@@ -629,20 +629,24 @@ class VLMSession:
         value = None if reason == "cancelled" else \
             _structured_value(constraint, text, max_new_tokens)
         return GenerationResult(text, tokens, len(ids), reason, timings, value,
-                                self._boxes(image, tokens))
+                                self._boxes(image, tokens, stop))
 
-    def _boxes(self, image, tokens: list[int]) -> list:
+    def _boxes(self, image, tokens: list[int], stop=None) -> list:
         """The answer's grounding boxes in the original image's pixels, where
         the family has a convention and the request had exactly one image
         (several: which image a box is on is not said). The tokens are decoded
         with special tokens kept, so labels between grounding markers that
-        are special tokens (<ref>...</ref>, <|object_ref_start|>...) survive.
-        Reads what _preprocess recorded in this thread for this request (or
-        the EncodedImage's)."""
+        are special tokens (<ref>...</ref>, <|object_ref_start|>...) survive;
+        like the answer text, it ends at the first `stop` string. Reads what
+        _preprocess recorded in this thread for this request (or the
+        EncodedImage's)."""
         conv = grounding.convention_for(self.manifest.family)
         if conv is None or _image_count(image) != 1:
             return []
         text = self.chat.decode(tokens, keep_special=True)
+        for s in stop or ():
+            if s in text:
+                text = text[: text.index(s)]
         image = image[0] if isinstance(image, (list, tuple)) else image
         if isinstance(image, EncodedImage):
             size, grid = image.image_size, image.grid

@@ -22,7 +22,7 @@ def test_demo_loads_offline_and_answers_held_out_questions(demo_dir):
     from vlmedge.benchmarks.torch_answerer import TorchAnswerer
 
     answerer = TorchAnswerer(demo_dir)
-    result = scene_eval.evaluate(answerer, n=28, seed=3)  # 4 of each kind, unseen scenes
+    result = scene_eval.evaluate(answerer, n=28, seed=3)  # 3-4 of each of the 8 kinds, unseen scenes
     assert result["accuracy"] >= 0.85, result["wrong"]
 
 

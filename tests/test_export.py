@@ -176,7 +176,8 @@ def test_image_feature_bound_scales_with_the_features(tiny_llava_artifact, tmp_p
     v = tiny_llava_artifact[1]["validation"]
     scale = v["image_features_scale"]
     assert scale >= 1.0
-    assert v["max_abs_diff_image_features"] <= v["tolerances"]["image_features"] * scale
+    assert v["image_features_bound"] == v["tolerances"]["image_features"] * scale  # fp32
+    assert v["max_abs_diff_image_features"] <= v["image_features_bound"]
     monkeypatch.setattr(FAMILIES["llava"], "tolerances", {"image_features": -1.0, "logits": 1e-4})
     opts = exporter.ExportOptions(model_dir=Path(tiny_llava_dir), output=tmp_path / "out")
     with pytest.raises(ValidationError, match=r"max_abs_diff_image_features=.*largest feature") \

@@ -226,6 +226,12 @@ def test_session_boxes_glue():
     llava = VLMSession._boxes(_stand_in("llava", seen=((256, 128), None)), "f.png",
                               _ids("[0.0, 0.0, 1.0, 1.0]"))
     assert llava == [Box(None, 64.0, 0.0, 192.0, 128.0)]  # the center crop of a 256x128 frame
+    # a stop string ends the boxes' text as it ends the answer's
+    two = _ids("[0.0, 0.0, 0.5, 0.5] STOP [0.5, 0.5, 1.0, 1.0]")
+    llava_seen = _stand_in("llava", seen=((128, 128), None))
+    assert len(VLMSession._boxes(llava_seen, "f.png", two)) == 2
+    assert VLMSession._boxes(llava_seen, "f.png", two, ["STOP"]) == [
+        Box(None, 0.0, 0.0, 64.0, 64.0)]
     internvl = _ids("<ref>a</ref><box>[[0,0,1,1]]</box>")
     assert VLMSession._boxes(_stand_in("internvl"), None, internvl) == []  # text only
 

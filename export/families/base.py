@@ -218,7 +218,8 @@ class Family:
     name: str = ""
     architectures: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
-    # Per-output absolute tolerances for fp32 validation against PyTorch.
+    # Per-output tolerances for fp32 validation against PyTorch: absolute for
+    # logits; image features x max(1, their largest magnitude) (export/validate.py).
     tolerances = {"image_features": 1e-4, "logits": 1e-4}
     # fp16 graphs (GPU) against the fp32 PyTorch model: rounding of 11-bit mantissas.
     tolerances_fp16 = {"image_features": 5e-2, "logits": 1e-1}
