@@ -345,9 +345,13 @@ def test_ctrl_c_stops_cleanly_with_a_summary(demo_artifact, tmp_path):
     import signal
 
     long_video = write_video(tmp_path / "long.mp4", SEEDS * 4, 10)  # 20 s at 10 fps
+    # The child gets Ctrl-C's default disposition whatever ours is: a suite
+    # started in the background by a non-interactive shell runs with SIGINT
+    # ignored, which children inherit (Python then installs no handler).
     p = subprocess.Popen([_bin("vlm-watch"), str(demo_artifact), "--source", str(long_video),
                           "-q", "describe the image."], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.readline()  # the loop is running
         assert json.loads(first)["frame_id"] >= 0
