@@ -202,14 +202,14 @@ def questions(scene: Scene, rng: np.random.Generator | None = None) -> list[Ques
     return out
 
 
+def box_steps(box: tuple[float, float, float, float]) -> list[int]:
+    """Pixel box -> k of each coordinate word k / BOX_STEPS (0..BOX_STEPS)."""
+    return [min(max(round(v / IMAGE_SIZE * BOX_STEPS), 0), BOX_STEPS) for v in box]
+
+
 def box_text(box: tuple[float, float, float, float]) -> str:
     """Pixel box -> the answer text, "[0.21, 0.33, 0.35, 0.47]"."""
-    return "[" + ", ".join(_coordinate(v / IMAGE_SIZE) for v in box) + "]"
-
-
-def _coordinate(fraction: float) -> str:
-    k = min(max(round(fraction * BOX_STEPS), 0), BOX_STEPS)
-    return f"{k / BOX_STEPS:.2f}"
+    return "[" + ", ".join(f"{k / BOX_STEPS:.2f}" for k in box_steps(box)) + "]"
 
 
 _BOX = re.compile(r"\[\s*([01](?:\.\d+)?)\s*,\s*([01](?:\.\d+)?)\s*,"

@@ -266,13 +266,6 @@ class Turn:
 IGNORE = -100  # cross_entropy's ignore_index
 
 
-def box_classes(box) -> list[int]:
-    """Pixel box -> the class k of each coordinate word "k / BOX_STEPS" of its
-    answer (scenes.box_text: the same rounding)."""
-    return [round(float(scenes.box_text(box)[1:-1].split(", ")[i]) * scenes.BOX_STEPS)
-            for i in range(4)]
-
-
 def cell_targets(scene: scenes.Scene) -> np.ndarray:
     """(17, 12) int64 classes per image token, in the model's order: the
     summary (CLIP class) token, then the 16 grid cells row-major (as CLIP
@@ -298,7 +291,7 @@ def cell_targets(scene: scenes.Scene) -> np.ndarray:
         t[1 + o.row * scenes.GRID + o.col, :3] = (colors.index(o.color) + 1,
                                                   scenes.SHAPES.index(o.shape) + 1,
                                                   sizes.index(o.size) + 1)
-        t[1 + o.row * scenes.GRID + o.col, 8:] = box_classes(o.box)
+        t[1 + o.row * scenes.GRID + o.col, 8:] = scenes.box_steps(o.box)
     return t
 
 

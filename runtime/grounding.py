@@ -9,17 +9,16 @@ the image the caller passed (before any resize or tiling), clipped to it:
               saw (the processor's smart_resize: grid w * patch_size by grid
               h * patch_size), so model_size is needed to map them back.
   qwen2_vl    <|object_ref_start|>cat<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)
-              <|box_end|>, coordinates normalized to 0..1000. The runtime
-              decodes with skip_special_tokens (runtime/chat.py), which drops
-              those markers, so the bare "(x1,y1),(x2,y2)" is read too (label
-              None: nothing marks where a label starts).
+              <|box_end|>, coordinates normalized to 0..1000. The session
+              parses the answer decoded with special tokens kept, so the
+              markers and labels are there; a bare "(x1,y1),(x2,y2)" (markers
+              decoded away elsewhere) is read too, with label None.
   internvl    <ref>cat</ref><box>[[x1, y1, x2, y2], ...]</box>, normalized to
-              0..1000, several boxes per ref. As above, markers decoded away
-              leave "[[x1, y1, x2, y2]]", read with label None.
+              0..1000, several boxes per ref. As above, a bare
+              "[[x1, y1, x2, y2]]" is read with label None.
   paligemma   <locY1><locX1><locY2><locX2> label, groups separated by " ; ",
               each loc 0..1023 as a fraction of 1024 (order y, x): PaliGemma's
               "detect cat" answers.
-
   qwen3_vl    Qwen2.5-VL's JSON objects, coordinates normalized to 0..1000.
   llava       [x1, y1, x2, y2], each a fraction 0..1 of the image the model
               saw (LLaVA-1.5's grounding format; the demo model answers "find

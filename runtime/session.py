@@ -620,11 +620,7 @@ class VLMSession:
                                              constraint, cancel, max_image_tokens):
             if token >= 0:
                 tokens.append(token)
-        text = self.chat.decode(tokens)
-        if stop:
-            for s in stop:
-                if s in text:
-                    text = text[: text.index(s)]
+        text = _cut_at_stop(self.chat.decode(tokens), stop)
         reason = timings.pop("stop_reason")
         value = None if reason == "cancelled" else \
             _structured_value(constraint, text, max_new_tokens)
@@ -643,10 +639,7 @@ class VLMSession:
         conv = grounding.convention_for(self.manifest.family)
         if conv is None or _image_count(image) != 1:
             return []
-        text = self.chat.decode(tokens, keep_special=True)
-        for s in stop or ():
-            if s in text:
-                text = text[: text.index(s)]
+        text = _cut_at_stop(self.chat.decode(tokens, keep_special=True), stop)
         image = image[0] if isinstance(image, (list, tuple)) else image
         if isinstance(image, EncodedImage):
             size, grid = image.image_size, image.grid
@@ -787,6 +780,12 @@ def _check_request(image, prompt, max_new_tokens, stop, seed) -> None:
                                      got=type(im).__name__)
 
 
+def _cut_at_stop(text: str, stop) -> str:
+    """`text` up to the first occurrence of each `stop` string in turn."""
+    for s in stop or ():
+        if s in text:
+            text = text[: text.index(s)]
+    return text
 
 
 def _image_count(image) -> int:

@@ -148,8 +148,11 @@ def test_window_layer_cache_holds_only_the_window(artifact):
         logits, cache = s.prefill([int(np.argmax(logits))], None, cache, grid)
         assert [a.shape[2] for a in cache.arrays] == [WINDOW - 1] * 2 + [len(ids) + n + 1] * 2
     assert cache.length == len(ids) + 3
-    # the manifest's row count per layer, as the runtime and vlm-bench read it
-    assert m.decoder.cache_rows(0, 1000) == WINDOW - 1 and m.decoder.cache_rows(1, 1000) == 1000
+    # each layer's rows, as the manifest's window_layers / window_cache say
+    for i in range(m.decoder.num_layers):
+        want = min(cache.length, m.decoder.window_cache) if i in m.decoder.window_layers \
+            else cache.length
+        assert cache.arrays[2 * i].shape[2] == cache.arrays[2 * i + 1].shape[2] == want
 
 
 @pytest.mark.parametrize("change,match", [

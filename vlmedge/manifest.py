@@ -180,10 +180,6 @@ class Decoder:
     window_layers: tuple[int, ...] = ()
     window_cache: int | None = None
 
-    def cache_rows(self, layer: int, length: int) -> int:
-        """Rows layer `layer` holds in a cache of `length` positions."""
-        return min(length, self.window_cache) if layer in self.window_layers else length
-
     @property
     def inputs_width(self) -> int:
         return self.hidden_size * (1 + self.deepstack_layers)
