@@ -65,6 +65,10 @@ def main(
     max_image_tokens: Optional[int] = typer.Option(
         None, "--max-image-tokens", help="The artifact's default image-token budget (SmolVLM "
         "tiles / Qwen2-VL pixels scaled to fit; a call can set its own)."),
+    pan_and_scan: bool = typer.Option(
+        False, "--pan-and-scan", help="Gemma 3: an elongated image is also seen as 2-4 crops "
+        "along its long side (the processor's do_pan_and_scan; 256 more image tokens a crop). "
+        "--max-image-tokens / a call's budget lowers the crop count."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     keep_failed: bool = typer.Option(
         False, "--keep-failed", help="On failed validation keep the artifact as <output>.failed."),
@@ -106,7 +110,8 @@ def main(
             target=target, precision=precision, decoder_flavour=decoder_flavour,
             vision_precision=vision_precision, weight_method=weight_method, validate=validate,
             random_weights=random_weights, max_context=max_context, max_batch=max_batch,
-            max_images=max_images, max_image_tokens=max_image_tokens, force=force,
+            max_images=max_images, max_image_tokens=max_image_tokens,
+            pan_and_scan=pan_and_scan, force=force,
             keep_failed=keep_failed, trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, calib=calib, calib_size=calib_size,
             calib_method=calib_method, accuracy_target=accuracy_target, min_cosine=min_cosine,

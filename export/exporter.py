@@ -48,6 +48,7 @@ class ExportOptions:
     max_batch: int = 1  # --target trt: optimization-profile limits (export/trt/profiles.py)
     max_images: int = 1
     max_image_tokens: int | None = None  # the artifact's default image-token budget
+    pan_and_scan: bool = False  # Gemma 3: crops of elongated images beside the whole one
     force: bool = False
     keep_failed: bool = False
     trust_remote_code: bool = False
@@ -253,7 +254,7 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     log("[plan] load, " + ", ".join(name for name, _ in steps))
     with stage("load"):
         r.loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code,
-                                o.allow_pickle, log=log)
+                                o.allow_pickle, log=log, pan_and_scan=o.pan_and_scan)
     fam, model = r.loaded.family, r.loaded.model
     if flavour(o) == "ort":  # before the slow export: a model the builder cannot take fails now
         from . import ort_decoder

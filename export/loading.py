@@ -46,9 +46,12 @@ def content_hash(path: Path) -> str:
 
 
 def load(path: Path, random_weights: bool = False, trust_remote_code: bool = False,
-         allow_pickle: bool = False, log: Callable[[str], None] | None = None) -> LoadedModel:
+         allow_pickle: bool = False, log: Callable[[str], None] | None = None,
+         pan_and_scan: bool = False) -> LoadedModel:
     """The model, its processor and family. `log` takes warnings (one line
-    each, "vlmedge: warning: ..."); stderr where None."""
+    each, "vlmedge: warning: ..."); stderr where None. pan_and_scan: the
+    processor crops elongated images (Gemma 3; refused for other families
+    before the weights load)."""
     torch = require("torch", "exporting a model")
     transformers = require("transformers", "exporting a model")
     try:
@@ -85,6 +88,7 @@ def load(path: Path, random_weights: bool = False, trust_remote_code: bool = Fal
             f"building the processor of {path} needs a package that is not installed: "
             f"{_first_line(e)}",
             hint=f"pip install {missing}" if missing else "install the package it names") from None
+    family.configure_processor(processor, pan_and_scan=pan_and_scan)
     if random_weights:
         torch.manual_seed(0)
         model = transformers.AutoModelForImageTextToText.from_config(

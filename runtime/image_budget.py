@@ -11,7 +11,10 @@ what the exported graphs take (they take any tile count or patch grid):
     qwen2_vl   max_pixels = budget x (patch x merge)^2, so smart_resize keeps
                the merged patches, the image tokens, within the budget
     repeat     (LLaVA, PaliGemma; and wrap, Gemma 3) the image always takes
-               tokens_per_image: a smaller budget is an error
+               tokens_per_image: a smaller budget is an error; Gemma 3 with
+               pan-and-scan keeps as many crops as fit beside the whole image
+               (its max_num_crops lowered; fewer than 2: no crops, as the
+               processor never makes one)
     anyres     (LLaVA-NeXT/OneVision) the grid pinpoints are narrowed to those
                at which this image's packed features fit; the runtime carries
                the pinpoint used in the image grid, so packing follows it (the

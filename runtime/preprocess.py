@@ -276,7 +276,10 @@ class ImagePreprocessor:
                   "grid_pinpoints": [[height, width], ...] multiples of
                   tile_size} or {"method": "internvl", "tile_size": int,
                   "min_patches", "max_patches": int, "crop_to_patches": bool,
-                  "use_thumbnail": true}; `resize`, `size` and `crop` are then unused
+                  "use_thumbnail": true} or {"method": "pan_and_scan", "size":
+                  [height, width], "min_crop_size": int, "max_num_crops": int
+                  (0: no crops), "min_ratio": float}; `resize`, `size` and
+                  `crop` are then unused
       processor   str: the HF class it came from, for the record only [None]
 
     __call__'s array is reused by the next call with the same output shape
@@ -355,6 +358,8 @@ class ImagePreprocessor:
           internvl          (N, 3, S, S) tiles: rows x cols row-major, then the
                             whole image (thumbnail) when rows * cols > 1;
                             grid (rows, cols), (1, 1) for one tile
+          pan_and_scan      (1 + n, 3, H, W): the whole image, then its n
+                            crops (Gemma 3); grid n, 0 when not cropped
 
         Equal to the HF image processor's pixel_values for one image (Idefics3's
         without its padding) and its rows/cols or image_grid_thw."""
@@ -376,6 +381,9 @@ class ImagePreprocessor:
             return frames_to_pixel_values(frames, self._scale, self._mean, self._std)[0], grid
         if tiling["method"] == "internvl":
             return internvl_tiles(rgb, tiling, self._filter, self._scale, self._mean, self._std)
+        if tiling["method"] == "pan_and_scan":
+            return pan_and_scan_views(rgb, tiling, self._filter, self._scale, self._mean,
+                                      self._std)
         return self._qwen2_vl(rgb, tiling)
 
     def _idefics3(self, rgb: np.ndarray, tiling: dict) -> tuple[np.ndarray, tuple[int, int]]:
@@ -462,10 +470,14 @@ _TILING_KEYS = {
                          "max_pixels"),
     "anyres": ("tile_size", "grid_pinpoints"),
     "internvl": ("tile_size", "min_patches", "max_patches", "crop_to_patches", "use_thumbnail"),
+    "pan_and_scan": ("size", "min_crop_size", "max_num_crops", "min_ratio"),
 }
 MAX_PINPOINTS = 256  # LLaVA-OneVision has 36
 # InternVL's tile count: the grids it weighs grow as max_patches^2 (InternVL3 uses 12).
 MAX_INTERNVL_PATCHES = 256
+# Gemma 3's pan-and-scan crops per image (its processor's default is 4); each
+# crop is one more full image of tokens.
+MAX_PAN_AND_SCAN_CROPS = 64
 
 
 # anyres "square": the image padded to a square of the mean colour and resized to
@@ -496,6 +508,8 @@ def _check_tiling(tiling) -> dict:
         return _check_anyres(tiling)
     if method == "internvl":
         return _check_internvl(tiling)
+    if method == "pan_and_scan":
+        return _check_pan_and_scan(tiling)
     for key in _TILING_KEYS[method]:
         v = tiling[key]
         hi = MAX_CONFIG_PIXELS if key.endswith("_pixels") else MAX_CONFIG_SIZE
@@ -548,6 +562,26 @@ def _check_internvl(tiling: dict) -> dict:
         raise UserInputError("ImagePreprocessor: internvl tiling always appends the thumbnail",
                              expected="use_thumbnail true", got=repr(tiling["use_thumbnail"]))
     return dict(tiling)
+
+
+def _check_pan_and_scan(tiling: dict) -> dict:
+    """size [height, width]; min_crop_size an int; max_num_crops an int in
+    0..MAX_PAN_AND_SCAN_CROPS (0: the image is never cropped, the budget's
+    way to turn crops off); min_ratio a finite number >= 1 (an aspect ratio)."""
+    if not _size_ok(tiling["min_crop_size"]):
+        raise UserInputError("ImagePreprocessor: bad pan_and_scan tiling min_crop_size",
+                             expected=f"an int in 1..{MAX_CONFIG_SIZE}",
+                             got=repr(tiling["min_crop_size"])[:40])
+    n = tiling["max_num_crops"]
+    if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_PAN_AND_SCAN_CROPS):
+        raise UserInputError("ImagePreprocessor: bad pan_and_scan tiling max_num_crops",
+                             expected=f"an int in 0..{MAX_PAN_AND_SCAN_CROPS}", got=repr(n)[:40])
+    if not _finite(tiling["min_ratio"]) or tiling["min_ratio"] < 1:
+        raise UserInputError("ImagePreprocessor: bad pan_and_scan tiling min_ratio",
+                             expected="a number >= 1 (an aspect ratio)",
+                             got=repr(tiling["min_ratio"])[:40])
+    return {**tiling, "size": _pair(tiling["size"], "pan_and_scan size"),
+            "min_ratio": float(tiling["min_ratio"])}
 
 
 def _size_ok(v, hi: int = MAX_CONFIG_SIZE) -> bool:
@@ -812,3 +846,52 @@ def internvl_tiles(rgb: np.ndarray, tiling: dict, resample, scale: float, mean, 
     if rows * cols > 1:  # the thumbnail
         resize_normalize(rgb, s, s, (0, 0, s, s), resample, scale, mean, std, out=out[-1])
     return out, (int(rows), int(cols))
+
+
+def pan_and_scan_crops(h: int, w: int, tiling: dict) -> list[tuple[int, int, int, int]]:
+    """The crops (y0, x0, height, width) Gemma 3's pan-and-scan cuts from an
+    h x w image, row-major; [] when the image is not elongated enough (aspect
+    ratio below min_ratio) or its crops would be smaller than min_crop_size.
+    As transformers' Gemma3ImageProcessor.pan_and_scan: 2..max_num_crops crops
+    along the long side, about one per aspect-ratio unit, each ceil(side / n)
+    long, the last one cut short by the image's edge."""
+    n_max, least, ratio = tiling["max_num_crops"], tiling["min_crop_size"], tiling["min_ratio"]
+    if n_max < 1:  # the budget's "no crops" (the processor has no such setting)
+        return []
+    if w >= h:
+        if w / h < ratio:
+            return []
+        cols = min(int(math.floor(w / least)), int(math.floor(w / h + 0.5)))
+        rows, cols = 1, min(n_max, max(2, cols))
+    else:
+        if h / w < ratio:
+            return []
+        rows = min(int(math.floor(h / least)), int(math.floor(h / w + 0.5)))
+        rows, cols = min(n_max, max(2, rows)), 1
+    ch, cw = int(math.ceil(h / rows)), int(math.ceil(w / cols))
+    if min(ch, cw) < least:
+        return []
+    crops = [(r * ch, c * cw, min(ch, h - r * ch), min(cw, w - c * cw))
+             for r in range(rows) for c in range(cols)]
+    # With min_crop_size 1 a short side can run out before the last crop (h 5 in
+    # 4 rows of 2); the processor would fail on that empty crop, we drop it.
+    return [c for c in crops if c[2] > 0 and c[3] > 0]
+
+
+def pan_and_scan_views(rgb: np.ndarray, tiling: dict, resample, scale: float, mean, std
+                       ) -> tuple[np.ndarray, int]:
+    """uint8 (H, W, 3) RGB -> (pixel_values float32 (1 + n, 3, S_h, S_w), n):
+    the whole image resized to `size`, then each of its n pan-and-scan crops
+    (pan_and_scan_crops) resized to `size`, as Gemma3ImageProcessor with
+    do_pan_and_scan. Each crop is a slice of the original pixels (copied only
+    when its rows are not contiguous: a landscape image's columns); resize
+    and normalize run in one C pass per view."""
+    sh, sw = tiling["size"]
+    h, w = rgb.shape[:2]
+    crops = pan_and_scan_crops(h, w, tiling)
+    out = np.empty((1 + len(crops), 3, sh, sw), np.float32)
+    resize_normalize(rgb, sh, sw, (0, 0, sh, sw), resample, scale, mean, std, out=out[0])
+    for i, (y0, x0, ch, cw) in enumerate(crops, 1):
+        resize_normalize(rgb[y0:y0 + ch, x0:x0 + cw], sh, sw, (0, 0, sh, sw), resample, scale,
+                         mean, std, out=out[i])
+    return out, len(crops)

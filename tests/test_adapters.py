@@ -17,7 +17,7 @@ def test_every_layout_has_an_adapter_with_the_manifests_tiling():
     assert set(ADAPTERS) == set(manifest.EXPANDS)
     for layout, cls in ADAPTERS.items():
         assert cls.layout == layout
-        assert cls.tiling == manifest._EXPAND_TILING[layout], layout
+        assert cls.tilings == manifest._EXPAND_TILING[layout], layout
 
 
 def test_unknown_layout_is_refused_in_one_line():

@@ -5,7 +5,8 @@ of several sizes go through the runtime to the processor's pixel_values (bit
 for bit) and prompt ids, and through generate() to transformers' greedy
 tokens with its own KV cache; the image blocks and the window are in the
 graph (a test shows the answer changes without them). Several images in one
-prompt, int8, the TensorRT plan and the refusals."""
+prompt, int8, the TensorRT plan and the refusals (pan-and-scan:
+test_gemma3_pan_and_scan.py)."""
 import json
 import subprocess
 import sys
@@ -274,21 +275,6 @@ def test_ask_reuses_the_prefix(artifact):
 
 
 # -- refusals, int8, TensorRT ---------------------------------------------------------
-
-def test_pan_and_scan_is_refused_in_one_line(src, tmp_path):
-    import shutil
-
-    from vlmedge.export import exporter
-
-    d = tmp_path / "pan"
-    shutil.copytree(src, d)
-    cfg = json.loads((d / "preprocessor_config.json").read_text())
-    (d / "preprocessor_config.json").write_text(json.dumps({**cfg, "do_pan_and_scan": True}))
-    with pytest.raises(ModelDirError, match="pan-and-scan") as e:
-        exporter.run_export(exporter.ExportOptions(model_dir=d, output=tmp_path / "out"),
-                            log=lambda s: None)
-    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
-
 
 def test_ort_flavour_is_refused_in_one_line(src, tmp_path):
     exe = str(__import__("pathlib").Path(sys.executable).parent / "vlm-export")

@@ -312,9 +312,11 @@ class Manifest:
         return copy.deepcopy(self.raw)
 
 
-# How each image expansion is preprocessed (runtime/chat.py, runtime/preprocess.py).
-_EXPAND_TILING = {"repeat": None, "idefics3": "idefics3", "qwen2_vl": "qwen2_vl_patches",
-                  "anyres": "anyres", "internvl": "internvl", "wrap": None}
+# How each image expansion may be preprocessed (runtime/adapters/, runtime/
+# preprocess.py): the tiling methods its adapter takes (None: one resized view).
+_EXPAND_TILING = {"repeat": (None,), "idefics3": ("idefics3",),
+                  "qwen2_vl": ("qwen2_vl_patches",), "anyres": ("anyres",),
+                  "internvl": ("internvl",), "wrap": (None, "pan_and_scan")}
 
 
 def _cross_check(m: "Manifest", where: str) -> None:
@@ -323,9 +325,9 @@ def _cross_check(m: "Manifest", where: str) -> None:
     tiling = m.preprocess.get("tiling")
     method = tiling.get("method") if isinstance(tiling, dict) else tiling
     want = _EXPAND_TILING[m.image.expand]
-    if method != want:
-        raise _bad(where, "preprocess.tiling", f"tiling {want!r} for image expansion "
-                   f"{m.image.expand!r}", method)
+    if method not in want:
+        raise _bad(where, "preprocess.tiling", f"tiling {' or '.join(map(repr, want))} for "
+                   f"image expansion {m.image.expand!r}", method)
     if (m.decoder.position_ids == "mrope") != (m.image.expand == "qwen2_vl"):
         raise _bad(where, "decoder.position_ids", "'mrope' exactly for image expansion "
                    "'qwen2_vl'", m.decoder.position_ids)

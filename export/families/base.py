@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmedge.errors import UserInputError
 from vlmedge.lazy import require
 
 torch = require("torch", "exporting a model")
@@ -242,6 +243,14 @@ class Family:
     def check_config(self, config) -> None:
         """Raise UnsupportedArchitectureError for a config this family takes
         by name but cannot export (called before anything is loaded)."""
+
+    def configure_processor(self, processor, pan_and_scan: bool = False) -> None:
+        """Set the processor's call options the export asked for (before the
+        weights load: a refusal is cheap). Only Gemma 3 crops (pan-and-scan)."""
+        if pan_and_scan:
+            raise UserInputError("--pan-and-scan applies to Gemma 3 models",
+                                 got=f"a {self.name} model",
+                                 hint="leave --pan-and-scan out for this model")
 
     def load_processor(self, path, trust_remote_code: bool = False):
         """The HF processor for a model directory (AutoProcessor by default)."""

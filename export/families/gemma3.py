@@ -19,8 +19,12 @@ What differs from a LLaVA-style model, and where it is handled:
 - The prompt: Gemma3Processor replaces <start_of_image> with "\\n\\n" +
   <start_of_image> + mm_tokens_per_image <image_soft_token> + <end_of_image>
   + "\\n\\n" in the text (the manifest's "wrap" expansion).
-- Preprocessing is a plain resize to the tower's size (bilinear), no crop;
-  pan-and-scan (off by default) is refused at export.
+- Preprocessing is a plain resize to the tower's size (bilinear), no crop.
+  With pan-and-scan (vlm-export --pan-and-scan; off by default, as in
+  Gemma3Processor's calls) an elongated image
+  also gives 2..max_num_crops crops, each resized alike and encoded as one
+  more image block: "Here is the original image <block> and here are some
+  crops to help you see better <block> <block>" (runtime/adapters/fixed.py).
 """
 from __future__ import annotations
 
@@ -50,15 +54,47 @@ class Gemma3(FixedSizeImages):
                 "a generator", expected="use_bidirectional_attention false",
                 got="true", hint="export a generative Gemma 3 checkpoint")
 
+    def configure_processor(self, processor, pan_and_scan: bool = False) -> None:
+        """Pan-and-scan on (--pan-and-scan, or do_pan_and_scan true in
+        preprocessor_config.json) for every call of the processor, as
+        `processor(..., do_pan_and_scan=True)` does: Gemma3Processor's own
+        call default (False) overrides the image processor's config, so the
+        processor is the one switch the validation, the calibration and the
+        manifest all read."""
+        if pan_and_scan or getattr(processor.image_processor, "do_pan_and_scan", None):
+            processor.images_kwargs = {**processor.images_kwargs, "do_pan_and_scan": True}
+
     def preprocess_config(self, processor) -> dict[str, Any]:
-        ip = processor.image_processor
-        if getattr(ip, "do_pan_and_scan", None):
-            raise ModelDirError("Gemma 3's pan-and-scan crops are not supported",
-                                expected="do_pan_and_scan false in preprocessor_config.json "
-                                         "(the default)", got="true",
-                                hint="set do_pan_and_scan to false: each image is then one "
-                                     "resized view, as Gemma 3 runs by default")
-        return super().preprocess_config(processor)
+        """The resize to the tower's size; with pan-and-scan, also the crops
+        (the runtime's "pan_and_scan" tiling: the whole image, then 2 to
+        max_num_crops crops of an elongated image, each resized alike), with
+        the settings the processor's calls use."""
+        cfg = super().preprocess_config(processor)
+        kw = getattr(processor, "images_kwargs", {}) or {}
+        if not kw.get("do_pan_and_scan"):
+            return cfg
+        n, least, ratio = (kw.get("pan_and_scan_max_num_crops"),
+                           kw.get("pan_and_scan_min_crop_size"),
+                           kw.get("pan_and_scan_min_ratio_to_activate"))
+        if not (_int(n) and n >= 1 and _int(least) and least >= 1
+                and isinstance(ratio, (int, float)) and ratio >= 1):
+            raise ModelDirError("bad pan-and-scan settings in the Gemma 3 processor",
+                                expected="pan_and_scan_max_num_crops and _min_crop_size ints "
+                                         ">= 1, _min_ratio_to_activate >= 1",
+                                got=f"{n!r}, {least!r}, {ratio!r}",
+                                hint="Gemma3Processor's defaults are 4, 256 and 1.2")
+        if cfg["resize"] != "exact":
+            raise ModelDirError("Gemma 3 pan-and-scan needs a fixed image size",
+                                expected='size {"height", "width"}', got=repr(cfg["resize"]))
+        return {**cfg, "tiling": {"method": "pan_and_scan", "size": list(cfg["size"]),
+                                  "min_crop_size": least, "max_num_crops": n,
+                                  "min_ratio": float(ratio)}}
+
+    def image_grid(self, processor, image, hf_inputs: dict):
+        """The crop count with pan-and-scan (the processor returns the whole
+        image and its crops as pixel_values rows), else None."""
+        n = int(hf_inputs["pixel_values"].shape[0]) - 1
+        return n if n > 0 else None
 
     def image_facts(self, model, processor) -> dict[str, Any]:
         tok = processor.tokenizer
@@ -77,3 +113,7 @@ class Gemma3(FixedSizeImages):
                 # Gemma3Processor.full_image_sequence around the image tokens
                 "image_start_token": f"\n\n{tok.boi_token}",
                 "image_end_token": f"{tok.eoi_token}\n\n"}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

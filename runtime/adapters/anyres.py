@@ -12,7 +12,7 @@ from .base import Adapter
 
 class AnyRes(Adapter):
     layout = "anyres"
-    tiling = "anyres"
+    tilings = ("anyres",)
 
     def check_grid(self, grid):
         if grid is None:

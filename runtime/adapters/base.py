@@ -16,11 +16,11 @@ class Adapter:
     """The run-time half of a family (see the package docstring).
 
     image: the manifest's ImageFacts. Subclasses set `layout` (the manifest's
-    image.expand) and `tiling` (the preprocess tiling method it takes, None
-    for a fixed-size image) and override what differs."""
+    image.expand) and `tilings` (the preprocess tiling methods it takes, None
+    for one resized view) and override what differs."""
 
     layout = ""
-    tiling: str | None = None
+    tilings: tuple[str | None, ...] = (None,)
 
     def __init__(self, image):
         self.image = image

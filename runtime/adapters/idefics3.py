@@ -12,7 +12,7 @@ from .base import Adapter
 
 class Idefics3(Adapter):
     layout = "idefics3"
-    tiling = "idefics3"
+    tilings = ("idefics3",)
 
     def check_grid(self, grid) -> tuple[int, int]:
         if grid is None:

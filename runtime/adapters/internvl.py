@@ -11,7 +11,7 @@ from .base import Adapter
 
 class InternVL(Adapter):
     layout = "internvl"
-    tiling = "internvl"
+    tilings = ("internvl",)
 
     def check_grid(self, grid) -> tuple[int, int]:
         try:

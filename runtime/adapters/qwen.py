@@ -15,7 +15,7 @@ from .base import Adapter
 
 class Qwen(Adapter):
     layout = "qwen2_vl"
-    tiling = "qwen2_vl_patches"
+    tilings = ("qwen2_vl_patches",)
 
     def check_grid(self, grid) -> tuple[int, int, int]:
         if grid is None:
