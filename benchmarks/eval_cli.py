@@ -31,12 +31,18 @@ def main(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: library default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
+    decoder_flavour: Optional[str] = typer.Option(
+        None, "--decoder-flavour", help="portable | ort: which decoder of an artifact exported "
+        "with --decoder-flavour both (default: ort on the CPU)."),
 ) -> None:
     with cli_errors("vlm-eval"):
         positive("--n", n)
         positive("--max-new-tokens", max_new_tokens)
         if seed < 0:
             raise UserInputError("--seed must be >= 0", got=str(seed))
+        if model is not None and decoder_flavour is not None:
+            raise UserInputError("--decoder-flavour chooses an artifact's decoder",
+                                 got="--model", hint="give an ARTIFACT_DIR with it")
         if (artifact_dir is None) == (model is None):
             raise UserInputError("give exactly one of ARTIFACT_DIR or --model",
                                  got="both" if model else "neither",
@@ -48,7 +54,8 @@ def main(
             system = "torch-eager-fp32"
         else:
             from vlmedge.benchmarks.runtime_answerer import RuntimeAnswerer
-            answerer = RuntimeAnswerer(artifact_dir, max_new_tokens, threads or None)
+            answerer = RuntimeAnswerer(artifact_dir, max_new_tokens, threads or None,
+                                       decoder_flavour=decoder_flavour)
             system = answerer.system_name
         with Progress(f"vlm-eval {system}", n, quiet=False) as bar:
             result = scene_eval.evaluate(answerer, n, seed, progress=bar.update)

@@ -7,13 +7,16 @@ from pathlib import Path
 
 class RuntimeAnswerer:
     def __init__(self, artifact_dir: Path, max_new_tokens: int = 24, threads: int | None = None,
-                 provider: str = "cpu"):
+                 provider: str = "cpu", decoder_flavour: str | None = None):
         from vlmedge.runtime import VLMSession
 
-        self.session = VLMSession(artifact_dir, provider=provider, threads=threads)
+        self.session = VLMSession(artifact_dir, provider=provider, threads=threads,
+                                  decoder_flavour=decoder_flavour)
         self.max_new_tokens = max_new_tokens
         m = self.session.manifest
-        self.system_name = f"{m.target}-{m.precision}"
+        # named as vlm-bench names systems: the ort decoder flavour is ort-<precision>
+        self.system_name = (f"ort-{m.precision}" if self.session.decoder_flavour == "ort"
+                            else f"{m.target}-{m.precision}")
 
     def __call__(self, image, question: str) -> str:
         return self.session.generate(image, question, max_new_tokens=self.max_new_tokens).text

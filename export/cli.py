@@ -41,7 +41,9 @@ def main(
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
-        "int8/int4; CPU and CUDA EPs). Default: ort for int4, else portable; "
+        "int8/int4; CPU and CUDA EPs) | both (fp32 or int4: the two decoder graphs in one "
+        "artifact, each validated and gated; the runtime runs ort on the CPU and CUDA "
+        "providers, portable elsewhere). Default: ort for int4, else portable; "
         "--decoder-flavour portable --precision int4 keeps standard ONNX ops."),
     vision_precision: str = typer.Option(
         "fp32", "--vision-precision", help="weight-only exports (int4; the ort flavour's int8): "
@@ -131,7 +133,7 @@ def main(
 
 def _print_summary(s: dict) -> None:
     print(f"wrote {s['output']} ({s['family']}, {s['target']}, {s['precision']}, "
-          f"{s['decoder_flavour']} decoder"
+          f"{' + '.join(s['decoder_flavours'])} decoder"
           f"{', random weights' if s['random_weights'] else ''}):")
     for name, size in s["files"].items():
         print(f"  {name:24s} {size / 1e6:10.2f} MB")

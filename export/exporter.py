@@ -27,7 +27,10 @@ from .onnx_export import export_graph
 
 PRECISIONS = precision_mod.NAMES
 TARGETS = ("onnx", "trt")
-FLAVOURS = ("portable", "ort")
+# --decoder-flavour: "both" puts the ort flavour's decoder beside the portable one
+# (components decoder and decoder_ort); the runtime picks one by provider.
+FLAVOURS = ("portable", "ort", "both")
+BOTH_PRECISIONS = ("fp32", "int4")  # weight-only (or none) in both flavours alike
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ExportOptions:
     output: Path
     target: str = "onnx"
     precision: str = "fp32"
-    # "portable" | "ort"; None: ort for int4 (its fastest), else portable
+    # "portable" | "ort" | "both"; None: ort for int4 (its fastest), else portable
     decoder_flavour: str | None = None
     # weight-only exports (weight_only()): the vision graph "fp32" or "int8" (static QDQ)
     vision_precision: str = "fp32"
@@ -64,12 +67,20 @@ class ExportOptions:
     progress: bool = False  # progress bars on stderr while collecting (the CLI sets it)
 
 
-def flavour(o: ExportOptions) -> str:
-    """The decoder flavour the export builds (--decoder-flavour, or its default)."""
+def flavours(o: ExportOptions) -> tuple[str, ...]:
+    """The decoder flavours the export builds (--decoder-flavour, or the
+    precision's default), the manifest's decoder.flavour first."""
+    if o.decoder_flavour == "both":
+        return ("portable", "ort")
     if o.decoder_flavour is not None:
-        return o.decoder_flavour
+        return (o.decoder_flavour,)
     p = precision_mod.PRECISIONS.get(o.precision)
-    return p.flavours[0] if p else "portable"
+    return (p.flavours[0] if p else "portable",)
+
+
+def flavour(o: ExportOptions) -> str:
+    """The flavour of the artifact's "decoder" component (decoder.flavour)."""
+    return flavours(o)[0]
 
 
 def weight_only(o: ExportOptions) -> bool:
@@ -84,9 +95,14 @@ def check_options(o: ExportOptions) -> None:
         raise UserInputError(f"unknown --target {o.target!r}", expected=" | ".join(TARGETS))
     if o.precision not in PRECISIONS:
         raise UserInputError(f"unknown --precision {o.precision!r}", expected=" | ".join(PRECISIONS))
-    if flavour(o) not in FLAVOURS:
+    if o.decoder_flavour is not None and o.decoder_flavour not in FLAVOURS:
         raise UserInputError(f"unknown --decoder-flavour {o.decoder_flavour!r}",
                              expected=" | ".join(FLAVOURS))
+    if o.decoder_flavour == "both" and o.precision not in BOTH_PRECISIONS:
+        raise UserInputError(f"--decoder-flavour both takes --precision "
+                             f"{' | '.join(BOTH_PRECISIONS)}", got=f"--precision {o.precision}",
+                             hint="int8 is static QDQ in the portable flavour but weight-only "
+                                  "in the ort one: export each flavour on its own")
     if o.vision_precision not in ("fp32", "int8"):
         raise UserInputError(f"unknown --vision-precision {o.vision_precision!r}",
                              expected="fp32 | int8")
@@ -97,20 +113,21 @@ def check_options(o: ExportOptions) -> None:
                              hint="--precision int8 (portable) quantizes the vision graph too")
     if o.weight_method not in ("rtn", "gptq"):
         raise UserInputError(f"unknown --weight-method {o.weight_method!r}", expected="rtn | gptq")
-    if o.weight_method != "rtn" and not (flavour(o) == "ort" and o.precision != "fp32"):
+    if o.weight_method != "rtn" and not (flavours(o) == ("ort",) and o.precision != "fp32"):
         raise UserInputError("--weight-method gptq applies to the ort flavour's int8/int4 "
                              "exports", got=f"--precision {o.precision}, --decoder-flavour "
                              f"{flavour(o)}", hint="the portable flavour's int4 is round to "
                              "nearest (--weight-method rtn)")
-    if flavour(o) == "ort" and o.target == "trt":
+    if "ort" in flavours(o) and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
-                             got="--decoder-flavour ort",
+                             got=f"--decoder-flavour {o.decoder_flavour or 'ort'}",
                              hint="the ort flavour uses onnxruntime contrib ops TensorRT lacks")
     p = precision_mod.get(o.precision)
-    if flavour(o) not in p.flavours:
-        takes = [n for n, q in precision_mod.PRECISIONS.items() if flavour(o) in q.flavours]
+    missing = [f for f in flavours(o) if f not in p.flavours]
+    if missing:
+        takes = [n for n, q in precision_mod.PRECISIONS.items() if missing[0] in q.flavours]
         raise UserInputError(
-            f"--decoder-flavour {flavour(o)} takes --precision {' | '.join(takes)}",
+            f"--decoder-flavour {missing[0]} takes --precision {' | '.join(takes)}",
             got=f"--precision {o.precision}",
             hint="fp16 and int8-dynamic are portable-flavour precisions")
     if o.target == "trt" and not p.trt:
@@ -225,6 +242,8 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     native = flavour(o) == "ort"
     steps = [("vision", _export_vision), ("embedding", _export_embed),
              ("decoder-ort" if native else "decoder", _export_decoder)]
+    if flavours(o) == ("portable", "ort"):  # the second decoder: component decoder_ort
+        steps.append(("decoder-ort", _export_ort_beside))
     if p.io_dtype == "float16":
         steps.append(("fp16", _to_fp16))
     steps.append(("write", _write_manifest))
@@ -256,7 +275,7 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
         r.loaded = loading.load(o.model_dir, o.random_weights, o.trust_remote_code,
                                 o.allow_pickle, log=log, pan_and_scan=o.pan_and_scan)
     fam, model = r.loaded.family, r.loaded.model
-    if flavour(o) == "ort":  # before the slow export: a model the builder cannot take fails now
+    if "ort" in flavours(o):  # before the slow export: a model the builder cannot take fails now
         from . import ort_decoder
         ort_decoder.check(r.loaded)
     limit = fam.max_context(model)
@@ -313,6 +332,14 @@ def _export_decoder(r: Run) -> None:
     else:
         r.graphs["decoder"] = r.loaded.family.decoder_graph(r.loaded.model)
         export_graph(r.graphs["decoder"], r.tmp / "decoder.onnx")
+
+
+def _export_ort_beside(r: Run) -> None:
+    """The ort flavour's fp32 decoder as decoder_ort.onnx, beside the portable
+    decoder.onnx (--decoder-flavour both)."""
+    from . import ort_decoder
+    r.graphs[manifest.ORT_DECODER] = None
+    ort_decoder.build(r.loaded, r.tmp, "fp32", r.log, name=manifest.ORT_DECODER)
 
 
 def _to_fp16(r: Run) -> None:
@@ -423,8 +450,10 @@ def _validate(loaded, tmp: Path, precision: str, m: dict) -> dict[str, Any]:
                     "reason": f"onnxruntime CPU cannot run the fp16 graphs "
                               f"({str(e).splitlines()[0][:160]}); validate on the GPU with "
                               f"vlm-eval ARTIFACT --provider cuda"}
-    return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
-                             manifest=m)
+    typed = manifest.Manifest.from_dict(m, where="the manifest being built")
+    return validate.combine([
+        validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
+                          manifest=m, decoder_flavour=f) for f in typed.decoder_flavours])
 
 
 def _figures(v: dict) -> str:
@@ -446,6 +475,8 @@ def _summary(o: ExportOptions, out: Path, m: dict, times: dict) -> dict[str, Any
         "target": m["target"],
         "precision": m["precision"],
         "decoder_flavour": m["decoder"].get("flavour", "portable"),
+        "decoder_flavours": [m["decoder"].get("flavour", "portable")] + (
+            ["ort"] if manifest.ORT_DECODER in m["components"] else []),
         "random_weights": m["source"]["random_weights"],
         "files": {name: e["bytes"] for name, e in m["files"].items()},
         "total_bytes": sum(e["bytes"] for e in m["files"].values()),

@@ -95,9 +95,11 @@ def _save_text_model(loaded, out: Path) -> None:
     loaded.processor.tokenizer.save_pretrained(out)
 
 
-def build(loaded, staging: Path, precision: str, log: Callable[[str], None]) -> None:
-    """Writes the ort-flavour decoder.onnx (+ .data) at `precision` into
-    `staging`, replacing any decoder there."""
+def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
+          name: str = "decoder") -> None:
+    """Writes the ort-flavour `name`.onnx (+ .data) at `precision` into
+    `staging`, replacing any graph of that name there (name "decoder_ort":
+    the second decoder of --decoder-flavour both)."""
     if precision not in BUILDER_PRECISIONS:
         raise UserInputError(f"--decoder-flavour ort takes --precision "
                              f"{' | '.join(BUILDER_PRECISIONS)}", got=precision)
@@ -105,7 +107,7 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None]) -> 
     with tempfile.TemporaryDirectory(prefix="vlmedge-ort-") as work:
         work = Path(work)
         opts = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false",
-                "filename=decoder.onnx"]
+                f"filename={name}.onnx"]
         if precision in ("int4", "int8"):
             opts.append(f"block_size={BLOCK_SIZE}")
         args = (None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
@@ -114,10 +116,10 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None]) -> 
             _save_text_model(loaded, work / "text")
             extra = builder.parse_extra_options(*args, opts)
             builder.create_model(*args, **extra)
-        for name in ("decoder.onnx", "decoder.onnx.data"):
-            dst = staging / name
+        for file in (f"{name}.onnx", f"{name}.onnx.data"):
+            dst = staging / file
             dst.unlink(missing_ok=True)
-            src = work / "out" / name
+            src = work / "out" / file
             if src.exists():
                 shutil.move(str(src), str(dst))
     log(f"[decoder-ort] onnxruntime-genai builder: {precision}, GroupQueryAttention, "

@@ -130,16 +130,21 @@ def _ort_greedy(session, ids: list[int], feats: np.ndarray, n: int, grid=None):
 
 
 def validate(family, model, processor, artifact_dir: Path, precision: str,
-             manifest: dict | None = None) -> dict[str, Any]:
+             manifest: dict | None = None, decoder_flavour: str | None = None
+             ) -> dict[str, Any]:
+    """The parity record of one decoder flavour (None: the session's pick on
+    the CPU) of the artifact against PyTorch."""
     torch = require("torch", "validating an export")
     from vlmedge.runtime.session import VLMSession
 
     start = time.perf_counter()
     # manifest: the exporter's, in memory (the staged artifact has no manifest.json yet)
-    session = VLMSession(artifact_dir, provider="cpu", verify=False, manifest=manifest)
+    session = VLMSession(artifact_dir, provider="cpu", verify=False, manifest=manifest,
+                         decoder_flavour=decoder_flavour)
     image = family.sample_image()
     tol = family.tolerances if precision == "fp32" else family.tolerances_fp16
     result: dict[str, Any] = {"precision": precision, "provider": "CPUExecutionProvider",
+                              "decoder_flavour": session.decoder_flavour,
                               "tolerances": dict(tol), "greedy_tokens": GREEDY_TOKENS,
                               "prompts": []}
     worst_feat = worst_logit = worst_cache = 0.0
@@ -211,3 +216,28 @@ def validate(family, model, processor, artifact_dir: Path, precision: str,
                             and worst_logit <= tol["logits"]
                             and worst_cache <= tol["logits"])
     return result
+
+
+# The figures where the worst of several flavours' records is the larger one.
+_WORST = ("max_abs_diff_image_features", "max_abs_diff_logits",
+          "cached_vs_recompute_max_abs_diff", "image_features_scale", "seconds")
+
+
+def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One validation record for an artifact with several decoder flavours
+    (--decoder-flavour both): each flavour's record under "flavours", and at
+    the top the worst figures (largest differences; tokens and ids matching
+    and passing only where every flavour's do), so a reader of the top level
+    sees the weakest flavour. One record is returned as it is."""
+    if len(records) == 1:
+        return records[0]
+    out = {**records[0], "decoder_flavour": None,
+           "flavours": {r["decoder_flavour"]: r for r in records}}
+    for key in _WORST:
+        out[key] = max(r[key] for r in records)
+    out["image_features_bound"] = min(r["image_features_bound"] for r in records)
+    for key in ("tokens_match", "prompt_ids_match", "passed"):
+        out[key] = all(r[key] for r in records)
+    out["prompts"] = [{**p, "decoder_flavour": r["decoder_flavour"]} for r in records
+                      for p in r["prompts"]]
+    return out

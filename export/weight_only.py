@@ -6,15 +6,16 @@
     2. reference: the fp32 artifact's greedy logits on the held-out calibration
        prompts, and (demo model) its scene accuracy (calibration/gate.py)
     3. rebuild: the ort flavour's decoder again at int8/int4 (MatMulNBits, block
-       32, round to nearest: export/ort_decoder.py), or the portable decoder's
-       MatMul weights as int4 blocks behind DequantizeLinear (export/
-       blocked_int4.py); the embedding table int8 per row; the vision graph
-       stays fp32
+       32, round to nearest: export/ort_decoder.py), and/or the portable
+       decoder's MatMul weights as int4 blocks behind DequantizeLinear
+       (export/blocked_int4.py): both for --decoder-flavour both; the
+       embedding table int8 per row; the vision graph stays fp32
     4. with --vision-precision int8: the vision graph through the INT8 stage
        (calibration/int8.py, static QDQ, vision alone), gated beside the new decoder
     5. gate: the whole artifact against the fp32 reference, with the same figures
        and targets as INT8 (image-feature cosine, teacher-forced top-1 agreement,
-       scene-accuracy drop); falling short fails the export in one line
+       scene-accuracy drop), each decoder flavour it holds on its own; any
+       falling short fails the export in one line
 
 The manifest's `quantization` section records method, format, data set, the
 figures and the sizes, like the INT8 stage's.
@@ -35,6 +36,7 @@ from . import blocked_int4, ort_decoder
 from .quantize import fp32_parity, is_demo
 
 DECODER_FILES = ("decoder.onnx", "decoder.onnx.data")
+ORT_BESIDE_FILES = (f"{manifest_mod.ORT_DECODER}.onnx", f"{manifest_mod.ORT_DECODER}.onnx.data")
 EMBED_FILES = ("embed.onnx", "embed.onnx.data")
 
 
@@ -92,7 +94,12 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     fp32_parity(o, loaded, tmp, m, validate, stage, staged)
     targets = gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop)
     scene = is_demo(o.model_dir)
-    fp32_bytes = {n: m["files"][n]["bytes"] for n in DECODER_FILES if n in m["files"]}
+    typed = manifest_mod.Manifest.from_dict(m, where="the manifest being built")
+    flavours = typed.decoder_flavours  # decoder.flavour's graph first
+    files_of = {f: DECODER_FILES if typed.decoder_component(f) == "decoder" else
+                ORT_BESIDE_FILES for f in flavours}
+    fp32_bytes = {f: sum(m["files"][n]["bytes"] for n in files_of[f] if n in m["files"])
+                  for f in flavours}
     ref = None
     # Random weights: answers mean nothing, so no agreement or scene gate; int8
     # vision (which needs data for its ranges) is still held to its feature cosine.
@@ -101,23 +108,24 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         with stage(f"{o.precision} reference"):
             ref = gate.reference(VLMSession(tmp, provider="cpu", verify=False, manifest=m),
                                  data.holdout, scene)
-    portable = m["decoder"].get("flavour", "portable") == "portable"
     with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()
-        if portable:  # int4 blocks behind DequantizeLinear, in the exported graph
+        if "portable" in flavours:  # int4 blocks behind DequantizeLinear, in the exported graph
             blocked_int4.quantize_decoder(tmp, log)
-        elif o.weight_method == "gptq":  # calibrated: from the fp32 graph in staging
+        if "ort" in flavours and o.weight_method == "gptq":  # calibrated, from the fp32 graph
             ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log)
-        else:
-            ort_decoder.build(loaded, tmp, o.precision, log)
+        elif "ort" in flavours:
+            ort_decoder.build(loaded, tmp, o.precision, log, name=typed.decoder_component("ort"))
         build_s = time.perf_counter() - t
         embed_int8 = _embedding_int8(tmp)
-        for name in DECODER_FILES + EMBED_FILES:
+        for name in DECODER_FILES + ORT_BESIDE_FILES + EMBED_FILES:
             m["files"].pop(name, None)
             if (tmp / name).exists():
                 m["files"][name] = manifest_mod.file_entry(tmp / name)
         m["files"] = dict(sorted(m["files"].items()))
-        m["components"]["decoder"]["precision"] = f"{o.precision}-weight-only"
+        for f in flavours:
+            m["components"][typed.decoder_component(f)]["precision"] = \
+                f"{o.precision}-weight-only"
         m["components"]["embed"]["precision"] = "int8-weight-only" if embed_int8 else "fp32"
         m["components"]["vision"]["precision"] = "fp32"
         m["precision"] = o.precision
@@ -134,44 +142,59 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         with stage("vision int8"):
             m = int8.quantize_artifact(tmp, vopts, log, manifest=m)
         vision_report, m["quantization"] = m["quantization"], None  # nested below
-    figures, failures = gate.Figures(), []
+    by_flavour: dict[str, gate.Figures] = {f: gate.Figures() for f in flavours}
+    failures: list[str] = []
     if ref is not None:
-        with stage(f"{o.precision} gate"):
-            session = VLMSession(tmp, provider="cpu", verify=False, manifest=m)
-            figures = gate.measure(session, ref, scene=scene)
-            failures = gate.failures(figures, targets)
-    after = {n: m["files"][n]["bytes"] for n in DECODER_FILES if n in m["files"]}
+        for f in flavours:  # each decoder the artifact holds is gated on its own
+            with stage(f"{o.precision} gate" + (f" ({f})" if len(flavours) > 1 else "")):
+                session = VLMSession(tmp, provider="cpu", verify=False, manifest=m,
+                                     decoder_flavour=f)
+                by_flavour[f] = gate.measure(session, ref, scene=scene)
+                failures += [f"{f} decoder: {x}" if len(flavours) > 1 else x
+                             for x in gate.failures(by_flavour[f], targets)]
+    figures = by_flavour[flavours[0]]
+    after = {f: sum(m["files"][n]["bytes"] for n in files_of[f] if n in m["files"])
+             for f in flavours}
+    formats = {
+        "portable": f"DequantizeLinear (opset 21) of int4 blocks of {blocked_int4.BLOCK_SIZE} "
+                    f"before each MatMul, symmetric, round to nearest (onnxruntime's "
+                    f"MatMulNBitsQuantizer, QDQ format; onnxruntime fuses them into "
+                    f"MatMulNBits at load)",
+        "ort": f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
+               f"{ort_decoder.BLOCK_SIZE}, symmetric, " + (
+                   "GPTQ on the calibration prompts (onnxruntime's MatMulNBitsQuantizer)"
+                   if o.weight_method == "gptq" else
+                   "round to nearest (onnxruntime-genai model builder)")}
     m["quantization"] = {
         "precision": o.precision,
         "method": "weight-only",
-        "format": (f"DequantizeLinear (opset 21) of int4 blocks of "
-                   f"{blocked_int4.BLOCK_SIZE} before each MatMul, symmetric, round to nearest "
-                   f"(onnxruntime's MatMulNBitsQuantizer, QDQ format; onnxruntime fuses them "
-                   f"into MatMulNBits at load)") if portable else
-                  f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
-                  f"{ort_decoder.BLOCK_SIZE}, symmetric, " + (
-                      "GPTQ on the calibration prompts (onnxruntime's MatMulNBitsQuantizer)"
-                      if o.weight_method == "gptq" else
-                      "round to nearest (onnxruntime-genai model builder)"),
+        "format": " | ".join(f"{f}: {formats[f]}" if len(flavours) > 1 else formats[f]
+                             for f in flavours),
         "weight_method": o.weight_method,
         "weights": f"decoder MatMuls and LM head {o.precision}; embedding "
                    f"{'int8 per row' if embed_int8 else 'fp32'}; vision "
                    f"{'int8 static QDQ (under vision)' if vision_report else 'fp32'}",
         "vision": vision_report,
-        "activations": "fp32 in the graph" + ("" if portable else
-                       " (onnxruntime's CPU kernels quantize them to int8 per block on the "
-                       "fly: accuracy_level 4)"),
+        "activations": "fp32 in the graph" + ("" if "ort" not in flavours else
+                       " (the ort flavour: onnxruntime's CPU kernels quantize them to int8 per "
+                       "block on the fly, accuracy_level 4)"),
         "cpu_only": False,
         "calibration": {**data.describe(), "used_for": "the accuracy gate (held-out prompts)"
                         + (" and the vision graph's int8 ranges" if vision_report else "")}
         if data is not None else {"source": None, "used_for": "nothing: random weights"},
         "accuracy": {"targets": asdict(targets), "final": figures.to_dict(),
+                     "by_flavour": {f: fig.to_dict() for f, fig in by_flavour.items()},
                      "passed": not failures, "failures": failures,
                      "skipped": None if ref is not None else
                      "random weights: answers are meaningless, so no gate"},
-        "size": {"decoder_fp32_bytes": sum(fp32_bytes.values()),
-                 "decoder_bytes": sum(after.values()),
-                 "ratio": round(sum(after.values()) / max(1, sum(fp32_bytes.values())), 4)},
+        # the decoder.flavour graph's sizes; by_flavour: each decoder graph's
+        "size": {"decoder_fp32_bytes": fp32_bytes[flavours[0]],
+                 "decoder_bytes": after[flavours[0]],
+                 "ratio": round(after[flavours[0]] / max(1, fp32_bytes[flavours[0]]), 4),
+                 "by_flavour": {f: {"decoder_fp32_bytes": fp32_bytes[f],
+                                    "decoder_bytes": after[f],
+                                    "ratio": round(after[f] / max(1, fp32_bytes[f]), 4)}
+                                for f in flavours}},
         "build_seconds": round(build_s, 2),
         "onnxruntime_version": require("onnxruntime", "weight-only quantization").__version__,
     }
@@ -179,8 +202,9 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         m["validation"]["note"] = ("parity of the fp32 graphs with PyTorch, before "
                                    "the weight-only stage; its accuracy is under "
                                    "quantization.accuracy")
-    log(f"[{o.precision}] decoder {sum(fp32_bytes.values()) / 1e6:.1f} MB -> "
-        f"{sum(after.values()) / 1e6:.1f} MB; {_figures(figures)}")
+    for f in flavours:
+        log(f"[{o.precision}] {f} decoder {fp32_bytes[f] / 1e6:.1f} MB -> "
+            f"{after[f] / 1e6:.1f} MB; {_figures(by_flavour[f])}")
     if failures:
         raise AccuracyGateError(f"{o.precision} weights miss the accuracy targets: "
                               + "; ".join(failures),

@@ -42,6 +42,10 @@ def main(
     seed: Optional[int] = typer.Option(None, "--seed", help="Makes sampling repeatable."),
     provider: str = typer.Option("auto", "--provider", help="auto | cpu | cuda | trt"),
     threads: int = typer.Option(0, "--threads", help="CPU threads per graph (0: default)."),
+    decoder_flavour: Optional[str] = typer.Option(
+        None, "--decoder-flavour", help="portable | ort: which decoder graph of an artifact "
+        "exported with --decoder-flavour both (default: ort on the CPU and CUDA providers, "
+        "portable elsewhere)."),
     max_image_tokens: Optional[int] = typer.Option(
         None, "--max-image-tokens", help="Image-token budget: SmolVLM tiles / Qwen2-VL pixels "
         "scaled so the image takes at most this many tokens (less vision and prefill time)."),
@@ -77,7 +81,7 @@ def main(
         structured = structured_options(choices, json_schema)
         session = VLMSession(artifact_dir, provider=provider, threads=threads or None,
                              allow_fallback=provider == "auto",
-                             max_image_tokens=max_image_tokens)
+                             max_image_tokens=max_image_tokens, decoder_flavour=decoder_flavour)
         if annotate is not None:
             _check_grounding(session.manifest.family)
         opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -91,6 +95,7 @@ def main(
             results = [session.generate(image, q, **opts).to_dict() for q in questions]
             for q, r in zip(questions, results):
                 r["prompt"] = q
+                r["decoder_flavour"] = session.decoder_flavour
             if annotate is not None:
                 _annotate(paths[0], results[0]["boxes"], annotate)
             print(json.dumps(results[0] if len(results) == 1 else {"results": results}))

@@ -174,15 +174,46 @@ def attention_groups(rule: str, ids, s: int, past: int, image_token_id: int | No
     return out
 
 
-def open_decoder(backend, manifest, positions: Callable, dtype) -> Any:
-    """The decoder runner for the manifest's flavour (checked against the
-    backend: the ort flavour needs onnxruntime's CPU or CUDA provider)."""
+# The providers whose onnxruntime kernels run the ort flavour's contrib ops
+# (GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization).
+ORT_FLAVOUR_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+FLAVOURS = ("portable", "ort")
+
+
+def pick_flavour(manifest, providers: list[str], requested: str | None = None) -> str:
+    """The decoder flavour a session runs: `requested` if the artifact holds it
+    (else one ArtifactError line); otherwise the ort flavour where the
+    artifact holds it and the first provider runs it (onnxruntime's CPU or
+    CUDA: fused attention over a shared KV buffer, MatMulNBits), and the
+    portable one everywhere else (TensorRT, other execution providers)."""
+    have = manifest.decoder_flavours
+    if requested is not None:
+        if requested not in FLAVOURS:
+            from vlmedge.errors import UserInputError
+            raise UserInputError("unknown decoder flavour", expected=" | ".join(FLAVOURS),
+                                 got=repr(requested)[:40])
+        if requested not in have:
+            raise ArtifactError(f"this artifact has no {requested} decoder",
+                                expected=" | ".join(have), got=requested,
+                                hint="re-export with --decoder-flavour both to have both")
+        return requested
+    if "ort" in have and providers[:1] and providers[0] in ORT_FLAVOUR_PROVIDERS:
+        return "ort"
+    return "portable" if "portable" in have else have[0]
+
+
+def open_decoder(backend, manifest, positions: Callable, dtype, flavour: str | None = None
+                 ) -> Any:
+    """The decoder runner for `flavour` (the manifest's decoder.flavour by
+    default), checked against the backend: the ort flavour needs
+    onnxruntime's CPU or CUDA provider."""
     facts = manifest.decoder
-    if facts.flavour == "portable":
+    flavour = flavour or facts.flavour
+    if flavour == "portable":
         return PortableDecoder(facts, positions, dtype, manifest.image.image_token_id)
     providers = getattr(backend, "providers", None) or []
-    if not hasattr(backend, "run_bound") or providers[:1] not in (
-            ["CPUExecutionProvider"], ["CUDAExecutionProvider"]):
+    if not hasattr(backend, "run_bound") or not providers or \
+            providers[0] not in ORT_FLAVOUR_PROVIDERS:
         raise ArtifactError(
             "this artifact's decoder is the onnxruntime-native ('ort') flavour, which runs "
             "on onnxruntime's CPU or CUDA execution provider only",

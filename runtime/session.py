@@ -46,7 +46,7 @@ from . import grounding, sampling
 from .adapters.base import MAX_IMAGES
 from .backends import OrtBackend, check_threads, resolve_providers, warn
 from .chat import ChatTokenizer, StreamDecoder
-from .decoders import open_decoder
+from .decoders import open_decoder, pick_flavour
 from .kv_cache import KVCache
 
 
@@ -110,13 +110,18 @@ class VLMSession:
     max_image_tokens: this session's default image-token budget (None: the
     manifest's image.max_image_tokens, else the artifact's own preprocessing);
     each call can set its own (image_budget.py).
+    decoder_flavour: "portable" | "ort" | None (the artifact's best for the
+    provider: an artifact exported with --decoder-flavour both runs its ort
+    decoder on onnxruntime's CPU and CUDA providers, its portable one
+    elsewhere; runtime/decoders.py pick_flavour). The flavour run is
+    `session.decoder_flavour`.
     A session is safe to use from several threads (see the module docstring;
     use one session per thread for parallel throughput)."""
 
     def __init__(self, artifact_dir: str | Path, provider: str = "auto",
                  threads: int | None = None, allow_fallback: bool = False, verify: bool = True,
                  manifest: "manifest_mod.Manifest | dict | None" = None,
-                 max_image_tokens: int | None = None):
+                 max_image_tokens: int | None = None, decoder_flavour: str | None = None):
         check_threads(threads)
         if not isinstance(provider, str):
             raise UserInputError("provider must be a string", got=type(provider).__name__)
@@ -134,6 +139,8 @@ class VLMSession:
                  f"meaningless (use it for latency planning only)")
         if _native_trt(m, provider):  # engines built on the device (runtime/trt_backend.py)
             from .trt_backend import open_engines
+            self.decoder_flavour = pick_flavour(m, ["TensorrtExecutionProvider"],
+                                                decoder_flavour)
             engines = open_engines(self.directory, m)
             self.vision, self.embed, self.decoder = (engines[c] for c in ("vision", "embed",
                                                                           "decoder"))
@@ -145,9 +152,11 @@ class VLMSession:
                     providers[0] != "CPUExecutionProvider":
                 warn("this artifact is int8-dynamic (CPU-only); running on CPU")
                 providers = ["CPUExecutionProvider"]
+            # which decoder graph: the flavour this provider runs best (or the caller's)
+            self.decoder_flavour = pick_flavour(m, providers, decoder_flavour)
             self.vision, self.embed, self.decoder = (
                 OrtBackend(self._graph_path(c), providers, threads) for c in
-                ("vision", "embed", "decoder"))
+                ("vision", "embed", m.decoder_component(self.decoder_flavour)))
         self._check_graph_io()
         self.providers = self.decoder.providers
         self.facts = m.decoder            # typed: vlmedge.manifest.Decoder
@@ -165,7 +174,7 @@ class VLMSession:
         # family adapter's: 1-D (Llama) or mrope (Qwen, 3 rows from the image grid).
         self.adapter = self.chat.adapter  # picked once from the manifest (runtime/adapters/)
         self._runner = open_decoder(self.decoder, m, self.adapter.positions(self.facts),
-                                    self._dtype)
+                                    self._dtype, self.decoder_flavour)
         self.preprocessor  # the manifest's preprocess config checked now, not on first image
         if max_image_tokens is not None and (not isinstance(max_image_tokens, int) or
                                              isinstance(max_image_tokens, bool) or
@@ -195,7 +204,7 @@ class VLMSession:
                        {"image_features"}),
             "embed": ({"input_ids"}, {"inputs_embeds"}),
             "decoder": ({"inputs_embeds", "attention_mask", *f.past_names()} |
-                        ({"position_ids"} if f.flavour == "portable" else set()) |
+                        ({"position_ids"} if self.decoder_flavour == "portable" else set()) |
                         ({"attention_groups"} if f.attention_groups else set()),
                         {"logits", *f.present_names()}),
         }

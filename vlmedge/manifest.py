@@ -29,7 +29,10 @@ Sections (schema 2):
     source           Source: path, architecture, content_hash, random_weights
     files            {name: FileEntry(sha256, bytes)} for every file the runtime opens
     components       {vision|embed|decoder: Component(file, data_file, precision,
-                     inputs, outputs)}; inputs/outputs are TensorSpec(name,
+                     inputs, outputs)}, and optionally decoder_ort: a second
+                     decoder graph in the ort flavour beside a portable
+                     "decoder" (vlm-export --decoder-flavour both; the runtime
+                     picks one by provider); inputs/outputs are TensorSpec(name,
                      dtype, shape) with ints or named dynamic dims ("batch", ...)
     decoder          Decoder: layers, heads, sizes, context_length (the most
                      tokens served: a sliding-window model's window), past/present
@@ -95,6 +98,9 @@ TARGETS = ("onnx", "trt")
 PRECISIONS = precision_mod.NAMES  # vlmedge/precision.py says what each means
 FLAVOURS = ("portable", "ort")
 COMPONENTS = ("vision", "embed", "decoder")
+# A second decoder graph, in the ort flavour, beside a portable "decoder"
+# (--decoder-flavour both): each provider runs the flavour it runs best.
+ORT_DECODER = "decoder_ort"
 # Which prefill tokens attend to each other both ways (decoder.attention_groups):
 # each image's tokens (Gemma 3), or the whole prompt, a prefix-LM (PaliGemma).
 GROUP_RULES = ("images", "prompt")
@@ -311,6 +317,16 @@ class Manifest:
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
 
+    @property
+    def decoder_flavours(self) -> tuple[str, ...]:
+        """The decoder flavours this artifact holds: decoder.flavour's graph
+        ("decoder"), then the ort flavour's second graph where there is one."""
+        return (self.decoder.flavour,) + (("ort",) if ORT_DECODER in self.components else ())
+
+    def decoder_component(self, flavour: str) -> str:
+        """The component holding `flavour`'s decoder graph."""
+        return "decoder" if flavour == self.decoder.flavour else ORT_DECODER
+
 
 # How each image expansion may be preprocessed (runtime/adapters/, runtime/
 # preprocess.py): the tiling methods its adapter takes (None: one resized view).
@@ -331,18 +347,22 @@ def _cross_check(m: "Manifest", where: str) -> None:
     if (m.decoder.position_ids == "mrope") != (m.image.expand == "qwen2_vl"):
         raise _bad(where, "decoder.position_ids", "'mrope' exactly for image expansion "
                    "'qwen2_vl'", m.decoder.position_ids)
-    if m.decoder.flavour == "ort" and m.decoder.position_ids != "1d":
-        raise _bad(where, "decoder.flavour", "'portable' for mrope positions (the ort "
-                   "flavour computes 1-D rotary positions inside its attention)", "ort")
+    if ORT_DECODER in m.components and m.decoder.flavour != "portable":
+        raise _bad(where, "decoder.flavour", f"'portable' beside a {ORT_DECODER} component "
+                   f"(the second decoder is the ort flavour)", m.decoder.flavour)
+    if "ort" in m.decoder_flavours and m.decoder.position_ids != "1d":
+        raise _bad(where, "decoder.flavour", f"'portable' and no {ORT_DECODER} for mrope "
+                   "positions (the ort flavour computes 1-D rotary positions inside its "
+                   "attention)", "ort")
     if m.image.feature_dim != m.decoder.inputs_width:
         raise _bad(where, "image.feature_dim", f"decoder.hidden_size x (1 + deepstack_layers) "
                    f"= {m.decoder.inputs_width}", m.image.feature_dim)
-    if m.decoder.flavour == "ort" and m.decoder.attention_groups:
-        raise _bad(where, "decoder.flavour", "'portable' for a decoder with attention groups "
-                   "(the ort flavour's attention is causal only)", "ort")
-    if m.decoder.flavour == "ort" and m.target == "trt":
-        raise _bad(where, "decoder.flavour", "'portable' for target 'trt' (TensorRT has no "
-                   "onnxruntime contrib ops)", "ort")
+    if "ort" in m.decoder_flavours and m.decoder.attention_groups:
+        raise _bad(where, "decoder.flavour", f"'portable' and no {ORT_DECODER} for a decoder "
+                   "with attention groups (the ort flavour's attention is causal only)", "ort")
+    if "ort" in m.decoder_flavours and m.target == "trt":
+        raise _bad(where, "decoder.flavour", f"'portable' and no {ORT_DECODER} for target "
+                   "'trt' (TensorRT has no onnxruntime contrib ops)", "ort")
     if m.image.image_token_id >= m.decoder.vocab_size and m.image.expand != "repeat":
         raise _bad(where, "image.image_token_id", f"< vocab_size {m.decoder.vocab_size}",
                    m.image.image_token_id)
@@ -506,7 +526,9 @@ def _tensor_specs(v) -> tuple[TensorSpec, ...]:
 
 def _components(r: _Obj, files: dict) -> dict[str, Component]:
     out = {}
-    for comp in COMPONENTS:
+    for comp in COMPONENTS + (ORT_DECODER,):
+        if comp == ORT_DECODER and comp not in r.d:  # the one optional component
+            continue
         c = r.obj(comp)
         out[comp] = Component(
             file=c.get("file", _listed(files, f"components.{comp}.file")),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vlmedge import manifest as manifest_mod
 from vlmedge.errors import ContextOverflowError
 
 from . import roofline, stats
@@ -195,17 +196,22 @@ def machine_facts(o: Options, probe: dict[str, Any], tegrastats: bool) -> dict[s
 
 
 def _weights(spec: Spec) -> tuple[int, int]:
-    """(bytes of all weights, bytes a decode step reads of them)."""
+    """(bytes of all weights, bytes a decode step reads of them): the graphs
+    this system runs (of an artifact with both decoder flavours, its own)."""
     if spec.kind == "torch":
         return spec.facts["weight_bytes"], spec.facts["decode_weight_bytes"]
     m = spec.manifest
+    flavour = spec.decoder_flavour or m.decoder.flavour
+    decoder = m.decoder_component(flavour)
     sizes = {}
     for key, comp in m.components.items():
+        if key in ("decoder", manifest_mod.ORT_DECODER) and key != decoder:
+            continue  # the other flavour's graph: on disk, never loaded
         b = roofline.initializer_bytes(_graph(spec, key))
         if b is None:  # no onnx package: the files' sizes
             b = sum(m.files[f].bytes for f in (comp.file, comp.data_file) if f)
         sizes[key] = b
-    return sum(sizes.values()), sizes["decoder"]
+    return sum(sizes.values()), sizes[decoder]
 
 
 def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[str, Any]:
@@ -215,7 +221,8 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
     if spec.manifest:
         m = spec.manifest
         rec.update(family=m.family, target=m.target, precision=m.precision,
-                   decoder_flavour=m.decoder.flavour, providers=spec.facts.get("providers"),
+                   decoder_flavour=spec.facts.get("decoder_flavour") or spec.decoder_flavour,
+                   providers=spec.facts.get("providers"),
                    artifact_bytes=sum(e.bytes for e in m.files.values()))
     else:
         rec.update(precision="fp32", torch_version=spec.facts.get("torch_version"))
@@ -257,7 +264,9 @@ def add_flops(records: list[dict], specs: list[Spec], runs: dict, machine: dict)
             continue
         r = runs[spec.name][-1]
         vision = roofline.graph_flops(_graph(spec, "vision"), r["input_shapes"])
-        prefill = roofline.graph_flops(_graph(spec, "decoder"),
+        decoder = spec.manifest.decoder_component(spec.decoder_flavour
+                                                  or spec.manifest.decoder.flavour)
+        prefill = roofline.graph_flops(_graph(spec, decoder),
                                        decoder_shapes(spec.manifest, r["prompt_tokens"]))
         flops[spec.name] = (vision, prefill)
     ref = next((v for k, v in flops.items() if k.startswith("onnx-fp32")),

@@ -32,6 +32,7 @@ class Spec:
     manifest: "manifest_mod.Manifest | None" = None
     random_weights: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
+    decoder_flavour: str | None = None  # onnx: the decoder graph run ("portable" | "ort")
 
 
 def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
@@ -39,23 +40,26 @@ def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
     every file's sha256 checked here, once, before any timing (the workers
     then open the artifacts without re-hashing, so load time is the
     runtime's). Names say target and precision; a second artifact of the
-    same kind gets its directory name added."""
+    same kind gets its directory name added. An artifact holding both
+    decoder flavours (--decoder-flavour both) is two systems, one per
+    flavour, side by side in one run."""
     specs, seen = [], set()
     for d in dirs:
         m = manifest_mod.load(d, verify=verify)
-        # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4; a
-        # weight-only export whose vision graph is int8 too (--vision-precision int8)
-        # adds -vint8: ort-int4-vint8, onnx-int4-vint8 (the portable flavour's int4)
-        name = f"{m.target}-{m.precision}"
-        if m.decoder.flavour == "ort":
-            name = f"ort-{m.precision}"
-        if m.components["vision"].precision == "int8" and m.precision in ("int4", "int8") \
-                and m.components["decoder"].precision.endswith("weight-only"):
-            name += "-vint8"
-        if name in seen:
-            name = f"{name}:{Path(d).name}"
-        seen.add(name)
-        specs.append(Spec(name, "onnx", Path(d), m, m.source.random_weights))
+        for flavour in m.decoder_flavours:
+            # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4; a
+            # weight-only export whose vision graph is int8 too (--vision-precision int8)
+            # adds -vint8: ort-int4-vint8, onnx-int4-vint8 (the portable flavour's int4)
+            name = f"ort-{m.precision}" if flavour == "ort" else f"{m.target}-{m.precision}"
+            if m.components["vision"].precision == "int8" and m.precision in ("int4", "int8") \
+                    and m.components[m.decoder_component(flavour)].precision.endswith(
+                        "weight-only"):
+                name += "-vint8"
+            if name in seen:
+                name = f"{name}:{Path(d).name}"
+            seen.add(name)
+            specs.append(Spec(name, "onnx", Path(d), m, m.source.random_weights,
+                              decoder_flavour=flavour))
     return specs
 
 
@@ -98,7 +102,8 @@ class SystemProcess:
             stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
         self._send({"kind": self.spec.kind, "path": str(self.spec.path), "threads": self.threads,
                     "provider": self.provider, "random_weights": self.spec.random_weights,
-                    "max_image_tokens": self.max_image_tokens})
+                    "max_image_tokens": self.max_image_tokens,
+                    "decoder_flavour": self.spec.decoder_flavour})
         self.ready = self._receive()
         return self.ready
 

@@ -62,17 +62,19 @@ def _ms(t0: float) -> float:
 class OnnxSystem:
     """An artifact through the vlmedge runtime's stages (runtime/session.py)."""
 
-    def __init__(self, path: str, threads: int, provider: str, max_image_tokens=None):
+    def __init__(self, path: str, threads: int, provider: str, max_image_tokens=None,
+                 decoder_flavour: str | None = None):
         from vlmedge.runtime import VLMSession
 
         # verify=False: vlm-bench checked the hashes before starting the workers
         self.session = VLMSession(path, provider=provider, threads=threads, verify=False,
-                                  max_image_tokens=max_image_tokens)
+                                  max_image_tokens=max_image_tokens,
+                                  decoder_flavour=decoder_flavour)
         self.images: dict[str, Any] = {}
 
     def facts(self) -> dict[str, Any]:
         return {"providers": self.session.providers,
-                "decoder_flavour": self.session.facts.flavour}
+                "decoder_flavour": self.session.decoder_flavour}
 
     def run(self, image_path: str, prompt: str, new_tokens: int) -> dict[str, Any]:
         from vlmedge.errors import ContextOverflowError
@@ -278,7 +280,7 @@ def _cache_bytes(out) -> int | None:
 def _open(spec: dict[str, Any]):
     if spec["kind"] == "onnx":
         return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"),
-                          spec.get("max_image_tokens"))
+                          spec.get("max_image_tokens"), spec.get("decoder_flavour"))
     return TorchSystem(spec["path"], spec["threads"], bool(spec.get("random_weights")),
                        spec.get("max_image_tokens"))
 
