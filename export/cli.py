@@ -42,8 +42,8 @@ def main(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
         "int8/int4; CPU and CUDA EPs) | both (fp32 or int4: the two decoder graphs in one "
-        "artifact, each validated and gated; the runtime runs ort on the CPU and CUDA "
-        "providers, portable elsewhere). Default: ort for int4, else portable; "
+        "artifact, each validated and gated; the runtime runs ort on onnxruntime's CPU "
+        "provider, portable elsewhere). Default: ort for int4, else portable; "
         "--decoder-flavour portable --precision int4 keeps standard ONNX ops."),
     vision_precision: str = typer.Option(
         "fp32", "--vision-precision", help="weight-only exports (int4; the ort flavour's int8): "

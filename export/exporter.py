@@ -109,15 +109,16 @@ def check_options(o: ExportOptions) -> None:
     if o.vision_precision != "fp32" and not weight_only(o):
         raise UserInputError("--vision-precision applies to weight-only exports (int4, or the "
                              "ort flavour's int8)", got=f"--precision {o.precision}, "
-                             f"--decoder-flavour {flavour(o)}",
+                             f"--decoder-flavour {o.decoder_flavour or flavour(o)}",
                              hint="--precision int8 (portable) quantizes the vision graph too")
     if o.weight_method not in ("rtn", "gptq"):
         raise UserInputError(f"unknown --weight-method {o.weight_method!r}", expected="rtn | gptq")
     if o.weight_method != "rtn" and not (flavours(o) == ("ort",) and o.precision != "fp32"):
         raise UserInputError("--weight-method gptq applies to the ort flavour's int8/int4 "
                              "exports", got=f"--precision {o.precision}, --decoder-flavour "
-                             f"{flavour(o)}", hint="the portable flavour's int4 is round to "
-                             "nearest (--weight-method rtn)")
+                             f"{o.decoder_flavour or flavour(o)}", hint="the portable flavour's "
+                             "int4 (and so --decoder-flavour both's) is round to nearest "
+                             "(--weight-method rtn)")
     if "ort" in flavours(o) and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
                              got=f"--decoder-flavour {o.decoder_flavour or 'ort'}",

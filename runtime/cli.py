@@ -44,8 +44,8 @@ def main(
     threads: int = typer.Option(0, "--threads", help="CPU threads per graph (0: default)."),
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable | ort: which decoder graph of an artifact "
-        "exported with --decoder-flavour both (default: ort on the CPU and CUDA providers, "
-        "portable elsewhere)."),
+        "exported with --decoder-flavour both (default: ort on the CPU provider, portable "
+        "elsewhere, CUDA included)."),
     max_image_tokens: Optional[int] = typer.Option(
         None, "--max-image-tokens", help="Image-token budget: SmolVLM tiles / Qwen2-VL pixels "
         "scaled so the image takes at most this many tokens (less vision and prefill time)."),

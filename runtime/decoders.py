@@ -177,15 +177,21 @@ def attention_groups(rule: str, ids, s: int, past: int, image_token_id: int | No
 # The providers whose onnxruntime kernels run the ort flavour's contrib ops
 # (GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization).
 ORT_FLAVOUR_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+# Where an artifact holding both flavours runs the ort one unasked: the CPU
+# only. The export builds the ort graph for onnxruntime's CPU kernels at fp32
+# activations, and onnxruntime's CUDA GroupQueryAttention takes fp16/bf16
+# only, so on CUDA the portable graph is the one known to run (ort there is
+# the caller's choice, as with an ort-only artifact).
+ORT_BY_DEFAULT = ("CPUExecutionProvider",)
 FLAVOURS = ("portable", "ort")
 
 
 def pick_flavour(manifest, providers: list[str], requested: str | None = None) -> str:
     """The decoder flavour a session runs: `requested` if the artifact holds it
     (else one ArtifactError line); otherwise the ort flavour where the
-    artifact holds it and the first provider runs it (onnxruntime's CPU or
-    CUDA: fused attention over a shared KV buffer, MatMulNBits), and the
-    portable one everywhere else (TensorRT, other execution providers)."""
+    artifact holds it and the first provider is onnxruntime's CPU (fused
+    attention over a shared KV buffer, MatMulNBits), and the portable one
+    everywhere else (CUDA, TensorRT, other execution providers)."""
     have = manifest.decoder_flavours
     if requested is not None:
         if requested not in FLAVOURS:
@@ -197,7 +203,7 @@ def pick_flavour(manifest, providers: list[str], requested: str | None = None) -
                                 expected=" | ".join(have), got=requested,
                                 hint="re-export with --decoder-flavour both to have both")
         return requested
-    if "ort" in have and providers[:1] and providers[0] in ORT_FLAVOUR_PROVIDERS:
+    if "ort" in have and providers[:1] and providers[0] in ORT_BY_DEFAULT:
         return "ort"
     return "portable" if "portable" in have else have[0]
 
@@ -214,11 +220,14 @@ def open_decoder(backend, manifest, positions: Callable, dtype, flavour: str | N
     providers = getattr(backend, "providers", None) or []
     if not hasattr(backend, "run_bound") or not providers or \
             providers[0] not in ORT_FLAVOUR_PROVIDERS:
+        both = "portable" in manifest.decoder_flavours
         raise ArtifactError(
-            "this artifact's decoder is the onnxruntime-native ('ort') flavour, which runs "
-            "on onnxruntime's CPU or CUDA execution provider only",
+            "the onnxruntime-native ('ort') decoder runs on onnxruntime's CPU or CUDA "
+            "execution provider only",
             got=f"provider {providers[0] if providers else getattr(backend, 'name', '?')}",
-            hint="use provider='cpu' or 'cuda', or re-export with --decoder-flavour portable "
+            hint="this artifact has a portable decoder too: leave decoder_flavour unset or "
+                 "choose 'portable'" if both else
+                 "use provider='cpu' or 'cuda', or re-export with --decoder-flavour portable "
                  "for TensorRT")
     device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
     return OrtDecoder(facts, dtype, facts.context_length, device)

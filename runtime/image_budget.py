@@ -13,8 +13,8 @@ what the exported graphs take (they take any tile count or patch grid):
     repeat     (LLaVA, PaliGemma; and wrap, Gemma 3) the image always takes
                tokens_per_image: a smaller budget is an error; Gemma 3 with
                pan-and-scan keeps as many crops as fit beside the whole image
-               (its max_num_crops lowered; fewer than 2: no crops, as the
-               processor never makes one)
+               (its max_num_crops lowered; fewer than 2: no crops, since one
+               crop would be the whole image again)
     anyres     (LLaVA-NeXT/OneVision) the grid pinpoints are narrowed to those
                at which this image's packed features fit; the runtime carries
                the pinpoint used in the image grid, so packing follows it (the

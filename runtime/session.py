@@ -112,8 +112,8 @@ class VLMSession:
     each call can set its own (image_budget.py).
     decoder_flavour: "portable" | "ort" | None (the artifact's best for the
     provider: an artifact exported with --decoder-flavour both runs its ort
-    decoder on onnxruntime's CPU and CUDA providers, its portable one
-    elsewhere; runtime/decoders.py pick_flavour). The flavour run is
+    decoder on onnxruntime's CPU provider, its portable one elsewhere,
+    CUDA included; runtime/decoders.py pick_flavour). The flavour run is
     `session.decoder_flavour`.
     A session is safe to use from several threads (see the module docstring;
     use one session per thread for parallel throughput)."""

@@ -110,7 +110,9 @@ def test_both_flavours_answer_alike_and_right(both_fp32):
 
 @pytest.mark.parametrize("providers,want", [
     (["CPUExecutionProvider"], "ort"),
-    (["CUDAExecutionProvider", "CPUExecutionProvider"], "ort"),
+    # the ort graph is built for the CPU's kernels (fp32 activations; onnxruntime's CUDA
+    # GroupQueryAttention takes fp16/bf16): CUDA runs the portable one unless asked
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "portable"),
     (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "portable"),
     (["OpenVINOExecutionProvider", "CPUExecutionProvider"], "portable"),
     (["CoreMLExecutionProvider"], "portable")])
@@ -124,14 +126,14 @@ def test_an_absent_or_unknown_flavour_is_refused_in_one_line(both_fp32, demo_art
     assert "\n" not in str(e.value) and "--decoder-flavour both" in str(e.value)
     with pytest.raises(UserInputError, match="unknown decoder flavour") as e:
         _session(both_fp32[0], decoder_flavour="fast")
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "portable | ort" in str(e.value)
     # a portable-only artifact runs its one decoder on the CPU as before
     assert _session(demo_artifact).decoder_flavour == "portable"
 
 
 @pytest.mark.parametrize("change,match", [
     (lambda m: m["decoder"].update(flavour="ort"), "decoder.flavour"),
-    (lambda m: m.update(target="trt"), "decoder.flavour"),
+    (lambda m: m.update(target="trt"), "components.decoder_ort"),
     (lambda m: m["components"]["decoder_ort"].update(file="elsewhere.onnx"), "decoder_ort"),
     (lambda m: m["components"].update(decoder_gpu=m["components"]["decoder"]), "decoder_gpu")])
 def test_manifest_cross_checks_the_second_decoder(both_fp32, change, match):
@@ -145,7 +147,8 @@ def test_manifest_cross_checks_the_second_decoder(both_fp32, change, match):
 @pytest.mark.parametrize("kw,words", [
     (dict(precision="int8"), "takes --precision fp32 | int4"),
     (dict(target="trt"), "--target trt needs --decoder-flavour portable"),
-    (dict(precision="int4", weight_method="gptq"), "--weight-method gptq"),
+    (dict(precision="int4", weight_method="gptq"), "--decoder-flavour both"),
+    (dict(vision_precision="int8"), "--decoder-flavour both"),
     (dict(precision="int8-dynamic"), "takes --precision fp32 | int4")])
 def test_bad_both_options_are_one_line(kw, words, tmp_path):
     o = exporter.ExportOptions(model_dir=demo_model_dir(), output=tmp_path / "o",
@@ -208,7 +211,8 @@ def test_vlm_run_says_and_takes_the_flavour(both_fp32):
     r = subprocess.run([str(BIN / "vlm-run"), str(art), "--decoder-flavour", "trt"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert len([x for x in r.stderr.splitlines() if x.startswith("vlm-run: error")]) == 1
+    errors = [x for x in r.stderr.splitlines() if x.startswith("vlm-run: error")]
+    assert len(errors) == 1 and "decoder flavour" in errors[0] and "'trt'" in errors[0]
 
 
 def test_vlm_bench_runs_each_flavour_as_its_own_system(both_fp32, tmp_path):
@@ -239,6 +243,11 @@ def test_vlm_bench_runs_each_flavour_as_its_own_system(both_fp32, tmp_path):
     rep = json.loads(out.read_text())
     flavours = {s["name"]: s["decoder_flavour"] for s in rep["systems"]}
     assert flavours == {"onnx-fp32": "portable", "ort-fp32": "ort"}
+    on_disk = sum(e.bytes for e in m.files.values())
+    for s in rep["systems"]:  # each system's size: its own decoder's files, not the other's
+        other = "decoder_ort" if s["decoder_flavour"] == "portable" else "decoder"
+        assert s["artifact_bytes"] == on_disk - sum(
+            e.bytes for n, e in m.files.items() if n.startswith(f"{other}.onnx"))
     assert all(np.isfinite(s["decode_tokens_per_s"]) for s in rep["systems"])
 
 

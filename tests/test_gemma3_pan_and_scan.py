@@ -170,7 +170,12 @@ def test_do_pan_and_scan_in_the_config_turns_it_on(src, tmp_path):
 
 @pytest.mark.parametrize("key,value", [("pan_and_scan_max_num_crops", 0),
                                        ("pan_and_scan_min_crop_size", -3),
-                                       ("pan_and_scan_min_ratio_to_activate", 0.5)])
+                                       ("pan_and_scan_min_ratio_to_activate", 0.5),
+                                       # the runtime's bounds too: refused at export, not
+                                       # later in validation (nor by every session)
+                                       ("pan_and_scan_max_num_crops", 65),
+                                       ("pan_and_scan_max_num_crops", True),
+                                       ("pan_and_scan_min_ratio_to_activate", float("inf"))])
 def test_bad_pan_and_scan_settings_are_refused(loaded, key, value):
     import copy
 
@@ -254,7 +259,7 @@ def test_two_cropped_images_equal_torch(artifact, loaded):
                                           (4 * TOKENS, 3), (100 * TOKENS, 4)])
 def test_budget_lowers_the_crop_count_as_the_processor_would(budget, crops, artifact, loaded):
     """A 1400 x 260 image makes 4 crops; a budget of k images' tokens keeps k - 1
-    crops (none below 2: the processor never makes one), and the pixels are
+    crops (none below 2: one crop would be the whole image again), and the pixels are
     the processor's with that pan_and_scan_max_num_crops (or without
     pan-and-scan)."""
     s = _session(artifact[0])
@@ -282,3 +287,19 @@ def test_raw_image_generation_without_torch(artifact, tmp_path):
     _image(900, 300).save(path)
     want = _session(artifact[0]).generate(str(path), QUESTION, max_new_tokens=6).token_ids
     assert generate_without_torch(artifact[0], path, QUESTION) == want
+
+
+def test_tensorrt_profiles_count_the_crops(artifact):
+    """The TensorRT plan's image-token range runs from one view (no crops) to
+    the whole image plus max_num_crops crops, its opt a 640 x 480 frame's 3
+    views; the vision graph takes one view per call; `covers` says so."""
+    from vlmedge.export.trt import profiles
+
+    m = manifest.read_json(artifact[0])
+    lim = profiles.Limits(max_context=4096, max_batch=1, max_images=2)
+    dims, toks = profiles._image_ranges(m, lim)
+    assert toks == (TOKENS, 3 * TOKENS, 5 * TOKENS)  # max_num_crops 4
+    assert dims["batch"] == (1, 1, 2 * 5)
+    prefill = profiles.dim_ranges(m, lim)["decoder"][0][1]
+    assert prefill["sequence_length"][1] >= 3 * TOKENS  # the typical prompt holds the crops
+    assert "4 pan-and-scan crops" in profiles.covers(m, lim)

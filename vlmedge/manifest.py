@@ -335,6 +335,14 @@ _EXPAND_TILING = {"repeat": (None,), "idefics3": ("idefics3",),
                   "internvl": ("internvl",), "wrap": (None, "pan_and_scan")}
 
 
+def _ort_blame(m: "Manifest", expected: str) -> tuple[str, str, str]:
+    """(key, expected, got) for _bad where the ort flavour may not be: the key
+    that holds it is decoder.flavour 'ort', or the second decoder component."""
+    if m.decoder.flavour == "ort":
+        return "decoder.flavour", expected, "ort"
+    return f"components.{ORT_DECODER}", expected, "a second decoder in the ort flavour"
+
+
 def _cross_check(m: "Manifest", where: str) -> None:
     """Sections that must agree with each other, checked here rather than
     failing deep inside the runtime."""
@@ -351,18 +359,18 @@ def _cross_check(m: "Manifest", where: str) -> None:
         raise _bad(where, "decoder.flavour", f"'portable' beside a {ORT_DECODER} component "
                    f"(the second decoder is the ort flavour)", m.decoder.flavour)
     if "ort" in m.decoder_flavours and m.decoder.position_ids != "1d":
-        raise _bad(where, "decoder.flavour", f"'portable' and no {ORT_DECODER} for mrope "
+        raise _bad(where, *_ort_blame(m, "the portable decoder flavour alone for mrope "
                    "positions (the ort flavour computes 1-D rotary positions inside its "
-                   "attention)", "ort")
+                   "attention)"))
     if m.image.feature_dim != m.decoder.inputs_width:
         raise _bad(where, "image.feature_dim", f"decoder.hidden_size x (1 + deepstack_layers) "
                    f"= {m.decoder.inputs_width}", m.image.feature_dim)
     if "ort" in m.decoder_flavours and m.decoder.attention_groups:
-        raise _bad(where, "decoder.flavour", f"'portable' and no {ORT_DECODER} for a decoder "
-                   "with attention groups (the ort flavour's attention is causal only)", "ort")
+        raise _bad(where, *_ort_blame(m, "the portable decoder flavour alone for a decoder "
+                   "with attention groups (the ort flavour's attention is causal only)"))
     if "ort" in m.decoder_flavours and m.target == "trt":
-        raise _bad(where, "decoder.flavour", f"'portable' and no {ORT_DECODER} for target "
-                   "'trt' (TensorRT has no onnxruntime contrib ops)", "ort")
+        raise _bad(where, *_ort_blame(m, "the portable decoder flavour alone for target "
+                   "'trt' (TensorRT has no onnxruntime contrib ops)"))
     if m.image.image_token_id >= m.decoder.vocab_size and m.image.expand != "repeat":
         raise _bad(where, "image.image_token_id", f"< vocab_size {m.decoder.vocab_size}",
                    m.image.image_token_id)

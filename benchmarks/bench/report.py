@@ -217,8 +217,10 @@ def _roofline_md(res: dict) -> str:
             f"{a['gemm_gflops_median']:.0f}).\n\n"
             + _table(rows, heads, True) +
             "\n\nBytes per decode token = the decoder's weights (every initializer of "
-            "decoder.onnx; for PyTorch, the language model's parameters less the embedding "
-            "table, plus the LM head) + the KV cache at its mean length. Vision and prefill "
+            "the decoder graph the system runs: decoder.onnx, or decoder_ort.onnx for the ort "
+            "flavour of an artifact holding both; for PyTorch, the language model's parameters "
+            "less the embedding table, plus the LM head) + the KV cache at its mean length. "
+            "Vision and prefill "
             "FLOPs are 2 x the multiply-adds of the graphs' MatMul/Gemm/Conv at the shapes run; "
             "the compute bound is the fp32 GEMM rate (an int8 graph can exceed 100%)."
             + _cache_note(res))

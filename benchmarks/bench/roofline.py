@@ -14,8 +14,8 @@ the models ask of it.
   integer forms), from ONNX shape inference with the input shapes fixed to
   the ones benchmarked (onnxruntime's symbolic shape inference; weights in
   external data are declared as inputs, never read).
-- Bytes a decode step reads: every initializer of decoder.onnx (weights, LM
-  head, quantization scales) plus the KV cache.
+- Bytes a decode step reads: every initializer of the decoder graph the
+  system runs (weights, LM head, quantization scales) plus the KV cache.
 """
 from __future__ import annotations
 

@@ -214,6 +214,17 @@ def _weights(spec: Spec) -> tuple[int, int]:
     return sum(sizes.values()), sizes[decoder]
 
 
+def _artifact_bytes(spec: Spec) -> int:
+    """The bytes of the files this system loads: of an artifact with both
+    decoder flavours, all but the other flavour's decoder graph."""
+    m = spec.manifest
+    own = m.decoder_component(spec.decoder_flavour or m.decoder.flavour)
+    other = {f for key in ("decoder", manifest_mod.ORT_DECODER)
+             if key != own and key in m.components
+             for f in (m.components[key].file, m.components[key].data_file) if f}
+    return sum(e.bytes for name, e in m.files.items() if name not in other)
+
+
 def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[str, Any]:
     """One entry of `systems`: timings, memory, sizes, roofline shares."""
     rec: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "path": str(spec.path),
@@ -223,7 +234,7 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
         rec.update(family=m.family, target=m.target, precision=m.precision,
                    decoder_flavour=spec.facts.get("decoder_flavour") or spec.decoder_flavour,
                    providers=spec.facts.get("providers"),
-                   artifact_bytes=sum(e.bytes for e in m.files.values()))
+                   artifact_bytes=_artifact_bytes(spec))
     else:
         rec.update(precision="fp32", torch_version=spec.facts.get("torch_version"))
     rec.update(stats.summarize(runs))

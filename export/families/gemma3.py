@@ -28,6 +28,7 @@ What differs from a LLaVA-style model, and where it is handled:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from vlmedge.errors import ModelDirError, UnsupportedArchitectureError
@@ -76,11 +77,18 @@ class Gemma3(FixedSizeImages):
         n, least, ratio = (kw.get("pan_and_scan_max_num_crops"),
                            kw.get("pan_and_scan_min_crop_size"),
                            kw.get("pan_and_scan_min_ratio_to_activate"))
-        if not (_int(n) and n >= 1 and _int(least) and least >= 1
-                and isinstance(ratio, (int, float)) and ratio >= 1):
+        # the runtime's bounds (runtime/preprocess.py _check_pan_and_scan), checked
+        # here so a model the runtime would refuse fails before the export
+        from vlmedge.runtime.preprocess import MAX_CONFIG_SIZE, MAX_PAN_AND_SCAN_CROPS
+        if not (_int(n) and 1 <= n <= MAX_PAN_AND_SCAN_CROPS
+                and _int(least) and 1 <= least <= MAX_CONFIG_SIZE
+                and isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+                and math.isfinite(ratio) and ratio >= 1):
             raise ModelDirError("bad pan-and-scan settings in the Gemma 3 processor",
-                                expected="pan_and_scan_max_num_crops and _min_crop_size ints "
-                                         ">= 1, _min_ratio_to_activate >= 1",
+                                expected=f"pan_and_scan_max_num_crops an int in "
+                                         f"1..{MAX_PAN_AND_SCAN_CROPS}, _min_crop_size an int "
+                                         f"in 1..{MAX_CONFIG_SIZE}, _min_ratio_to_activate a "
+                                         f"finite number >= 1",
                                 got=f"{n!r}, {least!r}, {ratio!r}",
                                 hint="Gemma3Processor's defaults are 4, 256 and 1.2")
         if cfg["resize"] != "exact":

@@ -133,6 +133,14 @@ def _image_ranges(m: dict[str, Any], lim: Limits) -> tuple[dict[str, Range], Ran
         return {"batch": (1, opt, n * most)}, toks
     if method == "internvl":
         return _internvl_ranges(tiling, per, n)
+    if method == "pan_and_scan":
+        # Gemma 3: the whole image, then up to max_num_crops crops, each one
+        # image's tokens; opt: a 640 x 480 frame's crops (2). Views go through
+        # the vision graph one at a time (runtime/adapters/base.py).
+        from vlmedge.runtime.preprocess import pan_and_scan_crops
+        most = 1 + int(tiling["max_num_crops"])
+        opt = min(most, 1 + len(pan_and_scan_crops(480, 640, tiling)))
+        return {"batch": (1, 1, n * most)}, (per, per * opt, per * most)
     return {"batch": (1, 1, n)}, (per, per, per)
 
 
@@ -188,6 +196,10 @@ def covers(m: dict[str, Any], lim: Limits) -> str:
     method = (m["preprocess"].get("tiling") or {}).get("method")
     if method != "qwen2_vl_patches":
         n = dims["batch"][2]
+        if method == "pan_and_scan":
+            return (f"every image (resized to the graph's input size, and up to "
+                    f"{dims['batch'][2] // lim.max_images // lim.max_batch - 1} pan-and-scan "
+                    f"crops of it), one view per vision call")
         return (f"every image ({'tiled' if method else 'resized'} to the graph's input size), "
                 f"up to {n} {'tiles' if method else 'images'} per vision call")
     text = (f"every grid of one image with {tok[0]}..{tok[2]} image tokens "

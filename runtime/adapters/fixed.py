@@ -52,8 +52,9 @@ class Wrap(Adapter):
 
     def budget(self, tiling, h, w, max_tokens):
         """Pan-and-scan: at most as many crops as fit beside the whole image
-        (max_num_crops lowered; below 2 crops, none: the processor never makes
-        one). Without it, the one view must fit."""
+        (max_num_crops lowered; below 2 crops, none: one crop would be the
+        whole image again, which the processor makes only when configured
+        with max_num_crops 1). Without it, the one view must fit."""
         tiling = super().budget(tiling, h, w, max_tokens)
         if tiling is None or tiling["method"] != "pan_and_scan":
             return tiling
