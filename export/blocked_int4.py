@@ -18,11 +18,14 @@ embedding's Gather are left to the caller (the embedding is int8 per row).
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from vlmedge.lazy import require
+
+from .ort_decoder import quiet
 
 BLOCK_SIZE = 32  # as the ort flavour's MatMulNBits (llama.cpp q4_0's block)
 
@@ -42,7 +45,11 @@ def quantize_decoder(tmp: Path, log: Callable[[str], None]) -> int:
                                           op_types_to_quantize=("MatMul",), bits=4)
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True,
                                      quant_format=QuantFormat.QDQ, algo_config=config)
-    quantizer.process()
+    # The quantizer logs a line per node at INFO, and warns that lifting the
+    # graph to opset 21 "may not be a valid model": the gate checks the result
+    # (weight_only.py), so one line of ours says what was done.
+    with quiet(logging.ERROR):
+        quantizer.process()
     out = quantizer.model.model
     n = sum(node.op_type == "DequantizeLinear" for node in out.graph.node)
     work = tmp / ".decoder-int4"

@@ -112,7 +112,7 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
             opts.append(f"block_size={BLOCK_SIZE}")
         args = (None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
                 "cpu", str(work / "cache"))
-        with _quiet():  # the builder prints per-node progress; we log one line
+        with quiet():  # the builder prints per-node progress; we log one line
             _save_text_model(loaded, work / "text")
             extra = builder.parse_extra_options(*args, opts)
             builder.create_model(*args, **extra)
@@ -158,7 +158,7 @@ def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], 
             return next(self.it, None)
 
     config = q.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=BLOCK_SIZE)
-    with _quiet():
+    with quiet():
         quantizer = q.MatMulNBitsQuantizer(onnx.load(str(src)), bits=int(precision[3:]),
                                            block_size=BLOCK_SIZE, is_symmetric=True,
                                            accuracy_level=4, algo_config=config)
@@ -173,11 +173,11 @@ def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], 
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The builder's prints and its quantizer's INFO logging, swallowed."""
+def quiet(least: int = logging.WARNING):
+    """The builder's prints and its quantizer's logging below `least`, swallowed."""
     quant_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quant_log.level
-    quant_log.setLevel(logging.WARNING)
+    quant_log.setLevel(least)
     sink = io.StringIO()
     env = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
