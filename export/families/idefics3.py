@@ -34,8 +34,21 @@ class Idefics3Vision(nn.Module):
         self.connector = model.model.connector
 
     def forward(self, pixel_values):
-        hidden = self.tower(pixel_values=pixel_values).last_hidden_state  # (N, P, D_vision)
-        return self.connector(hidden)
+        # The tower's own forward with its default patch mask (all true: every
+        # tile is whole), taken apart so the encoder gets no attention mask. The
+        # tower would build an all-true (N, 1, P, P) mask and hand it to SDPA,
+        # which the ONNX export spells as an additive mask per layer plus a
+        # NaN guard over the (N, H, P, P) probabilities (IsNaN + Where): 28% of
+        # the SmolVLM-256M vision graph's time in onnxruntime for no effect on
+        # the result. Without a mask it is MatMul, Softmax, MatMul: the same
+        # arithmetic (HF's flash-attention path drops an all-true mask too).
+        t = self.tower
+        n, _, h, w = pixel_values.shape
+        whole = torch.ones((n, h // t.patch_size, w // t.patch_size), dtype=torch.bool,
+                           device=pixel_values.device)
+        hidden = t.embeddings(pixel_values=pixel_values, patch_attention_mask=whole)
+        hidden = t.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
+        return self.connector(t.post_layernorm(hidden))           # (N, T, D_text)
 
 
 class Idefics3(Family):
