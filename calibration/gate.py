@@ -20,7 +20,7 @@ Targets: agreement >= --accuracy-target, cosine mean >= --min-cosine, and
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -74,8 +74,10 @@ class Figures:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def reference(session, holdout: list[Sample], scene: bool) -> Reference:
-    """Runs the fp32 session over the held-out split once."""
+def reference(session, holdout: list[Sample], scene: bool,
+              progress: Callable[[int], None] | None = None) -> Reference:
+    """Runs the fp32 session over the held-out split once; `progress(done)`
+    after each image (a tiled model's image can take many seconds)."""
     pixels, grids, feats, prompts = [], [], [], []
     for i, s in enumerate(holdout):
         px, grid = session.preprocess(s.image())
@@ -92,6 +94,8 @@ def reference(session, holdout: list[Sample], scene: bool) -> Reference:
             stacked = np.stack(logits)
             prompts.append(Prompted(i, ids, [int(t) for t in stacked.argmax(-1)],
                                     stacked.astype(np.float16)))
+        if progress is not None:
+            progress(i + 1)
     ref = Reference(holdout, pixels, grids, feats, prompts)
     if scene:
         ref.scene = scene_accuracy(session, holdout)

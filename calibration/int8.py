@@ -170,8 +170,10 @@ def _quantize(directory: Path, opts: Int8Options, work: Path, log: Log,
     fp32_files = {name: e["bytes"] for name, e in m["files"].items()}
     session32 = VLMSession(directory, provider="cpu", threads=opts.threads, verify=False,
                            manifest=m)
-    with _timed(log, "int8 reference"):
-        ref = gate.reference(session32, opts.data.holdout, opts.scene)
+    from vlmedge.runtime.cli_common import Progress
+    with _timed(log, "int8 reference"), Progress("fp32 reference", len(opts.data.holdout),
+                                                 quiet=not opts.progress) as bar:
+        ref = gate.reference(session32, opts.data.holdout, opts.scene, progress=bar.update)
     chosen = opts.graphs
     protos = {g: graphs.load_proto(directory / f"{g}.onnx") for g in chosen}
     pick = graphs.weight_nodes if static else graphs.dynamic_nodes

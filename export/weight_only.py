@@ -89,6 +89,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
              log: Callable[[str], None], staged=None) -> dict[str, Any]:
     """fp32 parity, then the decoder's weights at o.precision; returns the manifest."""
     from vlmedge.calibration import gate
+    from vlmedge.runtime.cli_common import Progress
     from vlmedge.runtime.session import VLMSession
 
     fp32_parity(o, loaded, tmp, m, validate, stage, staged)
@@ -106,10 +107,11 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     gated = data is not None and not o.random_weights
     if gated:
         for f in flavours:  # each quantized decoder against its own fp32 graph
-            with stage(f"{o.precision} reference" + (f" ({f})" if len(flavours) > 1 else "")):
+            with stage(f"{o.precision} reference" + (f" ({f})" if len(flavours) > 1 else "")), \
+                    Progress("fp32 reference", len(data.holdout), quiet=not o.progress) as bar:
                 refs[f] = gate.reference(VLMSession(tmp, provider="cpu", verify=False,
                                                     manifest=m, decoder_flavour=f),
-                                         data.holdout, scene)
+                                         data.holdout, scene, progress=bar.update)
     ref = refs.get(flavours[0])
     with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()

@@ -85,6 +85,15 @@ print(json.dumps(r.token_ids))
     return json.loads(r.stdout)
 
 
+def assert_same_without_torch(art, image, tmp_path, question: str) -> None:
+    """A raw image file through generate() in a process without torch gives the
+    tokens this process's session gives."""
+    path = tmp_path / "image.png"
+    image.save(path)
+    want = session(art).generate(str(path), question, max_new_tokens=6).token_ids
+    assert generate_without_torch(art, path, question) == want
+
+
 def export_trt_fp16_and_check(src, out) -> dict:
     """`vlm-export --target trt --precision fp16` through the CLI, then check-trt's
     static report on it (asserted passing); returns the manifest as JSON."""

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
 from family_testing import (decoder_profiles_cover_groups,  # noqa: E402
-                            export_trt_fp16_and_check, generate_without_torch,
+                            assert_same_without_torch, export_trt_fp16_and_check,
                             module_fixtures, prefill_logits)
 from family_testing import session as _session  # noqa: E402
 from family_testing import torch_generate as _torch_generate  # noqa: E402
@@ -257,10 +257,7 @@ def test_several_images_equal_torch(artifact, loaded):
 
 
 def test_raw_image_generation_without_torch(artifact, tmp_path):
-    path = tmp_path / "wide.png"
-    _image(100, 40).save(path)
-    want = _session(artifact[0]).generate(str(path), QUESTION, max_new_tokens=6).token_ids
-    assert generate_without_torch(artifact[0], path, QUESTION) == want
+    assert_same_without_torch(artifact[0], _image(100, 40), tmp_path, QUESTION)
 
 
 def test_ask_reuses_the_prefix(artifact):

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
-from family_testing import generate_without_torch  # noqa: E402
+from family_testing import assert_same_without_torch  # noqa: E402
 from family_testing import session as _session  # noqa: E402
 from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import _hf_ids, _image  # noqa: E402
@@ -283,10 +283,7 @@ def test_budget_below_one_image_is_refused(artifact):
 
 
 def test_raw_image_generation_without_torch(artifact, tmp_path):
-    path = tmp_path / "wide.png"
-    _image(900, 300).save(path)
-    want = _session(artifact[0]).generate(str(path), QUESTION, max_new_tokens=6).token_ids
-    assert generate_without_torch(artifact[0], path, QUESTION) == want
+    assert_same_without_torch(artifact[0], _image(900, 300), tmp_path, QUESTION)
 
 
 def test_tensorrt_profiles_count_the_crops(artifact):

@@ -244,6 +244,18 @@ def _cache_status(lines):
             for g in ("vision", "decoder")}
 
 
+def test_reference_reports_progress_per_image(tiny_llava_artifact):
+    """The fp32 reference pass (minutes for a tiled model's held-out images)
+    reports each image done, for the export's progress bar."""
+    from vlmedge.runtime import VLMSession
+
+    data = dataset.load("synthetic", 4)
+    done = []
+    ref = gate.reference(VLMSession(tiny_llava_artifact[0], provider="cpu", threads=1),
+                         data.holdout, scene=False, progress=done.append)
+    assert done == list(range(1, len(data.holdout) + 1)) and len(ref.features) == len(done)
+
+
 def test_range_cache_hit_and_invalidation(tiny_llava_artifact, tmp_path):
     art = tiny_llava_artifact[0]
     cache = tmp_path / "cache"

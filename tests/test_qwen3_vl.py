@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
 from family_testing import (export_trt_fp16_and_check,  # noqa: E402
-                            generate_without_torch, module_fixtures)
+                            assert_same_without_torch, module_fixtures)
 from family_testing import session as _session  # noqa: E402
 from family_testing import torch_generate as _torch_generate  # noqa: E402
 from test_families import QWEN_TEMPLATE, _hf_ids, _image, _text_config, _tokenizer  # noqa: E402
@@ -164,10 +164,7 @@ def test_several_images_equal_torch(artifact, loaded):
 
 
 def test_generation_without_torch(artifact, tmp_path):
-    path = tmp_path / "wide.png"
-    _image(200, 64).save(path)
-    want = _session(artifact[0]).generate(str(path), QUESTION, max_new_tokens=6).token_ids
-    assert generate_without_torch(artifact[0], path, QUESTION) == want
+    assert_same_without_torch(artifact[0], _image(200, 64), tmp_path, QUESTION)
 
 
 def test_ask_and_encoded_image_reuse(artifact):
