@@ -97,8 +97,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     scene = is_demo(o.model_dir)
     typed = manifest_mod.Manifest.from_dict(m, where="the manifest being built")
     flavours = typed.decoder_flavours  # decoder.flavour's graph first
-    files_of = {f: DECODER_FILES if typed.decoder_component(f) == "decoder" else
-                ORT_BESIDE_FILES for f in flavours}
+    files_of = {f: typed.component_files(typed.decoder_component(f)) for f in flavours}
     fp32_bytes = {f: sum(m["files"][n]["bytes"] for n in files_of[f] if n in m["files"])
                   for f in flavours}
     refs: dict[str, Any] = {}

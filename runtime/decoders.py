@@ -26,6 +26,7 @@ import numpy as np
 
 from vlmedge.errors import ArtifactError
 from vlmedge.lazy import require
+from vlmedge.manifest import FLAVOURS
 
 from .kv_cache import KVBuffer, KVCache
 
@@ -183,7 +184,6 @@ ORT_FLAVOUR_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 # only, so on CUDA the portable graph is the one known to run (ort there is
 # the caller's choice, as with an ort-only artifact).
 ORT_BY_DEFAULT = ("CPUExecutionProvider",)
-FLAVOURS = ("portable", "ort")
 
 
 def pick_flavour(manifest, providers: list[str], requested: str | None = None) -> str:
@@ -194,7 +194,7 @@ def pick_flavour(manifest, providers: list[str], requested: str | None = None) -
     everywhere else (CUDA, TensorRT, other execution providers)."""
     have = manifest.decoder_flavours
     if requested is not None:
-        if requested not in FLAVOURS:
+        if requested not in FLAVOURS:  # the manifest's (vlmedge/manifest.py)
             from vlmedge.errors import UserInputError
             raise UserInputError("unknown decoder flavour", expected=" | ".join(FLAVOURS),
                                  got=repr(requested)[:40])

@@ -327,6 +327,11 @@ class Manifest:
         """The component holding `flavour`'s decoder graph."""
         return "decoder" if flavour == self.decoder.flavour else ORT_DECODER
 
+    def component_files(self, component: str) -> tuple[str, ...]:
+        """The files of one component: its graph and its weights file, if any."""
+        c = self.components[component]
+        return (c.file,) + ((c.data_file,) if c.data_file else ())
+
 
 # How each image expansion may be preprocessed (runtime/adapters/, runtime/
 # preprocess.py): the tiling methods its adapter takes (None: one resized view).

@@ -220,8 +220,7 @@ def _artifact_bytes(spec: Spec) -> int:
     m = spec.manifest
     own = m.decoder_component(spec.decoder_flavour or m.decoder.flavour)
     other = {f for key in ("decoder", manifest_mod.ORT_DECODER)
-             if key != own and key in m.components
-             for f in (m.components[key].file, m.components[key].data_file) if f}
+             if key != own and key in m.components for f in m.component_files(key)}
     return sum(e.bytes for name, e in m.files.items() if name not in other)
 
 
