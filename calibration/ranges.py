@@ -112,8 +112,7 @@ def collect(model_path: Path, op_types: list[str], method: str, feeds: Iterator[
         calibrator = q.create_calibrator(
             model_path, op_types, augmented_model_path=str(scratch / "augmented.onnx"),
             calibrate_method=method_enum(method), use_external_data_format=True)
-    if threads:
-        _limit_threads(calibrator, threads)
+    _reopen_session(calibrator, threads)
     # The histogram methods stack a chunk's outputs with np.asarray, which
     # needs equal shapes: decoder feeds differ in length, so they go one by one.
     chunks = _Chunks(feeds, CHUNK if method == "minmax" else 1)
@@ -126,14 +125,26 @@ def collect(model_path: Path, op_types: list[str], method: str, feeds: Iterator[
     return tensors
 
 
-def _limit_threads(calibrator, threads: int) -> None:
-    """onnxruntime's calibrator opens its session with default threads (one
-    per core); reopen it with `threads`."""
+def _reopen_session(calibrator, threads: int | None) -> None:
+    """Reopens the calibrator's session over its augmented graph so that a
+    pass holds a few activations at a time, not all of them.
+
+    The augmented graph gives every calibrated tensor a reduction (or a
+    histogram output). In onnxruntime's default execution order those nodes
+    ran after the whole forward pass, so every activation stayed alive until
+    the end, and the memory pattern then reserved that whole set again: 7.4
+    GB for SmolVLM-256M's 370 MB vision tower at 512 px. The priority-based
+    order runs each reduction as soon as its input exists (peak 0.7 GB, and
+    2.6x faster). Also: `threads` intra-op threads (onnxruntime's default is
+    one per core)."""
     ort = require("onnxruntime", "INT8 calibration")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    calibrator.infer_session = None  # the calibrator's own session goes first
     calibrator.infer_session = ort.InferenceSession(
         calibrator.augmented_model_path, sess_options=opts, providers=["CPUExecutionProvider"])
 

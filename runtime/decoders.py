@@ -124,6 +124,22 @@ class OrtDecoder:
         new.frontier = cache.length
         return new
 
+    def _binding(self, session, buf: KVBuffer):
+        """The IOBinding of `session` with every layer's KV buffer bound as both
+        past and present: made once per buffer (and session), then reused."""
+        if buf.binding is not None and buf.binding[0] is session:
+            return buf.binding[1]
+        f = self.facts
+        io = session.io_binding()
+        for i in range(f.num_layers):
+            for j, (past, present) in enumerate(((f.past_key, f.present_key),
+                                                 (f.past_value, f.present_value))):
+                value = buf.values[2 * i + j]
+                io.bind_ortvalue_input(past.format(i=i), value)
+                io.bind_ortvalue_output(present.format(i=i), value)
+        buf.binding = (session, io)
+        return io
+
     def step(self, backend, inputs_embeds: np.ndarray, cache: KVCache, ids=None,
              image_grid=None) -> tuple[np.ndarray, KVCache]:
         """backend: the session's decoder OrtBackend now."""
@@ -131,15 +147,9 @@ class OrtDecoder:
         s = inputs_embeds.shape[1]
         need = cache.length + s
         buf = self._buffer_for(cache, need)
-        io = backend.session.io_binding()
+        io = self._binding(backend.session, buf)
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.dtype))
         io.bind_cpu_input("attention_mask", np.ones((1, need), np.int64))
-        for i in range(f.num_layers):
-            for j, (past, present) in enumerate(((f.past_key, f.present_key),
-                                                 (f.past_value, f.present_value))):
-                value = buf.values[2 * i + j]
-                io.bind_ortvalue_input(past.format(i=i), value)
-                io.bind_ortvalue_output(present.format(i=i), value)
         io.bind_output("logits")
         backend.run_bound(io)
         buf.frontier = need

@@ -35,6 +35,10 @@ class KVBuffer:
     values: tuple  # onnxruntime OrtValues over the same memory, bound to the graph
     capacity: int
     frontier: int = 0
+    # (session, IOBinding) with every past/present bound to `values`: built on
+    # the buffer's first step and reused, so a decode step rebinds only its
+    # inputs_embeds, attention_mask and logits (2 x layers binds saved a step).
+    binding: Any = field(default=None, compare=False, repr=False)
 
     def host(self) -> list[np.ndarray]:
         """The buffers as host arrays (a device buffer is copied)."""

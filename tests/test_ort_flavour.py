@@ -98,6 +98,8 @@ def test_shared_buffer_extends_in_place_and_old_caches_stay_valid(ort_fp32):
     logits0, prefix = s.prefill(ids, enc.features, s.empty_cache())
     buf = prefix.buffer
     pointer = buf.arrays[0].ctypes.data
+    binding = buf.binding  # the KV buffers bound once, as past and present
+    assert binding is not None and binding[0] is s.decoder.session
     cache = prefix
     first = []
     for _ in range(5):  # decode steps write into the same buffer: no copy per step
@@ -105,11 +107,13 @@ def test_shared_buffer_extends_in_place_and_old_caches_stay_valid(ort_fp32):
         lg, cache = s.step(s.embed_token(tok), cache)
         first.append((lg, tok))
         assert cache.buffer is buf and buf.arrays[0].ctypes.data == pointer
+        assert buf.binding is binding  # and no rebinding of the layers' buffers
     assert cache.length == prefix.length + 5 and buf.frontier == cache.length
     # a second continuation from the old prefix forks: the first one's rows survive
     tok = first[0][1]
     lg_again, fork = s.step(s.embed_token(tok), prefix)
     assert fork.buffer is not buf and fork.buffer.capacity == buf.capacity  # same room
+    assert fork.buffer.binding is not binding  # its own buffers, its own binding
     np.testing.assert_allclose(lg_again, first[0][0], atol=1e-5)
     # and the first continuation still continues exactly as a fresh recompute says
     more, _ = s.step(s.embed_token(3), cache)
