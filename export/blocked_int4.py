@@ -1,7 +1,8 @@
 """The portable decoder flavour's int4 weights: standard ONNX, blocked.
 
 Each MatMul whose weight is a constant (the projections, the MLP, the LM head)
-gets its weight as int4 blocks of BLOCK_SIZE along the input axis, one fp32
+gets its weight as int4 blocks of `block_size` (BLOCK_SIZE unless
+--weight-block-size) along the input axis, one fp32
 scale per block (symmetric, round to nearest), and an opset-21
 DequantizeLinear(axis 0, block_size) in front:
 
@@ -30,7 +31,7 @@ from .ort_decoder import quiet
 BLOCK_SIZE = 32  # as the ort flavour's MatMulNBits (llama.cpp q4_0's block)
 
 
-def quantize_decoder(tmp: Path, log: Callable[[str], None]) -> int:
+def quantize_decoder(tmp: Path, log: Callable[[str], None], block_size: int = BLOCK_SIZE) -> int:
     """tmp/decoder.onnx (+ .data) rewritten in place with int4 blocked weights;
     returns the number of MatMuls quantized."""
     onnx = require("onnx", "int4 weight quantization")
@@ -40,10 +41,10 @@ def quantize_decoder(tmp: Path, log: Callable[[str], None]) -> int:
                                                                  MatMulNBitsQuantizer)
 
     model = onnx.load(str(tmp / "decoder.onnx"))
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True,
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
                                           quant_format=QuantFormat.QDQ,
                                           op_types_to_quantize=("MatMul",), bits=4)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                      quant_format=QuantFormat.QDQ, algo_config=config)
     # The quantizer logs a line per node at INFO, and warns that lifting the
     # graph to opset 21 "may not be a valid model": the gate checks the result
@@ -61,5 +62,5 @@ def quantize_decoder(tmp: Path, log: Callable[[str], None]) -> int:
             (work / name).replace(tmp / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"[int4] {n} MatMul weights as int4 blocks of {BLOCK_SIZE} (DequantizeLinear, opset 21)")
+    log(f"[int4] {n} MatMul weights as int4 blocks of {block_size} (DequantizeLinear, opset 21)")
     return n

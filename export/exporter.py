@@ -22,7 +22,7 @@ from vlmedge.errors import UserInputError, ValidationError
 
 from vlmedge.runtime.cli_common import stage as timed_stage
 
-from . import artifact, loading
+from . import artifact, loading, ort_decoder
 from .onnx_export import export_graph
 
 PRECISIONS = precision_mod.NAMES
@@ -45,6 +45,8 @@ class ExportOptions:
     vision_precision: str = "fp32"
     # ort flavour's int8/int4 weights: "rtn" (round to nearest) | "gptq" (calibrated)
     weight_method: str = "rtn"
+    # weight-only exports: weights sharing one scale (ort_decoder.BLOCK_SIZES)
+    weight_block_size: int = 32
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
@@ -119,6 +121,16 @@ def check_options(o: ExportOptions) -> None:
                              f"{o.decoder_flavour or flavour(o)}", hint="the portable flavour's "
                              "int4 (and so --decoder-flavour both's) is round to nearest "
                              "(--weight-method rtn)")
+    if o.weight_block_size not in ort_decoder.BLOCK_SIZES or \
+            isinstance(o.weight_block_size, bool):
+        raise UserInputError("--weight-block-size must be a power of two from 16 to 256",
+                             expected=" | ".join(map(str, ort_decoder.BLOCK_SIZES)),
+                             got=repr(o.weight_block_size)[:40])
+    if o.weight_block_size != ort_decoder.BLOCK_SIZE and not weight_only(o):
+        raise UserInputError("--weight-block-size applies to weight-only exports (int4, or "
+                             "the ort flavour's int8)", got=f"--precision {o.precision}, "
+                             f"--decoder-flavour {o.decoder_flavour or flavour(o)}",
+                             hint=f"leave it at {ort_decoder.BLOCK_SIZE} for this precision")
     if "ort" in flavours(o) and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
                              got=f"--decoder-flavour {o.decoder_flavour or 'ort'}",

@@ -15,7 +15,7 @@ the VLM's language model and LM head are saved as a plain CausalLM checkpoint
     filename=decoder.onnx the artifact's component file (+ decoder.onnx.data)
 
 Weight-only precisions: "int8" / "int4" are the builder's MatMulNBits with
-block size 32, symmetric, round-to-nearest; onnxruntime's CPU kernels quantize
+block size 32 (or --weight-block-size), symmetric, round-to-nearest; onnxruntime's CPU kernels quantize
 the activations to int8 on the fly (accuracy_level 4). `gptq` makes the same
 format from the fp32 graph with onnxruntime's GPTQ, calibrated on the user's
 images and prompts.
@@ -40,7 +40,10 @@ TEXT_MODELS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "mistral": "MistralForCausalLM"}
 BUILDER_PRECISIONS = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
 GQA_HEAD_MULTIPLE = 16  # onnxruntime's GroupQueryAttention kernels (CPU and CUDA)
-BLOCK_SIZE = 32  # MatMulNBits block: 32 weights share one scale (llama.cpp q4_0's block)
+# MatMulNBits block: 32 weights share one scale by default (llama.cpp q4_0's
+# block); --weight-block-size takes these (onnxruntime's kernels' sizes).
+BLOCK_SIZE = 32
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def check(loaded) -> None:
@@ -96,7 +99,7 @@ def _save_text_model(loaded, out: Path) -> None:
 
 
 def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
-          name: str = "decoder") -> None:
+          name: str = "decoder", block_size: int = BLOCK_SIZE) -> None:
     """Writes the ort-flavour `name`.onnx (+ .data) at `precision` into
     `staging`, replacing any graph of that name there (name "decoder_ort":
     the second decoder of --decoder-flavour both)."""
@@ -109,7 +112,7 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
         opts = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false",
                 f"filename={name}.onnx"]
         if precision in ("int4", "int8"):
-            opts.append(f"block_size={BLOCK_SIZE}")
+            opts.append(f"block_size={block_size}")
         args = (None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
                 "cpu", str(work / "cache"))
         with quiet():  # the builder prints per-node progress; we log one line
@@ -123,7 +126,7 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
             if src.exists():
                 shutil.move(str(src), str(dst))
     log(f"[decoder-ort] onnxruntime-genai builder: {precision}, GroupQueryAttention, "
-        f"{'MatMulNBits block ' + str(BLOCK_SIZE) if precision != 'fp32' else 'fp32 MatMul'}")
+        f"{'MatMulNBits block ' + str(block_size) if precision != 'fp32' else 'fp32 MatMul'}")
 
 
 # GPTQ loads the whole graph into one protobuf (onnxruntime's implementation runs it
@@ -132,7 +135,8 @@ GPTQ_MAX_BYTES = 2_000_000_000
 GPTQ_MAX_SEQUENCES = 32  # calibration prompts fed to GPTQ (its Hessians converge fast)
 
 
-def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], None]) -> None:
+def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], None],
+         block_size: int = BLOCK_SIZE) -> None:
     """Replaces the fp32 ort-flavour decoder.onnx in `staging` by its GPTQ
     block-quantized version (onnxruntime's MatMulNBitsQuantizer with its GPTQ
     config: per-block error-compensated rounding on the Hessian of each
@@ -157,10 +161,10 @@ def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], 
         def get_next(self):
             return next(self.it, None)
 
-    config = q.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=BLOCK_SIZE)
+    config = q.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=block_size)
     with quiet():
         quantizer = q.MatMulNBitsQuantizer(onnx.load(str(src)), bits=int(precision[3:]),
-                                           block_size=BLOCK_SIZE, is_symmetric=True,
+                                           block_size=block_size, is_symmetric=True,
                                            accuracy_level=4, algo_config=config)
         quantizer.process()
     for name in ("decoder.onnx", "decoder.onnx.data"):
@@ -168,7 +172,7 @@ def gptq(staging: Path, precision: str, feeds: list[dict], log: Callable[[str], 
     onnx.save_model(quantizer.model.model, str(src), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="decoder.onnx.data",
                     size_threshold=1024)
-    log(f"[decoder-ort] GPTQ {precision}: MatMulNBits block {BLOCK_SIZE} on "
+    log(f"[decoder-ort] GPTQ {precision}: MatMulNBits block {block_size} on "
         f"{min(len(feeds), GPTQ_MAX_SEQUENCES)} calibration prompts")
 
 

@@ -115,11 +115,13 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()
         if "portable" in flavours:  # int4 blocks behind DequantizeLinear, in the exported graph
-            blocked_int4.quantize_decoder(tmp, log)
+            blocked_int4.quantize_decoder(tmp, log, o.weight_block_size)
         if "ort" in flavours and o.weight_method == "gptq":  # calibrated, from the fp32 graph
-            ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log)
+            ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log,
+                             o.weight_block_size)
         elif "ort" in flavours:
-            ort_decoder.build(loaded, tmp, o.precision, log, name=typed.decoder_component("ort"))
+            ort_decoder.build(loaded, tmp, o.precision, log, name=typed.decoder_component("ort"),
+                              block_size=o.weight_block_size)
         build_s = time.perf_counter() - t
         embed_int8 = _embedding_int8(tmp)
         for name in DECODER_FILES + ORT_BESIDE_FILES + EMBED_FILES:
@@ -163,12 +165,12 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     after = {f: sum(m["files"][n]["bytes"] for n in files_of[f] if n in m["files"])
              for f in flavours}
     formats = {
-        "portable": f"DequantizeLinear (opset 21) of int4 blocks of {blocked_int4.BLOCK_SIZE} "
+        "portable": f"DequantizeLinear (opset 21) of int4 blocks of {o.weight_block_size} "
                     f"before each MatMul, symmetric, round to nearest (onnxruntime's "
                     f"MatMulNBitsQuantizer, QDQ format; onnxruntime fuses them into "
                     f"MatMulNBits at load)",
         "ort": f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
-               f"{ort_decoder.BLOCK_SIZE}, symmetric, " + (
+               f"{o.weight_block_size}, symmetric, " + (
                    "GPTQ on the calibration prompts (onnxruntime's MatMulNBitsQuantizer)"
                    if o.weight_method == "gptq" else
                    "round to nearest (onnxruntime-genai model builder)")}
@@ -178,6 +180,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         "format": " | ".join(f"{f}: {formats[f]}" if len(flavours) > 1 else formats[f]
                              for f in flavours),
         "weight_method": o.weight_method,
+        "block_size": o.weight_block_size,
         "weights": f"decoder MatMuls and LM head {o.precision}; embedding "
                    f"{'int8 per row' if embed_int8 else 'fp32'}; vision "
                    f"{'int8 static QDQ (under vision)' if vision_report else 'fp32'}",
