@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -106,19 +109,18 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
     if precision not in BUILDER_PRECISIONS:
         raise UserInputError(f"--decoder-flavour ort takes --precision "
                              f"{' | '.join(BUILDER_PRECISIONS)}", got=precision)
-    builder = require("onnxruntime_genai.models.builder", "--decoder-flavour ort")
+    require("onnxruntime_genai", "--decoder-flavour ort")
     with tempfile.TemporaryDirectory(prefix="vlmedge-ort-") as work:
         work = Path(work)
         opts = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false",
                 f"filename={name}.onnx"]
         if precision in ("int4", "int8"):
             opts.append(f"block_size={block_size}")
-        args = (None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
-                "cpu", str(work / "cache"))
-        with quiet():  # the builder prints per-node progress; we log one line
+        args = [None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
+                "cpu", str(work / "cache")]
+        with quiet():
             _save_text_model(loaded, work / "text")
-            extra = builder.parse_extra_options(*args, opts)
-            builder.create_model(*args, **extra)
+        _run_builder(args, opts)
         for file in (f"{name}.onnx", f"{name}.onnx.data"):
             dst = staging / file
             dst.unlink(missing_ok=True)
@@ -127,6 +129,32 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
                 shutil.move(str(src), str(dst))
     log(f"[decoder-ort] onnxruntime-genai builder: {precision}, GroupQueryAttention, "
         f"{'MatMulNBits block ' + str(block_size) if precision != 'fp32' else 'fp32 MatMul'}")
+
+
+# The builder runs in a child process: it loads the language model again in
+# PyTorch and quantizes it, and the memory it took stayed with the exporter
+# (+0.6 GB per build on SmolVLM-256M, two builds in an int4 export). The
+# child's ends with it.
+_BUILDER = """
+import json, sys
+from onnxruntime_genai.models import builder
+args, opts = json.loads(sys.argv[1])
+builder.create_model(*args, **builder.parse_extra_options(*args, opts))
+"""
+
+
+def _run_builder(args: list, opts: list[str]) -> None:
+    """onnxruntime-genai's create_model(args, opts) in a child process; its
+    per-node prints are kept from the terminal and shown only if it fails."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-c", _BUILDER, json.dumps([args, opts])],
+                          capture_output=True, text=True, env=env)
+    if done.returncode:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise UnsupportedArchitectureError(
+            "onnxruntime-genai's model builder failed on this language model",
+            got=(lines[-1] if lines else f"exit status {done.returncode}")[:300],
+            hint="use --decoder-flavour portable")
 
 
 # GPTQ loads the whole graph into one protobuf (onnxruntime's implementation runs it

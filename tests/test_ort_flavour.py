@@ -330,6 +330,33 @@ def test_bad_flavour_options_are_one_line(kw, words, tmp_path):
                                                       output=tmp_path / "x", **kw))
 
 
+def test_builder_runs_in_a_child_process(tmp_path):
+    """onnxruntime-genai's builder loads the language model again and kept that
+    memory in the exporter: it runs in a child, so the exporting process never
+    imports it (checked in a fresh interpreter), and a builder failure is one
+    line naming what it said."""
+    from vlmedge.export import ort_decoder
+    code = f"""
+import sys
+from pathlib import Path
+from vlmedge.export import exporter
+from vlmedge.models import demo_model_dir
+exporter.run_export(exporter.ExportOptions(model_dir=demo_model_dir(), decoder_flavour="ort",
+                    output=Path({str(tmp_path / "art")!r}), validate=False),
+                    log=lambda line: None)
+print("builder imported:", "onnxruntime_genai.models.builder" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "builder imported: False" in out.stdout
+    assert (tmp_path / "art" / "decoder.onnx").is_file()
+    with pytest.raises(UnsupportedArchitectureError, match="model builder failed") as e:
+        ort_decoder._run_builder([None, str(tmp_path / "no-model"), str(tmp_path / "o"), "fp32",
+                                  "cpu", str(tmp_path / "c")], [])
+    assert "\n" not in str(e.value)
+
+
 def test_mrope_family_refused_for_ort_flavour(tmp_path):
     from test_families import build_qwen2_vl
     src = build_qwen2_vl(tmp_path / "qwen")
