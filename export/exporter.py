@@ -253,8 +253,11 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     that time sub-steps of their own (the quantization stages) log those."""
     p = precision_mod.get(o.precision)
     native = flavour(o) == "ort"
-    steps = [("vision", _export_vision), ("embedding", _export_embed),
-             ("decoder-ort" if native else "decoder", _export_decoder)]
+    steps = [("vision", _export_vision)]
+    if flavours(o) == ("ort",):  # onnxruntime only: its fused attention (no TensorRT)
+        steps.append(("vision-attention", _fuse_vision_attention))
+    steps += [("embedding", _export_embed),
+              ("decoder-ort" if native else "decoder", _export_decoder)]
     if flavours(o) == ("portable", "ort"):  # the second decoder: component decoder_ort
         steps.append(("decoder-ort", _export_ort_beside))
     if p.io_dtype == "float16":
@@ -330,6 +333,13 @@ def _export_vision(r: Run) -> None:
     fam, model = r.loaded.family, r.loaded.model
     r.graphs["vision"] = fam.vision_graph(model, r.loaded.processor)
     export_graph(r.graphs["vision"], r.tmp / "vision.onnx")
+
+
+def _fuse_vision_attention(r: Run) -> None:
+    """An ort-flavour artifact runs on onnxruntime only: its vision graph takes
+    MultiHeadAttention where every attention core matches (export/vision_attention.py)."""
+    from . import vision_attention
+    vision_attention.fuse(r.tmp / "vision.onnx", r.log)
 
 
 def _export_embed(r: Run) -> None:

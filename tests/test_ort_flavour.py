@@ -72,6 +72,38 @@ def test_ort_flavour_graph_and_manifest(ort_fp32):
     assert "inputs_embeds" in inputs and "input_ids" not in inputs
     v = summary["validation"]
     assert v["passed"] and v["tokens_match"] and v["max_abs_diff_logits"] < 1e-4
+    # onnxruntime only, so the vision tower's attention is its fused op: no
+    # (B, heads, S, S) scores kept; validated against PyTorch like the rest
+    vision_ops, _ = _ops(art / "vision.onnx")
+    assert "MultiHeadAttention" in vision_ops and "Softmax" not in vision_ops
+    assert v["max_abs_diff_image_features"] < 1e-3
+
+
+def test_masked_attention_is_kept_as_exported(tmp_path):
+    """An attention core with a mask (scores + mask before the Softmax) is not
+    the unmasked pattern: the graph is left byte for byte as exported, and the
+    log says why."""
+    from vlmedge.export import vision_attention
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            q, k, v = (p(x).reshape(b, s, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return out.transpose(1, 2).reshape(b, s, 32)
+
+    path = tmp_path / "masked.onnx"
+    torch.onnx.export(Masked().eval(), (torch.randn(1, 6, 32), torch.zeros(1, 4, 6, 6)),
+                      str(path), input_names=["x", "mask"], dynamo=True, external_data=False)
+    before = path.read_bytes()
+    lines = []
+    assert not vision_attention.fuse(path, lines.append)
+    assert path.read_bytes() == before
+    assert len(lines) == 1 and "kept as exported" in lines[0]
 
 
 def test_ort_answers_equal_portable_and_torch(ort_fp32, demo_artifact):
