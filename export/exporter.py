@@ -255,7 +255,7 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     native = flavour(o) == "ort"
     steps = [("vision", _export_vision)]
     if flavours(o) == ("ort",):  # onnxruntime only: its fused attention (no TensorRT)
-        steps.append(("vision-attention", _fuse_vision_attention))
+        steps.append(("vision-fusion", _fuse_vision))
     steps += [("embedding", _export_embed),
               ("decoder-ort" if native else "decoder", _export_decoder)]
     if flavours(o) == ("portable", "ort"):  # the second decoder: component decoder_ort
@@ -335,11 +335,11 @@ def _export_vision(r: Run) -> None:
     export_graph(r.graphs["vision"], r.tmp / "vision.onnx")
 
 
-def _fuse_vision_attention(r: Run) -> None:
+def _fuse_vision(r: Run) -> None:
     """An ort-flavour artifact runs on onnxruntime only: its vision graph takes
-    MultiHeadAttention where every attention core matches (export/vision_attention.py)."""
-    from . import vision_attention
-    vision_attention.fuse(r.tmp / "vision.onnx", r.log)
+    onnxruntime's fused attention and GELU where they match (export/vision_fusion.py)."""
+    from . import vision_fusion
+    vision_fusion.fuse(r.tmp / "vision.onnx", r.log)
 
 
 def _export_embed(r: Run) -> None:

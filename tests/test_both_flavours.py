@@ -72,7 +72,7 @@ def test_one_artifact_holds_both_decoders_each_validated(both_fp32):
     # the portable decoder may run on TensorRT, so the shared vision graph stays standard
     vision_ops, _ = _ops(art / "vision.onnx")
     assert "Softmax" in vision_ops and "MultiHeadAttention" not in vision_ops
-    assert not any("[vision-attention]" in line for line in lines)
+    assert not any("[vision-fusion]" in line for line in lines)
     port_ops, port_in = _ops(art / "decoder.onnx")
     ort_ops, ort_in = _ops(art / "decoder_ort.onnx")
     assert "position_ids" in port_in and "GroupQueryAttention" not in port_ops

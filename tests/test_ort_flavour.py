@@ -83,7 +83,7 @@ def test_masked_attention_is_kept_as_exported(tmp_path):
     """An attention core with a mask (scores + mask before the Softmax) is not
     the unmasked pattern: the graph is left byte for byte as exported, and the
     log says why."""
-    from vlmedge.export import vision_attention
+    from vlmedge.export import vision_fusion
 
     class Masked(torch.nn.Module):
         def __init__(self):
@@ -101,9 +101,42 @@ def test_masked_attention_is_kept_as_exported(tmp_path):
                       str(path), input_names=["x", "mask"], dynamo=True, external_data=False)
     before = path.read_bytes()
     lines = []
-    assert not vision_attention.fuse(path, lines.append)
+    assert not vision_fusion.fuse(path, lines.append)
     assert path.read_bytes() == before
     assert len(lines) == 1 and "kept as exported" in lines[0]
+
+
+def test_tanh_gelu_becomes_fast_gelu_with_its_bias(tmp_path):
+    """gelu(approximate="tanh") after a biased Linear (SigLIP's MLP) becomes one
+    FastGelu(x, bias); the exact (erf) GELU is left alone; outputs unchanged."""
+    import onnxruntime as ort
+
+    from vlmedge.export import vision_fusion
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = (torch.nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(self.fc1(x), approximate="tanh")
+            return torch.nn.functional.gelu(self.fc3(self.fc2(h)))  # exact: erf
+
+    path = tmp_path / "vision.onnx"
+    x = torch.randn(1, 5, 16)
+    torch.onnx.export(Mlp().eval(), (x,), str(path), input_names=["pixel_values"],
+                      dynamo=True, external_data=False, opset_version=18)  # as the export
+    want = ort.InferenceSession(str(path)).run(None, {"pixel_values": x.numpy()})[0]
+    lines = []
+    assert vision_fusion.fuse(path, lines.append)
+    assert "1 tanh GELUs as FastGelu" in lines[0] and "MultiHeadAttention" not in lines[0]
+    graph = onnx.load(str(path))
+    fast = [n for n in graph.graph.node if n.op_type == "FastGelu"]
+    assert len(fast) == 1 and len(fast[0].input) == 2  # the fc1 bias folded in
+    assert "Tanh" not in {n.op_type for n in graph.graph.node}
+    assert "Erf" in {n.op_type for n in graph.graph.node}
+    got = ort.InferenceSession(str(path)).run(None, {"pixel_values": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_ort_answers_equal_portable_and_torch(ort_fp32, demo_artifact):
