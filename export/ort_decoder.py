@@ -15,8 +15,9 @@ the VLM's language model and LM head are saved as a plain CausalLM checkpoint
     filename=decoder.onnx the artifact's component file (+ decoder.onnx.data)
 
 Weight-only precisions: "int8" / "int4" are the builder's MatMulNBits with
-block size 32 (or --weight-block-size), symmetric, round-to-nearest; onnxruntime's CPU kernels quantize
-the activations to int8 on the fly (accuracy_level 4). `gptq` makes the same
+block size 32 (or --weight-block-size), symmetric, round-to-nearest;
+onnxruntime's CPU kernels quantize the activations to int8 on the fly
+(accuracy_level 4). `gptq` makes the same
 format from the fp32 graph with onnxruntime's GPTQ, calibrated on the user's
 images and prompts.
 """
