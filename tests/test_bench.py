@@ -208,3 +208,9 @@ def test_ort_flavour_ratios_and_targets():
     assert met["ort-fp32 decode tokens/s >= 3.5x torch-eager-fp32"] is True
     assert met["ort-int4-vint8 RSS growth <= 1.3x (weights + KV cache)"] is False
     assert met["ort-int4-vint8 decode at >= 45% of the bandwidth bound (bytes read)"] is True
+    # a block other than 32 names the system (ort-int4-b128) and keeps the 4-bit target
+    b128 = {**ort4, "name": "ort-int4-b128-vint8:smol-fast", "decode_tokens_per_s": 100.0}
+    rat = stats.ratios([base, ort32, b128], "torch-eager-fp32")
+    met = {t["target"]: t["met"] for t in stats.targets([base, ort32, b128], rat,
+                                                        "torch-eager-fp32")}
+    assert met["ort-int4-b128-vint8:smol-fast decode tokens/s >= 11.5x torch-eager-fp32"] is False

@@ -307,6 +307,8 @@ def test_int4_block_size_128_in_both_flavours(tmp_path, ort_int4):
         k = {a.name: a.i for a in n.attribute}["K"]
         assert init[n.input[1]][1:] == [-(-k // 128), 64]
     assert any("int4 blocks of 128" in line for line in lines)
+    from vlmedge.benchmarks.bench.systems import artifact_specs
+    assert [spec.name for spec in artifact_specs([art])] == ["onnx-int4-b128", "ort-int4-b128"]
     for flavour in ("ort", "portable"):
         r = _session(art, decoder_flavour=flavour).generate(
             _images(1)[0], "how many shapes are there?", max_new_tokens=4)

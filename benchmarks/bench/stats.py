@@ -91,9 +91,9 @@ ORT_DECODE_TARGETS = {"ort-fp32": 3.5, "ort-int8": 9.5, "ort-int4": 11.5}
 
 
 def _ort_base(name: str) -> str:
-    """ort-int4-vint8:dir -> ort-int4 (the decode target is the decoder's)."""
-    base = name.split(":")[0]
-    return base[:-len("-vint8")] if base.endswith("-vint8") else base
+    """ort-int4-b128-vint8:dir -> ort-int4 (the decode target is the bit width's,
+    whatever the block and the vision graph)."""
+    return "-".join(name.split(":")[0].split("-")[:2])
 
 
 def _target(what: str, value, goal: float, higher: bool = True) -> dict[str, Any]:
