@@ -106,6 +106,25 @@ def test_masked_attention_is_kept_as_exported(tmp_path):
     assert len(lines) == 1 and "kept as exported" in lines[0]
 
 
+@pytest.mark.parametrize("family, gelus", [("internvl", 0), ("idefics3", 1)])
+def test_family_towers_take_the_fused_ops(family, gelus, tmp_path):
+    """InternViT (separate q/k/v projections, exact GELU) and SigLIP as Idefics3
+    exports them (tanh GELU): every attention core fuses, and fuse() keeps the
+    result only when its features equal the exported graph's (1e-4)."""
+    from test_families import build_idefics3
+    from test_internvl import build_internvl
+
+    from vlmedge.export import vision_fusion
+    src = {"internvl": build_internvl, "idefics3": build_idefics3}[family](tmp_path / "src")
+    _export(tmp_path / "art", model_dir=src, validate=False)
+    lines = []
+    assert vision_fusion.fuse(tmp_path / "art" / "vision.onnx", lines.append), lines
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "vision.onnx"),
+                                        load_external_data=False).graph.node]
+    assert ops.count("MultiHeadAttention") >= 1 and "Softmax" not in ops
+    assert ops.count("FastGelu") == gelus
+
+
 def test_tanh_gelu_becomes_fast_gelu_with_its_bias(tmp_path):
     """gelu(approximate="tanh") after a biased Linear (SigLIP's MLP) becomes one
     FastGelu(x, bias); the exact (erf) GELU is left alone; outputs unchanged."""
