@@ -78,6 +78,25 @@ def check(loaded) -> None:
             hint="use --decoder-flavour portable")
 
 
+def _plain_dynamic_rope(config) -> None:
+    """Dynamic NTK rope (InternVL3's Qwen2.5, factor 2) as the default rope,
+    which the builder takes (it refuses "dynamic"). Below
+    max_position_embeddings the two are the same rope (inv_freq is only
+    rescaled past it), and an artifact serves no more than that
+    (Family.max_context); export/families/internvl.py traces the portable
+    graph the same way, and validation holds either to the eager model."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict) or "dynamic" not in str(params.get("rope_type") or
+                                                            params.get("type")):
+        return
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    plain = {"rope_type": "default", **({"rope_theta": theta} if theta is not None else {})}
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = plain
+    else:
+        config.rope_scaling = None
+
+
 def _save_text_model(loaded, out: Path) -> None:
     """The VLM's language model + LM head as a CausalLM checkpoint in `out`
     (config.json, safetensors, tokenizer): what the builder reads."""
@@ -86,6 +105,7 @@ def _save_text_model(loaded, out: Path) -> None:
     tc = fam.text_config(model.config)
     config = type(tc).from_dict(tc.to_dict())
     config.architectures = [TEXT_MODELS[tc.model_type]]
+    _plain_dynamic_rope(config)
     lm = getattr(transformers, TEXT_MODELS[tc.model_type])(config)
     state = {f"model.{k}": v for k, v in fam.language_model(model).state_dict().items()}
     state["lm_head.weight"] = fam.lm_head(model).weight

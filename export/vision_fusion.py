@@ -216,9 +216,9 @@ def fuse(path: Path, log: Callable[[str], None]) -> bool:
     del graph.node[:]
     graph.node.extend(_pruned(graph, nodes))
     used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for i in reversed(range(len(graph.initializer))):  # in place: no copy of the weights
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     work = path.parent / ".vision-fused"
@@ -226,6 +226,8 @@ def fuse(path: Path, log: Callable[[str], None]) -> bool:
     try:
         onnx.save(model, str(work / path.name), save_as_external_data=True,
                   all_tensors_to_one_file=True, location=path.name + ".data")
+        # the weights' protobuf copy goes before the check's sessions load them
+        del model, graph, inits, consts, nodes
         diff = _difference(path, work / path.name)
         if diff is None or diff > TOLERANCE:
             log(f"[vision-fusion] kept as exported: the fused graph's features differ "
@@ -250,18 +252,22 @@ def _difference(original: Path, fused: Path) -> float | None:
     ort = require("onnxruntime", "fusing the vision attention")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the fused graph's unused-initializer notes
+    outputs = []
     try:
-        sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                    for p in (original, fused)]
-        rng = np.random.default_rng(0)
-        feeds = {}
-        for i in sessions[0].get_inputs():
-            if i.type != "tensor(float)" or \
-                    not all(isinstance(d, int) for d in i.shape[1:]):
-                return None
-            feeds[i.name] = rng.standard_normal([1, *i.shape[1:]]).astype(np.float32)
-        want, got = (s.run(None, feeds) for s in sessions)
+        for graph in (original, fused):  # one session at a time: a tower's weights once
+            session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+            if not outputs:
+                rng = np.random.default_rng(0)
+                feeds = {}
+                for i in session.get_inputs():
+                    if i.type != "tensor(float)" or \
+                            not all(isinstance(d, int) for d in i.shape[1:]):
+                        return None
+                    feeds[i.name] = rng.standard_normal([1, *i.shape[1:]]).astype(np.float32)
+            outputs.append(session.run(None, feeds))
+            del session
     except Exception:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         return None  # the caller keeps the graph as exported and says so
+    want, got = outputs
     scale = max(float(np.abs(w).max()) for w in want) or 1.0
     return max(float(np.abs(w - g).max()) for w, g in zip(want, got)) / scale

@@ -451,6 +451,25 @@ def test_mrope_family_refused_for_ort_flavour(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_dynamic_rope_goes_to_the_builder_as_the_default_rope():
+    """onnxruntime-genai's builder refuses "dynamic" NTK rope (InternVL3's Qwen2.5):
+    the text model it reads gets the default rope with the same theta, which is
+    the same rope below max_position_embeddings, all an artifact serves. Other
+    rope settings pass unchanged."""
+    import transformers
+
+    from vlmedge.export.ort_decoder import _plain_dynamic_rope
+    dynamic = transformers.Qwen2Config(
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})
+    _plain_dynamic_rope(dynamic)
+    assert dynamic.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+    linear = transformers.LlamaConfig(
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    _plain_dynamic_rope(linear)
+    assert linear.rope_parameters["rope_type"] == "linear"
+    assert linear.rope_parameters["factor"] == 2.0
+
+
 def test_head_size_gqa_cannot_take_is_refused(tiny_llava_dir, tmp_path):
     """onnxruntime's GroupQueryAttention needs head sizes in multiples of 16; the tiny
     LLaVA's are 8: refused in one line before anything is exported."""
