@@ -26,9 +26,10 @@ from typing import Callable
 
 from vlmedge.lazy import require
 
+from . import ort_decoder
 from .ort_decoder import quiet
 
-BLOCK_SIZE = 32  # as the ort flavour's MatMulNBits (llama.cpp q4_0's block)
+BLOCK_SIZE = ort_decoder.BLOCK_SIZE  # as the ort flavour's MatMulNBits (llama.cpp q4_0's)
 
 
 def quantize_decoder(tmp: Path, log: Callable[[str], None], block_size: int = BLOCK_SIZE) -> int:

@@ -46,7 +46,7 @@ class ExportOptions:
     # ort flavour's int8/int4 weights: "rtn" (round to nearest) | "gptq" (calibrated)
     weight_method: str = "rtn"
     # weight-only exports: weights sharing one scale (ort_decoder.BLOCK_SIZES)
-    weight_block_size: int = 32
+    weight_block_size: int = ort_decoder.BLOCK_SIZE
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
@@ -121,8 +121,7 @@ def check_options(o: ExportOptions) -> None:
                              f"{o.decoder_flavour or flavour(o)}", hint="the portable flavour's "
                              "int4 (and so --decoder-flavour both's) is round to nearest "
                              "(--weight-method rtn)")
-    if o.weight_block_size not in ort_decoder.BLOCK_SIZES or \
-            isinstance(o.weight_block_size, bool):
+    if o.weight_block_size not in ort_decoder.BLOCK_SIZES:  # (True == 1: not in it)
         raise UserInputError("--weight-block-size must be a power of two from 16 to 256",
                              expected=" | ".join(map(str, ort_decoder.BLOCK_SIZES)),
                              got=repr(o.weight_block_size)[:40])

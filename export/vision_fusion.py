@@ -41,35 +41,39 @@ TOLERANCE = 1e-4  # max |fused - original| / max |original| on one random input
 
 
 def _scalar(value) -> float | None:
+    """A one-element constant's value; None for anything else (or no constant)."""
+    if value is None:
+        return None
     a = np.asarray(value)
-    return float(a.reshape(())) if a.size == 1 else None
+    return float(a.reshape(())) if a.size == 1 and a.dtype.kind in "fiu" else None
 
 
-def _links(nodes: list) -> tuple[dict, dict]:
-    """tensor -> its producing node, tensor -> the nodes that read it."""
+def _links(nodes: list) -> tuple[dict, Callable]:
+    """tensor -> its producing node, and single(tensor): the one node that
+    reads it (None when none or several do)."""
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list] = {}
     for n in nodes:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    return producer, consumers
+
+    def single(t: str):
+        c = consumers.get(t, [])
+        return c[0] if len(c) == 1 else None
+    return producer, single
 
 
 def _attention(nodes: list, constant) -> tuple[list, str]:
     """`nodes` with each attention core replaced by one MultiHeadAttention
     (dead layout nodes are pruned later), or ([], why)."""
     helper = require("onnx", "fusing the vision attention").helper
-    producer, consumers = _links(nodes)
+    producer, single = _links(nodes)
 
     def layout_source(t: str) -> str:
         """Up through Reshape/Transpose to the (B, S, H*D) projection output."""
         while t in producer and producer[t].op_type in ("Reshape", "Transpose"):
             t = producer[t].input[0]
         return t
-
-    def only_consumer(t: str):
-        c = consumers.get(t, [])
-        return c[0] if len(c) == 1 else None
 
     replace = {}  # id(final Reshape node) -> MultiHeadAttention node
     softmaxes = [n for n in nodes if n.op_type == "Softmax"]
@@ -84,9 +88,9 @@ def _attention(nodes: list, constant) -> tuple[list, str]:
         if mq is None or mk is None or mq.op_type != "Mul" or mk.op_type != "Mul":
             return [], f"{sm.name}: q and k are not scaled separately"
         sq, sk = _scalar(constant(mq.input[1])), _scalar(constant(mk.input[1]))
-        pv = only_consumer(sm.output[0])
-        back = only_consumer(pv.output[0]) if pv is not None else None
-        merge = only_consumer(back.output[0]) if back is not None else None
+        pv = single(sm.output[0])
+        back = single(pv.output[0]) if pv is not None else None
+        merge = single(back.output[0]) if back is not None else None
         if sq is None or sk is None or pv is None or pv.op_type != "MatMul" or \
                 pv.input[0] != sm.output[0] or back is None or back.op_type != "Transpose" or \
                 merge is None or merge.op_type != "Reshape":
@@ -115,11 +119,7 @@ def _gelu(nodes: list, constant) -> tuple[list, int]:
     x * (0.5 * (1 + tanh(c1 * (x + c2 * x ** 3)))) replaced by one FastGelu,
     which takes the fc1 bias too where x = MatMul + bias; and how many."""
     helper = require("onnx", "fusing the vision GELU").helper
-    producer, consumers = _links(nodes)
-
-    def single(t: str):
-        c = consumers.get(t, [])
-        return c[0] if len(c) == 1 else None
+    producer, single = _links(nodes)
 
     def split(node, op: str, value: float | None, rel: float = 1e-5):
         """(constant, other input) of a binary `op` node whose one input is the
@@ -127,7 +127,7 @@ def _gelu(nodes: list, constant) -> tuple[list, int]:
         if node is None or node.op_type != op or len(node.input) != 2:
             return None
         for a, b in (node.input, node.input[::-1]):
-            c = _scalar(constant(a)) if constant(a) is not None else None
+            c = _scalar(constant(a))
             if c is not None and (value is None or abs(c - value) <= rel * abs(value)):
                 return c, b
         return None

@@ -143,9 +143,7 @@ class OrtDecoder:
     def step(self, backend, inputs_embeds: np.ndarray, cache: KVCache, ids=None,
              image_grid=None) -> tuple[np.ndarray, KVCache]:
         """backend: the session's decoder OrtBackend now."""
-        f = self.facts
-        s = inputs_embeds.shape[1]
-        need = cache.length + s
+        need = cache.length + inputs_embeds.shape[1]
         buf = self._buffer_for(cache, need)
         io = self._binding(backend.session, buf)
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, self.dtype))
