@@ -125,6 +125,27 @@ def test_family_towers_take_the_fused_ops(family, gelus, tmp_path):
     assert ops.count("FastGelu") == gelus
 
 
+def test_scores_scaled_by_a_tensor_are_kept_as_exported(tmp_path):
+    """q and k scaled by a graph input (no constant to read a scale from): the
+    graph is kept as exported with one line, not an error."""
+    from onnx import TensorProto, helper
+
+    from vlmedge.export import vision_fusion
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 4, 4])
+          for n in ("q", "k", "s", "y")]
+    nodes = [helper.make_node("Mul", ["q", "s"], ["qs"]),
+             helper.make_node("Mul", ["k", "s"], ["ks"]),
+             helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["y"], axis=-1)]
+    path = tmp_path / "vision.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", io[:3], io[3:]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    before = path.read_bytes()
+    lines = []
+    assert not vision_fusion.fuse(path, lines.append)
+    assert path.read_bytes() == before and "kept as exported" in lines[0]
+
+
 def test_tanh_gelu_becomes_fast_gelu_with_its_bias(tmp_path):
     """gelu(approximate="tanh") after a biased Linear (SigLIP's MLP) becomes one
     FastGelu(x, bias); the exact (erf) GELU is left alone; outputs unchanged."""
