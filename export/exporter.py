@@ -240,6 +240,7 @@ class Run:
     staged: Any = None  # artifact.Staged
     graphs: dict = field(default_factory=dict)  # {"vision"|"embed"|"decoder": GraphSpec | None}
     m: dict = field(default_factory=dict)  # the manifest being built
+    vision_fusion_proven: bool = False  # the fused vision graph agreed on the fp32 weights
 
     @property
     def tmp(self) -> Path:
@@ -252,9 +253,12 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     that time sub-steps of their own (the quantization stages) log those."""
     p = precision_mod.get(o.precision)
     native = flavour(o) == "ort"
+    both = flavours(o) == ("portable", "ort")
     steps = [("vision", _export_vision)]
     if flavours(o) == ("ort",):  # onnxruntime only: its fused attention (no TensorRT)
         steps.append(("vision-fusion", _fuse_vision))
+    if both and p.io_dtype == "float32":  # the ort decoder's own vision graph, beside
+        steps.append(("vision-fusion", _fuse_vision_beside))
     steps += [("embedding", _export_embed),
               ("decoder-ort" if native else "decoder", _export_decoder)]
     if flavours(o) == ("portable", "ort"):  # the second decoder: component decoder_ort
@@ -265,6 +269,8 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     if p.calibrated:  # fp32 parity first, then the quantization stage and its gate
         steps.append((f"{o.precision} (weight-only)" if weight_only(o) else o.precision,
                       _quantize))
+    if both and p.io_dtype == "float32" and p.calibrated:  # again, on the final weights
+        steps.append(("vision-fusion (quantized)", _fuse_vision_after_quantize))
     if o.target == "trt":
         steps.append(("trt", _prepare_trt))
     if o.validate and p.parity is not None:
@@ -341,6 +347,41 @@ def _fuse_vision(r: Run) -> None:
     vision_fusion.fuse(r.tmp / "vision.onnx", r.log)
 
 
+ORT_VISION_FILE = f"{manifest.ORT_VISION}.onnx"
+
+
+def _fuse_vision_beside(r: Run) -> None:
+    """Both decoder flavours: "vision" keeps the standard ops (TensorRT, any
+    provider) and the ort flavour gets the fused graph as component vision_ort,
+    reading vision.onnx.data (export/vision_fusion.py; none where nothing
+    matches). Proven here on the fp32 weights; where a quantization stage
+    follows (it rewrites vision.onnx.data) the graph is made again after it."""
+    from . import vision_fusion
+    made = vision_fusion.fuse(r.tmp / "vision.onnx", r.log, beside=ORT_VISION_FILE)
+    r.vision_fusion_proven = made
+    if made and precision_mod.get(r.o.precision).calibrated:
+        (r.tmp / ORT_VISION_FILE).unlink()
+        r.log(f"[vision-fusion] that was the proof on the fp32 weights: {ORT_VISION_FILE} "
+              f"is made again after quantization, on the final ones")
+
+
+def _fuse_vision_after_quantize(r: Run) -> None:
+    """The fused vision graph on the quantized artifact's vision weights (a
+    QDQ graph's attention cores are fp32, the same pattern), held to the int8
+    gate's cosine where the vision graph is quantized: the rewrite itself was
+    proven exact on this model's fp32 graph before quantization."""
+    from . import vision_fusion
+    if not r.vision_fusion_proven:
+        r.log("[vision-fusion] none: the fp32 graph took no fused op")
+        return
+    quantized = r.m["components"]["vision"]["precision"] != "fp32"
+    if vision_fusion.fuse(r.tmp / "vision.onnx", r.log, beside=ORT_VISION_FILE,
+                          quantized=quantized):
+        r.m["files"][ORT_VISION_FILE] = manifest.file_entry(r.tmp / ORT_VISION_FILE)
+        r.m["components"][manifest.ORT_VISION] = {**r.m["components"]["vision"],
+                                                  "file": ORT_VISION_FILE}
+
+
 def _export_embed(r: Run) -> None:
     r.graphs["embed"] = r.loaded.family.embed_graph(r.loaded.model)
     export_graph(r.graphs["embed"], r.tmp / "embed.onnx")
@@ -373,6 +414,9 @@ def _write_manifest(r: Run) -> None:
     o = r.o
     m = _manifest(o, r.loaded, r.tmp, r.graphs, r.context)
     m["decoder"]["flavour"] = flavour(o)
+    if (r.tmp / ORT_VISION_FILE).exists():  # fused beside vision.onnx (both flavours)
+        m["components"][manifest.ORT_VISION] = {**m["components"]["vision"],
+                                                "file": ORT_VISION_FILE}
     if o.max_image_tokens is not None:
         _check_image_budget(m, o.max_image_tokens)
         m["image"]["max_image_tokens"] = o.max_image_tokens

@@ -154,9 +154,11 @@ class VLMSession:
                 providers = ["CPUExecutionProvider"]
             # which decoder graph: the flavour this provider runs best (or the caller's)
             self.decoder_flavour = pick_flavour(m, providers, decoder_flavour)
+            # the flavour's graphs: its decoder and, beside the ort one, the fused vision
+            roles = m.flavour_components(self.decoder_flavour)
             self.vision, self.embed, self.decoder = (
-                OrtBackend(self._graph_path(c), providers, threads) for c in
-                ("vision", "embed", m.decoder_component(self.decoder_flavour)))
+                OrtBackend(self._graph_path(roles[r]), providers, threads)
+                for r in ("vision", "embed", "decoder"))
         self._check_graph_io()
         self.providers = self.decoder.providers
         self.facts = m.decoder            # typed: vlmedge.manifest.Decoder
@@ -306,7 +308,7 @@ class VLMSession:
         # The family's adapter feeds the graph (tiles one at a time, or one call
         # with host-computed grid inputs) and turns its output into the prompt's
         # features (anyres: packed by the image size). runtime/adapters/
-        vision = self.manifest.components["vision"]
+        vision = self.manifest.components[self.manifest.vision_component(self.decoder_flavour)]
         shapes = {t.name: list(t.shape) for t in vision.inputs}
         return self.adapter.encode(self._vision, list(self.vision.input_names), pixel_values,
                                    image_grid, shapes)

@@ -1,6 +1,8 @@
 """Both decoder flavours in one artifact (--decoder-flavour both): the portable
 graph as component "decoder" and the onnxruntime-native one as "decoder_ort",
-each validated against PyTorch and (int4) gated on its own; the runtime picks
+each validated against PyTorch and (int4) gated on its own, the ort one beside
+its own fused vision graph "vision_ort" reading the weights of the standard
+"vision" (fp32 and int8); the runtime picks
 ort on onnxruntime's CPU and CUDA providers and portable elsewhere, or the
 caller's; vlm-run and vlm-bench say and choose which; the manifest's
 cross-checks and the export's refusals are one line each."""
@@ -21,6 +23,7 @@ from vlmedge.demo import scenes  # noqa: E402
 from vlmedge.errors import ArtifactError, UserInputError  # noqa: E402
 from vlmedge.export import exporter  # noqa: E402
 from vlmedge.models import demo_model_dir  # noqa: E402
+from vlmedge.onnx_refs import external_data_locations  # noqa: E402
 from vlmedge.runtime import VLMSession  # noqa: E402
 from vlmedge.runtime.decoders import pick_flavour  # noqa: E402
 
@@ -47,6 +50,13 @@ def both_int4(tmp_path_factory):
     return (out, *_export(out, precision="int4", calib="synthetic", calib_size=8))
 
 
+@pytest.fixture(scope="module")
+def both_int4_vint8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("both4v8") / "demo-both-int4-vint8"
+    return (out, *_export(out, precision="int4", vision_precision="int8", calib="synthetic",
+                          calib_size=8, validate=False))
+
+
 def _ops(path):
     m = onnx.load(str(path), load_external_data=False)
     return {n.op_type for n in m.graph.node}, [i.name for i in m.graph.input]
@@ -69,10 +79,9 @@ def test_one_artifact_holds_both_decoders_each_validated(both_fp32):
     assert summary["decoder_flavours"] == ["portable", "ort"]
     assert {"decoder.onnx", "decoder_ort.onnx", "decoder_ort.onnx.data"} <= set(m.files)
     assert m.components["decoder_ort"].file == "decoder_ort.onnx"
-    # the portable decoder may run on TensorRT, so the shared vision graph stays standard
+    # the portable decoder may run on TensorRT, so its vision graph stays standard
     vision_ops, _ = _ops(art / "vision.onnx")
     assert "Softmax" in vision_ops and "MultiHeadAttention" not in vision_ops
-    assert not any("[vision-fusion]" in line for line in lines)
     port_ops, port_in = _ops(art / "decoder.onnx")
     ort_ops, ort_in = _ops(art / "decoder_ort.onnx")
     assert "position_ids" in port_in and "GroupQueryAttention" not in port_ops
@@ -85,6 +94,94 @@ def test_one_artifact_holds_both_decoders_each_validated(both_fp32):
     assert v["passed"] and v["max_abs_diff_logits"] == max(
         r["max_abs_diff_logits"] for r in v["flavours"].values())
     assert any("decoder-ort" in line for line in lines)
+
+
+def _features(session, image):
+    return session.encode(image).features
+
+
+def _shares_vision_weights(art: Path, m) -> None:
+    """vision_ort: its own small graph file, the weights file of "vision"."""
+    twin = m.components["vision_ort"]
+    assert twin.file == "vision_ort.onnx" and twin.data_file == "vision.onnx.data"
+    assert twin.precision == m.components["vision"].precision
+    assert twin.inputs == m.components["vision"].inputs
+    assert not (art / "vision_ort.onnx.data").exists() and "vision_ort.onnx.data" not in m.files
+    assert external_data_locations((art / "vision_ort.onnx").read_bytes()) == {"vision.onnx.data"}
+    # fewer nodes than vision.onnx, the same inline constants, no weights of its own
+    assert m.files["vision_ort.onnx"].bytes <= m.files["vision.onnx"].bytes
+    ops, _ = _ops(art / "vision_ort.onnx")
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops
+
+
+def test_the_ort_decoder_runs_a_fused_vision_graph_on_the_same_weights(both_fp32):
+    """The ort flavour's vision graph has onnxruntime's fused attention, and
+    reads vision.onnx.data (no second copy of the tower's weights); the
+    portable flavour runs the standard graph; the features are the same."""
+    art, summary, lines = both_fp32
+    m = manifest.load(art)
+    _shares_vision_weights(art, m)
+    assert any("[vision-fusion]" in x and "as vision_ort.onnx beside it" in x for x in lines)
+    ort, port = _session(art), _session(art, decoder_flavour="portable")
+    assert ort.vision.path.name == "vision_ort.onnx" and port.vision.path.name == "vision.onnx"
+    image = _scene().image
+    a, b = _features(ort, image), _features(port, image)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_the_fused_vision_graph_follows_the_int8_vision_weights(both_int4_vint8):
+    """With an int8 vision graph the fusion is proven on the fp32 weights, then
+    made again on the QDQ graph after quantization (its attention cores stay
+    fp32, the same pattern), reading the int8 weights file; its features agree
+    with the standard int8 graph's at the int8 gate's cosine."""
+    art, summary, lines = both_int4_vint8
+    m = manifest.load(art)
+    assert m.components["vision"].precision == "int8"
+    _shares_vision_weights(art, m)
+    assert "DequantizeLinear" in _ops(art / "vision_ort.onnx")[0]
+    assert "vision-fusion (quantized)" in summary["stages"]
+    assert any("proof on the fp32 weights" in x for x in lines)
+    ort, port = _session(art), _session(art, decoder_flavour="portable")
+    assert ort.vision.path.name == "vision_ort.onnx"
+    for seed in (1, 2):
+        image = scenes.make_scene(scenes.EVAL_SEED_BASE + seed).image
+        a, b = (f.astype(np.float64) for f in (_features(ort, image), _features(port, image)))
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.mean() >= 0.99, cos
+
+
+def test_a_fused_graph_that_disagrees_is_not_written(both_int4_vint8, tmp_path, monkeypatch):
+    """Held to a bound it cannot meet, the fused graph is not written and the
+    log says why in one line (the artifact's ort flavour then runs "vision")."""
+    import shutil
+
+    from vlmedge.export import vision_fusion
+    for name in ("vision.onnx", "vision.onnx.data"):
+        shutil.copy(both_int4_vint8[0] / name, tmp_path / name)
+    monkeypatch.setattr(vision_fusion, "QUANTIZED_COSINE", 1.000001)
+    lines = []
+    assert not vision_fusion.fuse(tmp_path / "vision.onnx", lines.append,
+                                  beside="vision_ort.onnx", quantized=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data"]
+    assert len(lines) == 1 and "not written" in lines[0] and "mean cosine" in lines[0]
+
+
+def test_a_fused_graph_reading_weights_its_manifest_does_not_give_it_is_refused(
+        both_fp32, tmp_path):
+    """The graph's external data must be its component's listed data file: a
+    manifest that takes vision.onnx.data away from vision_ort fails to open,
+    in one line, before onnxruntime reads anything."""
+    import shutil
+    art = tmp_path / "art"
+    shutil.copytree(both_fp32[0], art)
+    m = manifest.read_json(art)
+    m["components"]["vision_ort"]["data_file"] = None
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="vision_ort.onnx reads external data") as e:
+        _session(art, verify=False)
+    assert "\n" not in str(e.value)
+    assert _session(art, verify=False, decoder_flavour="portable").vision.path.name == \
+        "vision.onnx"
 
 
 def test_session_picks_ort_on_the_cpu_and_portable_on_request(both_fp32):
@@ -139,7 +236,9 @@ def test_an_absent_or_unknown_flavour_is_refused_in_one_line(both_fp32, demo_art
     (lambda m: m["decoder"].update(flavour="ort"), "decoder.flavour"),
     (lambda m: m.update(target="trt"), "components.decoder_ort"),
     (lambda m: m["components"]["decoder_ort"].update(file="elsewhere.onnx"), "decoder_ort"),
-    (lambda m: m["components"].update(decoder_gpu=m["components"]["decoder"]), "decoder_gpu")])
+    (lambda m: m["components"].update(decoder_gpu=m["components"]["decoder"]), "decoder_gpu"),
+    (lambda m: m["components"].pop("decoder_ort"), "components.vision_ort"),
+    (lambda m: m["components"]["vision_ort"].update(data_file="nowhere.data"), "vision_ort")])
 def test_manifest_cross_checks_the_second_decoder(both_fp32, change, match):
     m = manifest.read_json(both_fp32[0])
     change(m)
@@ -248,10 +347,12 @@ def test_vlm_bench_runs_each_flavour_as_its_own_system(both_fp32, tmp_path):
     flavours = {s["name"]: s["decoder_flavour"] for s in rep["systems"]}
     assert flavours == {"onnx-fp32": "portable", "ort-fp32": "ort"}
     on_disk = sum(e.bytes for e in m.files.values())
-    for s in rep["systems"]:  # each system's size: its own decoder's files, not the other's
-        other = "decoder_ort" if s["decoder_flavour"] == "portable" else "decoder"
-        assert s["artifact_bytes"] == on_disk - sum(
-            e.bytes for n, e in m.files.items() if n.startswith(f"{other}.onnx"))
+    for s in rep["systems"]:  # each system's size: its own graphs' files, not the other's
+        other = ["decoder_ort.onnx", "decoder_ort.onnx.data", "vision_ort.onnx"] \
+            if s["decoder_flavour"] == "portable" else \
+            ["decoder.onnx", "decoder.onnx.data", "vision.onnx"]  # vision.onnx.data: shared
+        assert s["artifact_bytes"] == on_disk - sum(m.files[n].bytes for n in other
+                                                    if n in m.files)
     assert all(np.isfinite(s["decode_tokens_per_s"]) for s in rep["systems"])
 
 

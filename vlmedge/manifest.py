@@ -32,7 +32,10 @@ Sections (schema 2):
                      inputs, outputs)}, and optionally decoder_ort: a second
                      decoder graph in the ort flavour beside a portable
                      "decoder" (vlm-export --decoder-flavour both; the runtime
-                     picks one by provider); inputs/outputs are TensorSpec(name,
+                     picks one by provider), with vision_ort beside it: the
+                     vision graph with onnxruntime's fused attention/GELU,
+                     reading the weights file of "vision" (the same tensors,
+                     other nodes); inputs/outputs are TensorSpec(name,
                      dtype, shape) with ints or named dynamic dims ("batch", ...)
     decoder          Decoder: layers, heads, sizes, context_length (the most
                      tokens served: a sliding-window model's window), past/present
@@ -101,6 +104,11 @@ COMPONENTS = ("vision", "embed", "decoder")
 # A second decoder graph, in the ort flavour, beside a portable "decoder"
 # (--decoder-flavour both): each provider runs the flavour it runs best.
 ORT_DECODER = "decoder_ort"
+# Beside it, the vision graph with onnxruntime's fused ops for that flavour
+# (export/vision_fusion.py): it reads the weights file of "vision", which keeps
+# the standard ops TensorRT and the other providers run.
+ORT_VISION = "vision_ort"
+OPTIONAL_COMPONENTS = (ORT_DECODER, ORT_VISION)
 # Which prefill tokens attend to each other both ways (decoder.attention_groups):
 # each image's tokens (Gemma 3), or the whole prompt, a prefix-LM (PaliGemma).
 GROUP_RULES = ("images", "prompt")
@@ -327,6 +335,16 @@ class Manifest:
         """The component holding `flavour`'s decoder graph."""
         return "decoder" if flavour == self.decoder.flavour else ORT_DECODER
 
+    def vision_component(self, flavour: str) -> str:
+        """The component holding the vision graph that `flavour`'s decoder runs
+        beside: the fused one for the ort flavour where the artifact has it."""
+        return ORT_VISION if flavour == "ort" and ORT_VISION in self.components else "vision"
+
+    def flavour_components(self, flavour: str) -> dict[str, str]:
+        """{vision|embed|decoder: the component that role loads} for `flavour`."""
+        return {"vision": self.vision_component(flavour), "embed": "embed",
+                "decoder": self.decoder_component(flavour)}
+
     def component_files(self, component: str) -> tuple[str, ...]:
         """The files of one component: its graph and its weights file, if any."""
         c = self.components[component]
@@ -360,6 +378,9 @@ def _cross_check(m: "Manifest", where: str) -> None:
     if (m.decoder.position_ids == "mrope") != (m.image.expand == "qwen2_vl"):
         raise _bad(where, "decoder.position_ids", "'mrope' exactly for image expansion "
                    "'qwen2_vl'", m.decoder.position_ids)
+    if ORT_VISION in m.components and ORT_DECODER not in m.components:
+        raise _bad(where, f"components.{ORT_VISION}", f"only beside a {ORT_DECODER} component "
+                   f"(the fused vision graph of --decoder-flavour both)", "no second decoder")
     if ORT_DECODER in m.components and m.decoder.flavour != "portable":
         raise _bad(where, "decoder.flavour", f"'portable' beside a {ORT_DECODER} component "
                    f"(the second decoder is the ort flavour)", m.decoder.flavour)
@@ -539,8 +560,8 @@ def _tensor_specs(v) -> tuple[TensorSpec, ...]:
 
 def _components(r: _Obj, files: dict) -> dict[str, Component]:
     out = {}
-    for comp in COMPONENTS + (ORT_DECODER,):
-        if comp == ORT_DECODER and comp not in r.d:  # the one optional component
+    for comp in COMPONENTS + OPTIONAL_COMPONENTS:
+        if comp in OPTIONAL_COMPONENTS and comp not in r.d:
             continue
         c = r.obj(comp)
         out[comp] = Component(

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmedge import manifest as manifest_mod
 from vlmedge.errors import ContextOverflowError
 
 from . import roofline, stats
@@ -201,26 +200,26 @@ def _weights(spec: Spec) -> tuple[int, int]:
     if spec.kind == "torch":
         return spec.facts["weight_bytes"], spec.facts["decode_weight_bytes"]
     m = spec.manifest
-    flavour = spec.decoder_flavour or m.decoder.flavour
-    decoder = m.decoder_component(flavour)
+    roles = m.flavour_components(spec.decoder_flavour or m.decoder.flavour)
     sizes = {}
-    for key, comp in m.components.items():
-        if key in ("decoder", manifest_mod.ORT_DECODER) and key != decoder:
-            continue  # the other flavour's graph: on disk, never loaded
+    for role, key in roles.items():  # the other flavour's graphs: on disk, never loaded
+        comp = m.components[key]
         b = roofline.initializer_bytes(_graph(spec, key))
         if b is None:  # no onnx package: the files' sizes
             b = sum(m.files[f].bytes for f in (comp.file, comp.data_file) if f)
-        sizes[key] = b
-    return sum(sizes.values()), sizes[decoder]
+        sizes[role] = b
+    return sum(sizes.values()), sizes["decoder"]
 
 
 def _artifact_bytes(spec: Spec) -> int:
     """The bytes of the files this system loads: of an artifact with both
-    decoder flavours, all but the other flavour's decoder graph."""
+    decoder flavours, all but the other flavour's graphs (a weights file both
+    vision graphs read counts, once)."""
     m = spec.manifest
-    own = m.decoder_component(spec.decoder_flavour or m.decoder.flavour)
-    other = {f for key in ("decoder", manifest_mod.ORT_DECODER)
-             if key != own and key in m.components for f in m.component_files(key)}
+    own = m.flavour_components(spec.decoder_flavour or m.decoder.flavour).values()
+    mine = {f for key in own for f in m.component_files(key)}
+    other = {f for key in m.components if key not in own
+             for f in m.component_files(key)} - mine
     return sum(e.bytes for name, e in m.files.items() if name not in other)
 
 
