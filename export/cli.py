@@ -42,7 +42,8 @@ def main(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
         "int8/int4; CPU and CUDA EPs) | both (fp32 or int4: the two decoder graphs in one "
-        "artifact, each validated and gated; the runtime runs ort on onnxruntime's CPU "
+        "artifact, each validated and gated, the ort one beside a fused vision graph that "
+        "reads the standard one's weights; the runtime runs ort on onnxruntime's CPU "
         "provider, portable elsewhere). Default: ort for int4, else portable; "
         "--decoder-flavour portable --precision int4 keeps standard ONNX ops."),
     vision_precision: str = typer.Option(
