@@ -104,6 +104,10 @@ def test_masked_attention_is_kept_as_exported(tmp_path):
     assert not vision_fusion.fuse(path, lines.append)
     assert path.read_bytes() == before
     assert len(lines) == 1 and "kept as exported" in lines[0]
+    # beside the graph (--decoder-flavour both): nothing written, one line
+    assert not vision_fusion.fuse(path, lines.append, beside="vision_ort.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masked.onnx"]
+    assert len(lines) == 2 and lines[1].startswith("[vision-fusion] no vision_ort.onnx: ")
 
 
 @pytest.mark.parametrize("family, gelus", [("internvl", 0), ("idefics3", 1)])
