@@ -13,10 +13,9 @@ class RuntimeAnswerer:
         self.session = VLMSession(artifact_dir, provider=provider, threads=threads,
                                   decoder_flavour=decoder_flavour)
         self.max_new_tokens = max_new_tokens
-        m = self.session.manifest
-        # named as vlm-bench names systems: the ort decoder flavour is ort-<precision>
-        self.system_name = (f"ort-{m.precision}" if self.session.decoder_flavour == "ort"
-                            else f"{m.target}-{m.precision}")
+        from .bench.systems import system_name
+        # named as vlm-bench names systems (ort-int4-b128-vint8, onnx-fp32, ...)
+        self.system_name = system_name(self.session.manifest, self.session.decoder_flavour)
 
     def __call__(self, image, question: str) -> str:
         return self.session.generate(image, question, max_new_tokens=self.max_new_tokens).text

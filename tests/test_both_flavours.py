@@ -150,6 +150,18 @@ def test_the_fused_vision_graph_follows_the_int8_vision_weights(both_int4_vint8)
         assert cos.mean() >= 0.99, cos
 
 
+def test_vlm_eval_names_each_flavour_as_vlm_bench_does(both_int4_vint8):
+    """One name per system in both tools' reports (block and int8 vision
+    included), so a report can join the two."""
+    from vlmedge.benchmarks.bench.systems import artifact_specs
+    from vlmedge.benchmarks.runtime_answerer import RuntimeAnswerer
+    art = both_int4_vint8[0]
+    bench = {s.decoder_flavour: s.name for s in artifact_specs([art])}
+    assert bench == {"portable": "onnx-int4-vint8", "ort": "ort-int4-vint8"}
+    for flavour, name in bench.items():
+        assert RuntimeAnswerer(art, threads=1, decoder_flavour=flavour).system_name == name
+
+
 def test_a_fused_graph_that_disagrees_is_not_written(both_int4_vint8, tmp_path, monkeypatch):
     """Held to a bound it cannot meet, the fused graph is not written and the
     log says why in one line (the artifact's ort flavour then runs "vision")."""

@@ -35,6 +35,22 @@ class Spec:
     decoder_flavour: str | None = None  # onnx: the decoder graph run ("portable" | "ort")
 
 
+def system_name(m: "manifest_mod.Manifest", flavour: str) -> str:
+    """What vlm-bench and vlm-eval call an artifact run with one decoder flavour.
+    The ort flavour is its own system: ort-fp32, ort-int8, ort-int4; a
+    weight-only block other than 32 (--weight-block-size) adds -b128 etc.; a
+    weight-only export whose vision graph is int8 too (--vision-precision int8)
+    adds -vint8: ort-int4-vint8, onnx-int4-b128-vint8 (portable int4)."""
+    name = f"ort-{m.precision}" if flavour == "ort" else f"{m.target}-{m.precision}"
+    block = (m.quantization.report.get("block_size") if m.quantization else None)
+    if block not in (None, 32):
+        name += f"-b{block}"
+    if m.components["vision"].precision == "int8" and m.precision in ("int4", "int8") \
+            and m.components[m.decoder_component(flavour)].precision.endswith("weight-only"):
+        name += "-vint8"
+    return name
+
+
 def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
     """One Spec per artifact directory: the manifest read and, with verify,
     every file's sha256 checked here, once, before any timing (the workers
@@ -47,18 +63,7 @@ def artifact_specs(dirs: list[Path], verify: bool = True) -> list[Spec]:
     for d in dirs:
         m = manifest_mod.load(d, verify=verify)
         for flavour in m.decoder_flavours:
-            # the ort decoder flavour is its own system: ort-fp32, ort-int8, ort-int4; a
-            # weight-only block other than 32 (--weight-block-size) adds -b128 etc.; a
-            # weight-only export whose vision graph is int8 too (--vision-precision int8)
-            # adds -vint8: ort-int4-vint8, onnx-int4-b128-vint8 (portable int4)
-            name = f"ort-{m.precision}" if flavour == "ort" else f"{m.target}-{m.precision}"
-            block = (m.quantization.report.get("block_size") if m.quantization else None)
-            if block not in (None, 32):
-                name += f"-b{block}"
-            if m.components["vision"].precision == "int8" and m.precision in ("int4", "int8") \
-                    and m.components[m.decoder_component(flavour)].precision.endswith(
-                        "weight-only"):
-                name += "-vint8"
+            name = system_name(m, flavour)
             if name in seen:
                 name = f"{name}:{Path(d).name}"
             seen.add(name)
