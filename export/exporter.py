@@ -261,7 +261,7 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
         steps.append(("vision-fusion", _fuse_vision_beside))
     steps += [("embedding", _export_embed),
               ("decoder-ort" if native else "decoder", _export_decoder)]
-    if flavours(o) == ("portable", "ort"):  # the second decoder: component decoder_ort
+    if both:  # the second decoder: component decoder_ort
         steps.append(("decoder-ort", _export_ort_beside))
     if p.io_dtype == "float16":
         steps.append(("fp16", _to_fp16))
@@ -269,7 +269,7 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     if p.calibrated:  # fp32 parity first, then the quantization stage and its gate
         steps.append((f"{o.precision} (weight-only)" if weight_only(o) else o.precision,
                       _quantize))
-    if both and p.io_dtype == "float32" and p.calibrated:  # again, on the final weights
+    if both and p.io_dtype == "float32" and _vision_quantized(o):  # again, on its int8 weights
         steps.append(("vision-fusion (quantized)", _fuse_vision_after_quantize))
     if o.target == "trt":
         steps.append(("trt", _prepare_trt))
@@ -324,6 +324,14 @@ def run_export(o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
     return summary
 
 
+def _vision_quantized(o: ExportOptions) -> bool:
+    """Whether the quantization stage rewrites the vision graph (and its
+    weights file): static int8 quantizes every graph, weight-only precisions
+    the vision graph only with --vision-precision int8."""
+    return precision_mod.get(o.precision).calibrated and (
+        not weight_only(o) or o.vision_precision == "int8")
+
+
 def _ungated(o: ExportOptions) -> bool:
     """Weight-only int8/int4 (ort flavour) is round-to-nearest: calibration data
     serves only the accuracy gate, which random weights cannot pass or fail
@@ -354,29 +362,28 @@ def _fuse_vision_beside(r: Run) -> None:
     """Both decoder flavours: "vision" keeps the standard ops (TensorRT, any
     provider) and the ort flavour gets the fused graph as component vision_ort,
     reading vision.onnx.data (export/vision_fusion.py; none where nothing
-    matches). Proven here on the fp32 weights; where a quantization stage
-    follows (it rewrites vision.onnx.data) the graph is made again after it."""
+    matches). Proven here on the fp32 weights; where the quantization stage
+    rewrites vision.onnx.data the graph is made again after it."""
     from . import vision_fusion
     made = vision_fusion.fuse(r.tmp / "vision.onnx", r.log, beside=ORT_VISION_FILE)
     r.vision_fusion_proven = made
-    if made and precision_mod.get(r.o.precision).calibrated:
+    if made and _vision_quantized(r.o):
         (r.tmp / ORT_VISION_FILE).unlink()
         r.log(f"[vision-fusion] that was the proof on the fp32 weights: {ORT_VISION_FILE} "
               f"is made again after quantization, on the final ones")
 
 
 def _fuse_vision_after_quantize(r: Run) -> None:
-    """The fused vision graph on the quantized artifact's vision weights (a
-    QDQ graph's attention cores are fp32, the same pattern), held to the int8
-    gate's cosine where the vision graph is quantized: the rewrite itself was
-    proven exact on this model's fp32 graph before quantization."""
+    """The fused vision graph on the int8 vision weights (a QDQ graph's
+    attention cores are fp32, the same pattern), held to the int8 gate's
+    cosine: the rewrite itself was proven exact on this model's fp32 graph
+    before quantization."""
     from . import vision_fusion
     if not r.vision_fusion_proven:
         r.log("[vision-fusion] none: the fp32 graph took no fused op")
         return
-    quantized = r.m["components"]["vision"]["precision"] != "fp32"
     if vision_fusion.fuse(r.tmp / "vision.onnx", r.log, beside=ORT_VISION_FILE,
-                          quantized=quantized):
+                          quantized=True):
         r.m["files"][ORT_VISION_FILE] = manifest.file_entry(r.tmp / ORT_VISION_FILE)
         r.m["components"][manifest.ORT_VISION] = {**r.m["components"]["vision"],
                                                   "file": ORT_VISION_FILE}

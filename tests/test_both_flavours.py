@@ -292,6 +292,8 @@ def test_int4_quantizes_and_gates_each_decoder(both_int4, both_fp32):
         size = q["size"]["by_flavour"][flavour]
         assert size["ratio"] < 0.3, (flavour, size)  # int4 weights, fp32 activations
     assert sum(f"int4] {f} decoder" in line for line in lines for f in ("portable", "ort")) == 2
+    # fp32 vision stays as exported: its fused graph, made once, serves the ort decoder
+    assert "vision_ort" in m.components and "vision-fusion (quantized)" not in summary["stages"]
     fp32_sizes = {n: e.bytes for n, e in manifest.load(both_fp32[0]).files.items()}
     assert m.files["decoder_ort.onnx.data"].bytes < 0.3 * fp32_sizes["decoder_ort.onnx.data"]
 
