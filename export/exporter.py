@@ -534,10 +534,19 @@ def _figures(v: dict) -> str:
             f"max_abs_diff_logits={v.get('max_abs_diff_logits'):.3g} "
             f"(tol {v['tolerances']['logits']:g}), max_abs_diff_image_features="
             f"{v.get('max_abs_diff_image_features'):.3g} (bound "
-            f"{v.get('image_features_bound', v['tolerances']['image_features']):.3g}: tol "
-            f"{v['tolerances']['image_features']:g} x max(1, largest feature "
-            f"{v.get('image_features_scale', 1.0):.3g}) at fp32), "
+            f"{v.get('image_features_bound', v['tolerances']['image_features']):.3g}: "
+            f"{_bound_rule(v)}), "
             f"cached_vs_recompute={v.get('cached_vs_recompute_max_abs_diff'):.3g}")
+
+
+def _bound_rule(v: dict) -> str:
+    """How the image-feature bound of validation record `v` was set, in words."""
+    from .validate import FP16_STEPS
+
+    tol, scale = v["tolerances"]["image_features"], v.get("image_features_scale", 1.0)
+    if v.get("precision", "fp32") == "fp32":
+        return f"tol {tol:g} x max(1, largest feature {scale:.3g})"
+    return f"tol {tol:g} + {FP16_STEPS} fp16 steps at the largest feature {scale:.3g}"
 
 
 def _summary(o: ExportOptions, out: Path, m: dict, times: dict) -> dict[str, Any]:

@@ -85,6 +85,23 @@ def test_export_prepares_artifact_and_says_how_to_finish(trt_llava):
         ["prefill", "decode"]
 
 
+def test_readme_trt_command_exports_the_demo(tmp_path):
+    """The README's TensorRT section, first line: the trained demo's features
+    reach ~80, where one fp16 step is 0.06; the export validates (tokens equal
+    to PyTorch's, features within the fp16 bound at their scale)."""
+    from vlmedge.export.validate import FP16_STEPS
+
+    out = tmp_path / "demo-trt"
+    r = _run("--model", "demo", "--target", "trt", "--precision", "fp16", "-o", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    v = manifest.load(out).to_dict()["validation"]
+    assert v["passed"] and v["tokens_match"] and not v.get("skipped")
+    scale, tol = v["image_features_scale"], v["tolerances"]["image_features"]
+    assert scale > 32  # a trained tower's magnitudes, where fp16 steps exceed the absolute tol
+    assert v["image_features_bound"] == pytest.approx(tol + FP16_STEPS * 2.0 ** -10 * scale)
+    assert v["max_abs_diff_image_features"] <= v["image_features_bound"]
+
+
 def test_build_script_is_exact_and_valid_bash(trt_llava):
     art, _ = trt_llava
     m = manifest.load(art).to_dict()
