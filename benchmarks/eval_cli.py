@@ -34,6 +34,9 @@ def main(
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable | ort: which decoder of an artifact exported "
         "with --decoder-flavour both (default: ort on the CPU)."),
+    provider: str = typer.Option(
+        "cpu", "--provider", help="Where an artifact runs: cpu | cuda | trt | auto (trt: the "
+        "engines built on this device; measure a GPU export where it deploys)."),
 ) -> None:
     with cli_errors("vlm-eval"):
         positive("--n", n)
@@ -43,6 +46,10 @@ def main(
         if model is not None and decoder_flavour is not None:
             raise UserInputError("--decoder-flavour chooses an artifact's decoder",
                                  got="--model", hint="give an ARTIFACT_DIR with it")
+        if model is not None and provider != "cpu":
+            raise UserInputError("--provider chooses where an artifact runs",
+                                 got=f"--model with --provider {provider}",
+                                 hint="give an ARTIFACT_DIR with it; --model runs PyTorch on the CPU")
         if (artifact_dir is None) == (model is None):
             raise UserInputError("give exactly one of ARTIFACT_DIR or --model",
                                  got="both" if model else "neither",
@@ -55,7 +62,7 @@ def main(
         else:
             from vlmedge.benchmarks.runtime_answerer import RuntimeAnswerer
             answerer = RuntimeAnswerer(artifact_dir, max_new_tokens, threads or None,
-                                       decoder_flavour=decoder_flavour)
+                                       provider=provider, decoder_flavour=decoder_flavour)
             system = answerer.system_name
         with Progress(f"vlm-eval {system}", n, quiet=False) as bar:
             result = scene_eval.evaluate(answerer, n, seed, progress=bar.update)

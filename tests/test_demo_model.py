@@ -45,9 +45,12 @@ def test_demo_accuracy_500_questions():
     assert min(out["per_kind"].values()) >= 0.90, out["per_kind"]
 
 
-@pytest.mark.parametrize("case", ["missing", "no_config", "n0", "negative", "neither"])
+@pytest.mark.parametrize("case", ["missing", "no_config", "n0", "negative", "neither",
+                                  "torch_on_trt"])
 def test_vlm_eval_bad_input_is_one_line(case, tmp_path):
-    if case == "missing":
+    if case == "torch_on_trt":  # --provider is where an artifact runs
+        args = ["--model", "demo", "--provider", "trt"]
+    elif case == "missing":
         args = ["--model", tmp_path / "nope"]
     elif case == "no_config":
         args = ["--model", tmp_path]
@@ -62,6 +65,22 @@ def test_vlm_eval_bad_input_is_one_line(case, tmp_path):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlm-eval: error:"), r.stderr
+
+
+def test_vlm_eval_runs_an_artifact_where_asked(demo_artifact):
+    """--provider: cpu answers; an unknown one, or one this onnxruntime lacks,
+    is one line naming what it has."""
+    r = _eval(demo_artifact, "--n", "8", "--provider", "cpu", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["system"] == "onnx-fp32", r.stderr
+    import onnxruntime as ort
+
+    cases = [("tpu", "unknown provider 'tpu'")]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        cases.append(("cuda", "CUDAExecutionProvider"))
+    for provider, words in cases:
+        r = _eval(demo_artifact, "--n", "8", "--provider", provider)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
 
 
 def test_train_smoke(tmp_path):
