@@ -20,12 +20,20 @@ app = make_app(
     "  vlm-export                                  # the bundled demo model -> ./demo-onnx-fp32\n\n"
     "  vlm-export --model ./SmolVLM-256M --precision fp16\n\n"
     "  vlm-export --model ./SmolVLM-256M --precision int4 --calib ./frames  # ort flavour, 4-bit\n\n"
+    "  vlm-export --model ./SmolVLM-256M --target trt --precision int4-fp16 --calib ./frames\n\n"
     "  vlm-export --model benchmarks/presets/smolvlm-256m --random-weights  # latency planning")
 
 
-def _default_output(model: str, target: str, precision: str) -> Path:
+def _default_output(model: str, opts) -> Path:
+    """<model>-<target>-<precision> (demo-onnx-fp32), or with the decoder
+    flavour in place of the target where it is not the portable one
+    (demo-ort-int4, demo-both-int4), so the README's exports one after another
+    each get their own directory."""
+    from .exporter import flavours
+
     name = DEMO if model == DEMO else Path(model).expanduser().resolve().name
-    return Path(f"{name}-{target}-{precision}")
+    kind = {("portable",): opts.target, ("ort",): "ort"}.get(flavours(opts), "both")
+    return Path(f"{name}-{kind}-{opts.precision}")
 
 
 @app.callback(invoke_without_command=True)
@@ -37,7 +45,9 @@ def main(
     precision: str = typer.Option("fp32", "--precision", "-p",
                                   help="fp32 | fp16 (GPU graphs) | int8 | int8-dynamic | int4 "
                                   "(weight-only: MatMulNBits in the ort flavour, int4 "
-                                  "DequantizeLinear blocks in the portable one)"),
+                                  "DequantizeLinear blocks in the portable one) | int4-fp16 "
+                                  "(those blocks with fp16 scales and activations, W4A16: "
+                                  "TensorRT's weight-only INT4, onnxruntime CUDA)"),
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "
@@ -52,10 +62,11 @@ def main(
     weight_method: str = typer.Option(
         "rtn", "--weight-method", help="ort flavour's int8/int4 weights: rtn (round to nearest) "
         "| gptq (calibrated on --calib: error-compensated rounding, onnxruntime's GPTQ)."),
-    weight_block_size: int = typer.Option(
-        32, "--weight-block-size", help="int4 / ort int8 weights: how many share one scale "
-        "(16 | 32 | 64 | 128 | 256). 32 (llama.cpp q4_0's) is the most accurate; 128 reads "
-        "fewer scales and decodes faster (the accuracy gate decides)."),
+    weight_block_size: Optional[int] = typer.Option(
+        None, "--weight-block-size", help="int4 / ort int8 weights: how many share one scale "
+        "(16 | 32 | 64 | 128 | 256). Default 32 (llama.cpp q4_0's), the most accurate; 128 "
+        "reads fewer scales and decodes faster (the accuracy gate decides). int4-fp16: 64 | "
+        "128 (TensorRT's), default 128."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Artifact directory (default: <model>-<target>-<precision>)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
@@ -113,7 +124,7 @@ def main(
         from .exporter import ExportOptions, check_options, run_export
 
         opts = ExportOptions(
-            model_dir=Path(), output=output or _default_output(model, target, precision),
+            model_dir=Path(), output=output or Path(),
             target=target, precision=precision, decoder_flavour=decoder_flavour,
             vision_precision=vision_precision, weight_method=weight_method,
             weight_block_size=weight_block_size, validate=validate,
@@ -125,6 +136,8 @@ def main(
             calib_method=calib_method, accuracy_target=accuracy_target, min_cosine=min_cosine,
             max_accuracy_drop=max_accuracy_drop, calib_cache=calib_cache, progress=True)
         check_options(opts)  # cheap argument checks before touching the model
+        if output is None:
+            opts.output = _default_output(model, opts)
         opts.model_dir = resolve_model_dir(model)
 
         def log(line: str) -> None:

@@ -45,8 +45,9 @@ class ExportOptions:
     vision_precision: str = "fp32"
     # ort flavour's int8/int4 weights: "rtn" (round to nearest) | "gptq" (calibrated)
     weight_method: str = "rtn"
-    # weight-only exports: weights sharing one scale (ort_decoder.BLOCK_SIZES)
-    weight_block_size: int = ort_decoder.BLOCK_SIZE
+    # weight-only exports: weights sharing one scale (ort_decoder.BLOCK_SIZES);
+    # None: the precision's (block_size())
+    weight_block_size: int | None = None
     validate: bool = True
     random_weights: bool = False
     max_context: int | None = None
@@ -87,9 +88,21 @@ def flavour(o: ExportOptions) -> str:
 
 def weight_only(o: ExportOptions) -> bool:
     """Whether the quantization stage is weight-only (export/weight_only.py):
-    int4 in either flavour, int8 in the ort flavour; portable int8 is static
-    QDQ (export/quantize.py)."""
-    return o.precision == "int4" or (flavour(o) == "ort" and o.precision == "int8")
+    int4 (and int4-fp16) in either flavour, int8 in the ort flavour; portable
+    int8 is static QDQ (export/quantize.py)."""
+    return o.precision in INT4_PRECISIONS or (flavour(o) == "ort" and o.precision == "int8")
+
+
+INT4_PRECISIONS = ("int4", "int4-fp16")
+
+
+def block_size(o: ExportOptions) -> int:
+    """The weight-only block size: --weight-block-size, else 128 for int4-fp16
+    (one of TensorRT's two; the faster on onnxruntime too: README, weight
+    blocks), else ort_decoder.BLOCK_SIZE (32, llama.cpp q4_0's)."""
+    if o.weight_block_size is not None:
+        return o.weight_block_size
+    return 128 if o.precision == "int4-fp16" else ort_decoder.BLOCK_SIZE
 
 
 def check_options(o: ExportOptions) -> None:
@@ -121,11 +134,21 @@ def check_options(o: ExportOptions) -> None:
                              f"{o.decoder_flavour or flavour(o)}", hint="the portable flavour's "
                              "int4 (and so --decoder-flavour both's) is round to nearest "
                              "(--weight-method rtn)")
-    if o.weight_block_size not in ort_decoder.BLOCK_SIZES:  # (True == 1: not in it)
+    if block_size(o) not in ort_decoder.BLOCK_SIZES:  # (True == 1: not in it)
         raise UserInputError("--weight-block-size must be a power of two from 16 to 256",
                              expected=" | ".join(map(str, ort_decoder.BLOCK_SIZES)),
                              got=repr(o.weight_block_size)[:40])
-    if o.weight_block_size != ort_decoder.BLOCK_SIZE and not weight_only(o):
+    from .trt.ops_table import INT4_BLOCK_SIZES
+    if o.precision == "int4-fp16" and block_size(o) not in INT4_BLOCK_SIZES:
+        raise UserInputError("--precision int4-fp16 takes --weight-block-size 64 or 128",
+                             got=f"--weight-block-size {block_size(o)}",
+                             hint="TensorRT's INT4 weights come in blocks of 64 or 128; "
+                                  "leave the option out for 128")
+    if o.precision == "int4-fp16" and o.vision_precision != "fp32":
+        raise UserInputError("--precision int4-fp16 keeps the vision graph at fp16",
+                             got=f"--vision-precision {o.vision_precision}",
+                             hint="leave --vision-precision out (int8 vision is --precision int8's)")
+    if o.weight_block_size not in (None, ort_decoder.BLOCK_SIZE) and not weight_only(o):
         raise UserInputError("--weight-block-size applies to weight-only exports (int4, or "
                              "the ort flavour's int8)", got=f"--precision {o.precision}, "
                              f"--decoder-flavour {o.decoder_flavour or flavour(o)}",
@@ -141,11 +164,13 @@ def check_options(o: ExportOptions) -> None:
         raise UserInputError(
             f"--decoder-flavour {missing[0]} takes --precision {' | '.join(takes)}",
             got=f"--precision {o.precision}",
-            hint="fp16 and int8-dynamic are portable-flavour precisions")
+            hint="fp16, int8-dynamic and int4-fp16 are portable-flavour precisions")
     if o.target == "trt" and not p.trt:
-        raise UserInputError(f"--target trt takes --precision fp16 or int8, not {o.precision}",
-                             hint="fp16 graphs, or int8 with explicit Q/DQ nodes (TensorRT cannot "
-                                  "use int8-dynamic's MatMulInteger; fp32 belongs on the CPU)")
+        raise UserInputError(f"--target trt takes --precision fp16, int8 or int4-fp16, not "
+                             f"{o.precision}",
+                             hint="fp16 graphs, int8 with explicit Q/DQ nodes or int4 weights "
+                                  "with fp16 activations (TensorRT cannot use int8-dynamic's "
+                                  "MatMulInteger; fp32 and int4 belong on the CPU)")
     for name, v in (("--max-batch", o.max_batch), ("--max-images", o.max_images)):
         if v < 1:
             raise UserInputError(f"{name} must be >= 1", got=str(v))
@@ -200,7 +225,8 @@ def _add_special_tokens(loaded, m: dict, out: Path) -> bool:
     return False  # validation will report prompt_ids_match = false
 
 
-def _io(model_path: Path) -> dict[str, Any]:
+def component_io(model_path: Path) -> dict[str, Any]:
+    """A graph's inputs and outputs as the manifest's components record them."""
     import onnx
 
     m = onnx.load(str(model_path), load_external_data=False)
@@ -263,7 +289,7 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
               ("decoder-ort" if native else "decoder", _export_decoder)]
     if both:  # the second decoder: component decoder_ort
         steps.append(("decoder-ort", _export_ort_beside))
-    if p.io_dtype == "float16":
+    if p.io_dtype == "float16" and not p.calibrated:  # int4-fp16: in its quantization stage
         steps.append(("fp16", _to_fp16))
     steps.append(("write", _write_manifest))
     if p.calibrated:  # fp32 parity first, then the quantization stage and its gate
@@ -488,7 +514,7 @@ def _manifest(o: ExportOptions, loaded, tmp: Path, graphs: dict, context: int) -
         "files": files,
         "components": {k: {"file": f"{k}.onnx",
                            "data_file": f"{k}.onnx.data" if f"{k}.onnx.data" in files else None,
-                           "precision": o.precision, **_io(tmp / f"{k}.onnx")}
+                           "precision": o.precision, **component_io(tmp / f"{k}.onnx")}
                        for k in graphs},
         "decoder": fam.decoder_facts(model, context),
         "image": fam.image_facts(model, proc),
@@ -507,17 +533,12 @@ def _validate(loaded, tmp: Path, precision: str, m: dict) -> dict[str, Any]:
 
     if precision == "fp16":
         import onnxruntime as ort
-        from vlmedge.errors import ArtifactError
 
-        # onnxruntime's CPU provider lacks fp16 kernels for several ops: the
-        # graphs may not load, or fail to run (the runtime's ArtifactError).
-        ort_errors = tuple(c for c in vars(ort.capi.onnxruntime_pybind11_state).values()
-                           if isinstance(c, type) and issubclass(c, Exception))
         try:
             ort.InferenceSession(str(tmp / "decoder.onnx"), providers=["CPUExecutionProvider"])
             return validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
                                      manifest=m)
-        except (ArtifactError,) + ort_errors as e:
+        except onnxruntime_errors() as e:
             return {"skipped": True, "passed": True, "tokens_match": None,
                     "max_abs_diff_logits": None, "max_abs_diff_image_features": None,
                     "reason": f"onnxruntime CPU cannot run the fp16 graphs "
@@ -527,6 +548,18 @@ def _validate(loaded, tmp: Path, precision: str, m: dict) -> dict[str, Any]:
     return validate.combine([
         validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,
                           manifest=m, decoder_flavour=f) for f in typed.decoder_flavours])
+
+
+def onnxruntime_errors() -> tuple[type, ...]:
+    """What running fp16 graphs on onnxruntime's CPU provider may raise: it
+    lacks fp16 kernels for several ops, so the graphs may not load
+    (onnxruntime's own exceptions) or fail to run (the runtime's ArtifactError)."""
+    import onnxruntime as ort
+    from vlmedge.errors import ArtifactError
+
+    return (ArtifactError,) + tuple(
+        c for c in vars(ort.capi.onnxruntime_pybind11_state).values()
+        if isinstance(c, type) and issubclass(c, Exception))
 
 
 def _figures(v: dict) -> str:

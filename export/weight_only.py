@@ -10,6 +10,11 @@
        decoder's MatMul weights as int4 blocks behind DequantizeLinear
        (export/blocked_int4.py): both for --decoder-flavour both; the
        embedding table int8 per row; the vision graph stays fp32
+    3b. int4-fp16 (TensorRT): no int8 embedding (TensorRT needs constant
+       scales, a gathered row's are not), and after the gate of step 5 on
+       these fp32-activation graphs, every graph to fp16 (the int4 blocks'
+       scales too) and the gate once more on the fp16 graphs where
+       onnxruntime's CPU provider runs them
     4. with --vision-precision int8: the vision graph through the INT8 stage
        (calibration/int8.py, static QDQ, vision alone), gated beside the new decoder
     5. gate: the whole artifact against the fp32 reference, with the same figures
@@ -92,7 +97,11 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     from vlmedge.runtime.cli_common import Progress
     from vlmedge.runtime.session import VLMSession
 
+    from .exporter import block_size
+
     fp32_parity(o, loaded, tmp, m, validate, stage, staged)
+    block = block_size(o)
+    w16 = o.precision == "int4-fp16"
     targets = gate.Targets(o.accuracy_target, o.min_cosine, o.max_accuracy_drop)
     scene = is_demo(o.model_dir)
     typed = manifest_mod.Manifest.from_dict(m, where="the manifest being built")
@@ -115,15 +124,14 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     with stage(f"{o.precision} weights ({o.weight_method})"):
         t = time.perf_counter()
         if "portable" in flavours:  # int4 blocks behind DequantizeLinear, in the exported graph
-            blocked_int4.quantize_decoder(tmp, log, o.weight_block_size)
+            blocked_int4.quantize_decoder(tmp, log, block)
         if "ort" in flavours and o.weight_method == "gptq":  # calibrated, from the fp32 graph
-            ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log,
-                             o.weight_block_size)
+            ort_decoder.gptq(tmp, o.precision, _prefill_feeds(tmp, m, data), log, block)
         elif "ort" in flavours:
             ort_decoder.build(loaded, tmp, o.precision, log, name=typed.decoder_component("ort"),
-                              block_size=o.weight_block_size)
+                              block_size=block)
         build_s = time.perf_counter() - t
-        embed_int8 = _embedding_int8(tmp)
+        embed_int8 = not w16 and _embedding_int8(tmp)
         for name in DECODER_FILES + ORT_BESIDE_FILES + EMBED_FILES:
             m["files"].pop(name, None)
             if (tmp / name).exists():
@@ -162,15 +170,24 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     # validation record puts the worse flavour's differences on top
     figures = min(by_flavour.values(), key=lambda fig: (
         fig.agreement if fig.agreement is not None else 1.0))
+    fp16_check: dict[str, Any] = {}
+    if w16:  # the graphs TensorRT builds: fp16, gated again where onnxruntime runs them
+        fp16_figures, fp16_check = _to_fp16(tmp, m, ref, scene, stage, log)
+        if fp16_figures is not None:
+            figures = fp16_figures
+            failures += [f"fp16 graphs: {x}" for x in gate.failures(fp16_figures, targets)]
     after = {f: sum(m["files"][n]["bytes"] for n in files_of[f] if n in m["files"])
              for f in flavours}
     formats = {
-        "portable": f"DequantizeLinear (opset 21) of int4 blocks of {o.weight_block_size} "
+        "portable": f"DequantizeLinear (opset 21) of int4 blocks of {block} "
                     f"before each MatMul, symmetric, round to nearest (onnxruntime's "
                     f"MatMulNBitsQuantizer, QDQ format; onnxruntime fuses them into "
-                    f"MatMulNBits at load)",
+                    f"MatMulNBits at load)" if not w16 else
+                    f"DequantizeLinear (opset 21) of int4 blocks of {block} with fp16 scales "
+                    f"before each fp16 MatMul, symmetric, round to nearest (onnxruntime's "
+                    f"MatMulNBitsQuantizer, QDQ format): TensorRT's weight-only INT4",
         "ort": f"MatMulNBits (com.microsoft), {o.precision[3:]}-bit, block "
-               f"{o.weight_block_size}, symmetric, " + (
+               f"{block}, symmetric, " + (
                    "GPTQ on the calibration prompts (onnxruntime's MatMulNBitsQuantizer)"
                    if o.weight_method == "gptq" else
                    "round to nearest (onnxruntime-genai model builder)")}
@@ -180,12 +197,13 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         "format": " | ".join(f"{f}: {formats[f]}" if len(flavours) > 1 else formats[f]
                              for f in flavours),
         "weight_method": o.weight_method,
-        "block_size": o.weight_block_size,
-        "weights": f"decoder MatMuls and LM head {o.precision}; embedding "
-                   f"{'int8 per row' if embed_int8 else 'fp32'}; vision "
-                   f"{'int8 static QDQ (under vision)' if vision_report else 'fp32'}",
+        "block_size": block,
+        "weights": f"decoder MatMuls and LM head int4; embedding "
+                   f"{'int8 per row' if embed_int8 else 'fp16' if w16 else 'fp32'}; vision "
+                   f"{'int8 static QDQ (under vision)' if vision_report else 'fp16' if w16 else 'fp32'}",
         "vision": vision_report,
-        "activations": "fp32 in the graph" + ("" if "ort" not in flavours else
+        "activations": "fp16 in the graph" if w16 else "fp32 in the graph" + (
+                       "" if "ort" not in flavours else
                        " (the ort flavour: onnxruntime's CPU kernels quantize them to int8 per "
                        "block on the fly, accuracy_level 4)"),
         "cpu_only": False,
@@ -196,7 +214,10 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
                      "by_flavour": {f: fig.to_dict() for f, fig in by_flavour.items()},
                      "passed": not failures, "failures": failures,
                      "skipped": None if ref is not None else
-                     "random weights: answers are meaningless, so no gate"},
+                     "random weights: answers are meaningless, so no gate",
+                     # int4-fp16: by_flavour holds the int4 weights' figures at
+                     # fp32 activations, "final" the fp16 graphs' where they ran
+                     **({"fp16_graphs": fp16_check} if w16 else {})},
         # the decoder.flavour graph's sizes; by_flavour: each decoder graph's
         "size": {"decoder_fp32_bytes": fp32_bytes[flavours[0]],
                  "decoder_bytes": after[flavours[0]],
@@ -222,6 +243,42 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
                                    "raise --max-accuracy-drop knowingly; --keep-failed keeps "
                                    "the artifact")
     return m
+
+
+def _to_fp16(tmp: Path, m: dict, ref, scene: bool, stage, log: Callable[[str], None]
+             ) -> tuple[Any, dict[str, Any]]:
+    """int4-fp16: every graph to fp16 in place (activations, I/O, the int4
+    blocks' scales; the int4 weights stay), the manifest's files and
+    components updated; then, with a reference (not random weights), the
+    gate's figures on the fp16 graphs, where onnxruntime's CPU provider runs
+    them (it lacks fp16 kernels for some families' ops: then None, and the
+    record says why and where to measure instead)."""
+    from vlmedge.calibration import gate
+    from vlmedge.runtime.session import VLMSession
+
+    from .exporter import component_io, convert_fp16, onnxruntime_errors
+
+    with stage("fp16"):
+        for comp in ("vision", "embed", "decoder"):
+            convert_fp16(tmp / f"{comp}.onnx")
+            for name in (f"{comp}.onnx", f"{comp}.onnx.data"):
+                m["files"][name] = manifest_mod.file_entry(tmp / name)
+            m["components"][comp].update(component_io(tmp / f"{comp}.onnx"))
+        m["components"]["vision"]["precision"] = m["components"]["embed"]["precision"] = "fp16"
+    if ref is None:
+        return None, {"measured": False, "reason": "random weights: no gate"}
+    try:
+        with stage("int4-fp16 gate (fp16 graphs)"):
+            session = VLMSession(tmp, provider="cpu", verify=False, manifest=m)
+            figures = gate.measure(session, ref, scene=scene)
+    except onnxruntime_errors() as e:
+        return None, {"measured": False,
+                      "reason": f"onnxruntime CPU cannot run these fp16 graphs "
+                                f"({str(e).splitlines()[0][:160]}); the int4 weights were gated "
+                                f"at fp32 activations; measure the engines with vlm-eval "
+                                f"ARTIFACT --provider trt"}
+    log(f"[int4-fp16] the fp16 graphs: {_figures(figures)}")
+    return figures, {"measured": True, "figures": figures.to_dict()}
 
 
 def _figures(f) -> str:

@@ -171,7 +171,7 @@ class VLMSession:
         # (PaliGemma's prefix-LM): its prefix's keys depend on every later token.
         self._prefix_reuse = self.facts.attention_groups != "prompt"
         self._local = threading.local()  # per-thread preprocessing buffers
-        self._dtype = np.dtype(precision_mod.get(m.precision).io_dtype)  # graphs' floats
+        self._dtype = _float_dtype(m, self.decoder_flavour)  # the graphs' floats
         # The decoder flavour's runner (runtime/decoders.py); positions are the
         # family adapter's: 1-D (Llama) or mrope (Qwen, 3 rows from the image grid).
         self.adapter = self.chat.adapter  # picked once from the manifest (runtime/adapters/)
@@ -823,6 +823,17 @@ def _structured_value(constraint, text: str, max_new_tokens: int):
             f"the {constraint.kind} answer was cut by max_new_tokens={max_new_tokens} before it "
             f"was whole", got=repr(text)[:80], hint="raise max_new_tokens")
     return constraint.value(text.strip())
+
+
+def _float_dtype(m: "manifest_mod.Manifest", flavour: str) -> np.dtype:
+    """The graphs' float dtype: the decoder graph's inputs_embeds as the
+    manifest records it, else the precision's. They agree in a finished
+    artifact; while an int4-fp16 export gates its int4 weights, the graphs
+    are still fp32 (export/weight_only.py) and say so."""
+    spec = m.components[m.decoder_component(flavour)].input("inputs_embeds")
+    if spec is not None and spec.dtype in ("float32", "float16"):
+        return np.dtype(spec.dtype)
+    return np.dtype(precision_mod.get(m.precision).io_dtype)
 
 
 def _native_trt(m: "manifest_mod.Manifest", provider: str) -> bool:

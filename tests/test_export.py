@@ -93,6 +93,24 @@ def test_existing_output_needs_force(tiny_llava_artifact, tiny_llava_dir):
     assert (art / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("kw, name", [
+    (dict(), "demo-onnx-fp32"),
+    (dict(decoder_flavour="ort"), "demo-ort-fp32"),
+    (dict(precision="int4"), "demo-ort-int4"),  # int4's default flavour
+    (dict(precision="int4", decoder_flavour="portable"), "demo-onnx-int4"),
+    (dict(precision="int4", decoder_flavour="both"), "demo-both-int4"),
+    (dict(target="trt", precision="int4-fp16"), "demo-trt-int4-fp16"),
+])
+def test_default_output_names_the_decoder_flavour(kw, name):
+    """The README's exports of the demo, one after another, each land in a
+    directory of their own (the ort flavour's was demo-onnx-fp32 again, and
+    failed on the first one's)."""
+    from vlmedge.export.cli import _default_output
+    from vlmedge.export.exporter import ExportOptions
+
+    assert _default_output("demo", ExportOptions(Path(), Path(), **kw)) == Path(name)
+
+
 @pytest.mark.parametrize("case", ["missing", "no_config", "unsupported", "pickle_only", "bad_precision"])
 def test_bad_input_is_one_clear_line(case, tmp_path, tiny_llava_dir):
     out = tmp_path / "out"

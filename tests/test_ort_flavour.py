@@ -420,7 +420,7 @@ print("ok")
 @pytest.mark.parametrize("kw, words", [
     (dict(decoder_flavour="ort", target="trt", precision="fp16"), "--target trt needs"),
     (dict(decoder_flavour="portable", precision="int4", target="trt"),
-     "--target trt takes --precision fp16 or int8"),
+     "--target trt takes --precision fp16, int8 or int4-fp16"),
     (dict(decoder_flavour="portable", precision="int4", weight_method="gptq"),
      "--weight-method gptq applies"),
     (dict(decoder_flavour="ort", precision="fp16"), "takes --precision"),

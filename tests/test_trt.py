@@ -126,8 +126,8 @@ def test_check_trt_passes_on_exported_artifact(trt_llava):
 
 
 @pytest.mark.parametrize("args,want", [
-    (["--precision", "fp32"], "--target trt takes --precision fp16 or int8"),
-    (["--precision", "int8-dynamic"], "--target trt takes --precision fp16 or int8"),
+    (["--precision", "fp32"], "--target trt takes --precision fp16, int8 or int4-fp16"),
+    (["--precision", "int8-dynamic"], "--target trt takes --precision fp16, int8 or int4-fp16"),
     (["--precision", "fp16", "--max-batch", "0"], "--max-batch must be >= 1"),
     (["--precision", "fp16", "--max-images", "0"], "--max-images must be >= 1"),
 ])

@@ -25,7 +25,8 @@ Sections (schema 2):
                      | "paligemma" | "qwen3_vl"
     target           "onnx" | "trt";  precision "fp32" | "fp16" | "int8" | "int8-dynamic"
                      | "int4" (weight-only: MatMulNBits in the ort flavour, int4
-                     DequantizeLinear blocks in the portable one)
+                     DequantizeLinear blocks in the portable one) | "int4-fp16"
+                     (those blocks with fp16 scales and activations: TensorRT)
     source           Source: path, architecture, content_hash, random_weights
     files            {name: FileEntry(sha256, bytes)} for every file the runtime opens
     components       {vision|embed|decoder: Component(file, data_file, precision,

@@ -10,12 +10,15 @@ the manifest (the allowed names), instead of string comparisons in each.
     int8          float32   int8 QDQ / MatMulNBits yes   yes     no        yes  portable, ort
     int8-dynamic  float32   int8 MatMulInteger     yes   no      yes       no   portable
     int4          float32   int4 weight-only       yes   -       no        no   ort, portable
+    int4-fp16     float16   int4 weight-only       yes   -       no        yes  portable
 
 (int8 with the ort flavour is weight-only MatMulNBits, export/weight_only.py;
 with the portable flavour static QDQ, calibration/int8.py. int4 with the ort
 flavour is MatMulNBits; with the portable flavour opset-21 DequantizeLinear of
 int4 blocks before each MatMul, standard ONNX that onnxruntime fuses back into
-MatMulNBits at load; TensorRT would need fp16 activations for it: not offered.)
+MatMulNBits at load. int4-fp16 is that portable graph with fp16 scales and
+fp16 activations everywhere (W4A16): TensorRT's weight-only INT4, whose
+blocks are 64 or 128 weights, and GPUs' fp16 arithmetic.)
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               ("portable",), None),
     Precision("int4", "float32", "int4 weight-only, block 32", True, None, False, False,
               ("ort", "portable"), None),
+    Precision("int4-fp16", "float16", "int4 weight-only, block 128, fp16 activations", True,
+              None, False, True, ("portable",), None),
 )}
 NAMES = tuple(PRECISIONS)
 

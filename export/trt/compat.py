@@ -186,6 +186,8 @@ def _special(g: _Graph, node, add) -> None:
             add("attribute", f"Constant with {bad[0]} is not supported")
     elif op in ("QuantizeLinear", "DequantizeLinear"):
         _check_zero_point(g, node, add)
+        if op == "DequantizeLinear" and node.input and g.types.get(node.input[0]) == "int4":
+            _check_int4_weights(g, node, add)
     elif op == "TopK" and len(node.input) > 1 and g.is_const(node.input[1]):
         k = g.const_value(node.input[1])
         if k is not None and int(k.reshape(-1)[0]) >= 3840:
@@ -228,6 +230,35 @@ def _check_zero_point(g: _Graph, node, add) -> None:
                             f"TensorRT quantization is symmetric")
 
 
+def _check_int4_weights(g: _Graph, node, add) -> None:
+    """TensorRT takes INT4 for weights only, with per-block scales: blocks of
+    64 or 128 along one of the last two axes."""
+    x, scale = node.input[0], node.input[1] if len(node.input) > 1 else ""
+    if x not in g.initializers:
+        add("quantization", f"int4 input {x} is not an initializer: TensorRT takes INT4 for "
+                            f"weights only")
+        return
+    dims = list(g.initializers[x].dims)
+    scale_t = g.initializers.get(scale)
+    if scale_t is None:
+        add("constant-input", f"int4 scales {scale} must be an initializer")
+        return
+    sizes = " or ".join(map(str, T.INT4_BLOCK_SIZES))
+    if len(scale_t.dims) != len(dims):
+        add("quantization", f"int4 weight {x} has per-tensor or per-axis scales: TensorRT's "
+                            f"INT4 takes per-block scales (blocks of {sizes})")
+        return
+    block = _attr(node, "block_size", 0)
+    axis = _attr(node, "axis", 1)
+    axis = axis + len(dims) if axis < 0 else axis
+    if block not in T.INT4_BLOCK_SIZES:
+        add("quantization", f"int4 blocks of {block}: TensorRT's INT4 takes blocks of {sizes} "
+                            f"(vlm-export --weight-block-size)")
+    if axis < len(dims) - 2:
+        add("quantization", f"int4 blocks along axis {axis} of a rank-{len(dims)} weight: "
+                            f"TensorRT blocks one of the last two axes")
+
+
 def _subgraph_nodes(node):
     """Nodes of If/Loop/Scan bodies (checked for support only: their tensor
     types are not inferred here)."""
@@ -250,7 +281,13 @@ def check_model(model, component: str, file: str, base_dir: Path) -> ComponentRe
     out = rep.findings
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     lo, hi = T.OPSET_RANGE
-    if opset is not None and not lo <= opset <= hi:
+    later_lo, later_hi = T.LATER_OPSET_RANGE
+    if opset is not None and later_lo <= opset <= later_hi:
+        out.append(Finding(component, "<model>", "", "opset",
+                           f"default-domain opset {opset}: TensorRT 10.0-10.1 parse opsets "
+                           f"{lo}-{hi}, later releases up to {later_hi} ({T.LATER_OPSET_SOURCE}); "
+                           f"build with a TensorRT that takes opset {opset}", "warning"))
+    elif opset is not None and not lo <= opset <= hi:
         out.append(Finding(component, "<model>", "", "opset",
                            f"default-domain opset {opset}; TensorRT 10.0+ parses opsets {lo}-{hi}"))
     if g.shape_inference_error:

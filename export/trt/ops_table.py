@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 TABLE_SOURCE = "ONNX-TensorRT docs/operators.md, 10.1 GA release (June 2024)"
 TENSORRT_RANGE = ">=10.0, <12"  # the versions this table is valid for (see above)
 OPSET_RANGE = (9, 20)  # default-domain opsets TensorRT 10.0+ parses
+# Opsets only later releases parse: 21 is the first with int4 tensors and
+# blocked DequantizeLinear (TensorRT's weight-only INT4 from ONNX); the 10.15
+# GA operators.md takes "opset 9 to opset 24".
+LATER_OPSET_RANGE = (21, 24)
+LATER_OPSET_SOURCE = "ONNX-TensorRT docs/operators.md, 10.15 GA release"
+# TensorRT's INT4 (weights only): blocks of these sizes along one of the last
+# two axes (its "Quantization Schemes" guide).
+INT4_BLOCK_SIZES = (64, 128)
 
 FLOAT = frozenset({"fp32", "fp16", "bf16"})
 FLOAT_NO_BF16 = frozenset({"fp32", "fp16"})
