@@ -6,6 +6,9 @@
 #      --target trt --precision fp16 (export builds the engines: TensorRT imports here),
 #      check-trt, and parity against onnxruntime CPU: first-step logits within the
 #      fp16 tolerance and scene accuracy within 1 point (benchmarks/trt_parity.py).
+#   1b. demo model --target trt --precision int4-fp16 (TensorRT weight-only INT4):
+#      engines built, then against the same graphs on onnxruntime CPU (which the
+#      export's gate measured): logits within the fp16 tolerance, accuracy within 1 point.
 #   2. SmolVLM-256M-shaped preset (random weights, benchmarks/presets/smolvlm-256m,
 #      if present): the same export pair and the logits parity (no accuracy: random).
 #   3. a short vlm-bench of the engines (provider auto picks native engines) if vlm-bench exists.
@@ -59,6 +62,18 @@ parity() {
 
 check_pair demo demo "$MAX_CONTEXT"
 parity demo --accuracy-n "$ACCURACY_N" --max-drop 1.0
+
+step "demo: --target trt --precision int4-fp16 (TensorRT weight-only INT4, engines)"
+if vlm-export --model demo --target trt --precision int4-fp16 --max-context "$MAX_CONTEXT" \
+        --output "$WORK/demo-trt-int4-fp16" --force | tee "$WORK/demo-int4-trt.log"; then
+    grep -q "^engines: built" "$WORK/demo-int4-trt.log" || fail "demo int4-fp16: engines were not built"
+    step "demo int4-fp16: its engines against its graphs on onnxruntime CPU"
+    python -m vlmedge.benchmarks.trt_parity "$WORK/demo-trt-int4-fp16" "$WORK/demo-trt-int4-fp16" \
+        --provider trt --accuracy-n "$ACCURACY_N" --max-drop 1.0 \
+        | tee "$WORK/demo-int4-parity.json" || fail "demo int4-fp16 parity"
+else
+    fail "demo int4-fp16 trt export / engine build"
+fi
 
 PRESET="$HERE/presets/smolvlm-256m"
 if [ -d "$PRESET" ]; then

@@ -176,3 +176,24 @@ def test_check_trt_int4_rules(tmp_path):
     assert any("per-block scales" in line for line in compat.format_report(rep))
     rep, found = _findings(_int4_model(128, opset=25), tmp_path, "o25")
     assert not rep.passed and ("<model>", "opset", "error") in found
+
+
+# -- on a machine with TensorRT (skipped here) ------------------------------------------
+
+@pytest.mark.trt
+def test_int4_fp16_engines_answer_as_their_graphs_do(demo_w4, tmp_path):
+    """TensorRT builds the int4-fp16 graphs (weight-only INT4) and its engines
+    agree with the same graphs on onnxruntime's CPU: first-step logits within
+    the fp16 tolerance, scene accuracy within 1 point (gpu_check.sh's step 1b)."""
+    import shutil
+
+    from vlmedge.export.trt.build import build_engines
+
+    art = tmp_path / "demo-trt-int4-fp16"
+    shutil.copytree(demo_w4[0], art)
+    build_engines(art, workspace_mb=1024, log=lambda s: None)
+    assert manifest.load(art).to_dict()["trt"]["engines"]
+    r = subprocess.run([sys.executable, "-m", "vlmedge.benchmarks.trt_parity", str(art), str(art),
+                        "--provider", "trt", "--scenes", "4", "--accuracy-n", "50"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
