@@ -47,7 +47,7 @@ def main(
                                   "(weight-only: MatMulNBits in the ort flavour, int4 "
                                   "DequantizeLinear blocks in the portable one) | int4-fp16 "
                                   "(those blocks with fp16 scales and activations, W4A16: "
-                                  "TensorRT's weight-only INT4, onnxruntime CUDA)"),
+                                  "TensorRT's weight-only INT4)"),
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable (standard ONNX ops: TensorRT, every EP) | ort "
         "(onnxruntime's fused GroupQueryAttention + shared KV buffer, MatMulNBits weights with "

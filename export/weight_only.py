@@ -172,7 +172,7 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
         fig.agreement if fig.agreement is not None else 1.0))
     fp16_check: dict[str, Any] = {}
     if w16:  # the graphs TensorRT builds: fp16, gated again where onnxruntime runs them
-        fp16_figures, fp16_check = _to_fp16(tmp, m, ref, scene, stage, log)
+        fp16_figures, fp16_check = _graphs_to_fp16(tmp, m, ref, scene, stage, log)
         if fp16_figures is not None:
             figures = fp16_figures
             failures += [f"fp16 graphs: {x}" for x in gate.failures(fp16_figures, targets)]
@@ -245,8 +245,8 @@ def quantize(o, loaded, tmp: Path, m: dict, data, validate: Callable, stage,
     return m
 
 
-def _to_fp16(tmp: Path, m: dict, ref, scene: bool, stage, log: Callable[[str], None]
-             ) -> tuple[Any, dict[str, Any]]:
+def _graphs_to_fp16(tmp: Path, m: dict, ref, scene: bool, stage,
+                    log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """int4-fp16: every graph to fp16 in place (activations, I/O, the int4
     blocks' scales; the int4 weights stay), the manifest's files and
     components updated; then, with a reference (not random weights), the
