@@ -33,7 +33,7 @@ def main(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     decoder_flavour: Optional[str] = typer.Option(
         None, "--decoder-flavour", help="portable | ort: which decoder of an artifact exported "
-        "with --decoder-flavour both (default: ort on the CPU)."),
+        "with --decoder-flavour both (default: ort on the CPU provider, portable elsewhere)."),
     provider: str = typer.Option(
         "cpu", "--provider", help="Where an artifact runs: cpu | cuda | trt | auto (trt: the "
         "engines built on this device; measure a GPU export where it deploys)."),
@@ -49,7 +49,8 @@ def main(
         if model is not None and provider != "cpu":
             raise UserInputError("--provider chooses where an artifact runs",
                                  got=f"--model with --provider {provider}",
-                                 hint="give an ARTIFACT_DIR with it; --model runs PyTorch on the CPU")
+                                 hint="give an ARTIFACT_DIR with it; --model runs PyTorch on "
+                                      "the CPU")
         if (artifact_dir is None) == (model is None):
             raise UserInputError("give exactly one of ARTIFACT_DIR or --model",
                                  got="both" if model else "neither",
@@ -67,6 +68,8 @@ def main(
         with Progress(f"vlm-eval {system}", n, quiet=False) as bar:
             result = scene_eval.evaluate(answerer, n, seed, progress=bar.update)
         result = {"system": system, **result}
+        if model is None:  # where the artifact ran (cpu, cuda or native TensorRT engines)
+            result["providers"] = list(answerer.session.providers)
         if as_json:
             print(json.dumps(result))
             return

@@ -1,5 +1,6 @@
-"""Parity of a candidate artifact (TensorRT engines) against a reference
-(the fp32 graphs on onnxruntime's CPU provider), for benchmarks/gpu_check.sh:
+"""Parity of a candidate artifact (TensorRT engines) against a reference on
+onnxruntime's CPU provider (the fp32 export, or the candidate's own graphs:
+gpu_check.sh's int4-fp16 step), for benchmarks/gpu_check.sh:
 
     python -m vlmedge.benchmarks.trt_parity CANDIDATE REFERENCE --provider trt [--accuracy-n 200]
 
@@ -23,8 +24,8 @@ import typer
 from vlmedge.errors import cli_errors
 from vlmedge.runtime.cli_common import make_app
 
-app = make_app("Compare a TensorRT artifact with its fp32 onnxruntime-CPU reference: first-step "
-               "logits on demo scenes and, optionally, scene-world accuracy.")
+app = make_app("Compare a TensorRT artifact with a reference on onnxruntime's CPU provider: "
+               "first-step logits on demo scenes and, optionally, scene-world accuracy.")
 
 QUESTION = "what color is the circle?"
 

@@ -68,7 +68,8 @@ def main(
         "reads fewer scales and decodes faster (the accuracy gate decides). int4-fp16: 64 | "
         "128 (TensorRT's), default 128."),
     output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Artifact directory (default: <model>-<target>-<precision>)."),
+        None, "--output", "-o", help="Artifact directory (default: "
+        "<model>-<target>-<precision>, the decoder flavour in place of the target for ort or both: demo-ort-int4)."),
     validate: bool = typer.Option(True, "--validate/--no-validate",
                                   help="Compare with PyTorch in onnxruntime (on by default)."),
     random_weights: bool = typer.Option(

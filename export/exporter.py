@@ -5,8 +5,9 @@ precision (vlmedge/precision.py): load, vision, embedding, decoder (portable:
 torch.onnx; ort: the onnxruntime-genai builder, export/ort_decoder.py), fp16
 (fp16 only), write, then either validate (parity with PyTorch) or, for a
 calibrated precision, its quantization stage, which proves fp32 parity first
-(INT8: export/quantize.py; weight-only int4, either flavour, and the ort
-flavour's int8: export/weight_only.py), and trt (--target trt). Each stage is one function of
+(INT8: export/quantize.py; weight-only int4, either flavour, the ort
+flavour's int8 and int4-fp16, which turns the graphs to fp16 itself:
+export/weight_only.py), and trt (--target trt). Each stage is one function of
 the shared `Run`; each prints its elapsed time; the result is a summary dict
 (also the --json output). See vlmedge/manifest.py for what the manifest holds.
 """
@@ -88,8 +89,8 @@ def flavour(o: ExportOptions) -> str:
 
 def weight_only(o: ExportOptions) -> bool:
     """Whether the quantization stage is weight-only (export/weight_only.py):
-    int4 (and int4-fp16) in either flavour, int8 in the ort flavour; portable
-    int8 is static QDQ (export/quantize.py)."""
+    int4 in either flavour, int4-fp16 (portable only), int8 in the ort
+    flavour; portable int8 is static QDQ (export/quantize.py)."""
     return o.precision in INT4_PRECISIONS or (flavour(o) == "ort" and o.precision == "int8")
 
 
@@ -113,11 +114,22 @@ def check_options(o: ExportOptions) -> None:
     if o.decoder_flavour is not None and o.decoder_flavour not in FLAVOURS:
         raise UserInputError(f"unknown --decoder-flavour {o.decoder_flavour!r}",
                              expected=" | ".join(FLAVOURS))
+    p = precision_mod.get(o.precision)
+    if o.target == "trt" and not p.trt:
+        raise UserInputError(f"--target trt takes --precision fp16, int8 or int4-fp16, not "
+                             f"{o.precision}",
+                             hint="int4-fp16 is int4 weights with fp16 activations; fp32 and "
+                                  "int4 belong on the CPU, and TensorRT cannot use "
+                                  "int8-dynamic's MatMulInteger")
+    if o.precision == "int4-fp16":
+        _check_int4_fp16(o)
     if o.decoder_flavour == "both" and o.precision not in BOTH_PRECISIONS:
         raise UserInputError(f"--decoder-flavour both takes --precision "
                              f"{' | '.join(BOTH_PRECISIONS)}", got=f"--precision {o.precision}",
-                             hint="int8 is static QDQ in the portable flavour but weight-only "
-                                  "in the ort one: export each flavour on its own")
+                             hint="int4-fp16 is the portable flavour's (TensorRT)"
+                             if o.precision == "int4-fp16" else
+                             "int8 is static QDQ in the portable flavour but weight-only "
+                             "in the ort one: export each flavour on its own")
     if o.vision_precision not in ("fp32", "int8"):
         raise UserInputError(f"unknown --vision-precision {o.vision_precision!r}",
                              expected="fp32 | int8")
@@ -138,26 +150,15 @@ def check_options(o: ExportOptions) -> None:
         raise UserInputError("--weight-block-size must be a power of two from 16 to 256",
                              expected=" | ".join(map(str, ort_decoder.BLOCK_SIZES)),
                              got=repr(o.weight_block_size)[:40])
-    from .trt.ops_table import INT4_BLOCK_SIZES
-    if o.precision == "int4-fp16" and block_size(o) not in INT4_BLOCK_SIZES:
-        raise UserInputError("--precision int4-fp16 takes --weight-block-size 64 or 128",
-                             got=f"--weight-block-size {block_size(o)}",
-                             hint="TensorRT's INT4 weights come in blocks of 64 or 128; "
-                                  "leave the option out for 128")
-    if o.precision == "int4-fp16" and o.vision_precision != "fp32":
-        raise UserInputError("--precision int4-fp16 keeps the vision graph at fp16",
-                             got=f"--vision-precision {o.vision_precision}",
-                             hint="leave --vision-precision out (int8 vision is --precision int8's)")
     if o.weight_block_size not in (None, ort_decoder.BLOCK_SIZE) and not weight_only(o):
         raise UserInputError("--weight-block-size applies to weight-only exports (int4, or "
                              "the ort flavour's int8)", got=f"--precision {o.precision}, "
                              f"--decoder-flavour {o.decoder_flavour or flavour(o)}",
-                             hint=f"leave it at {ort_decoder.BLOCK_SIZE} for this precision")
+                             hint="leave it out for this precision")
     if "ort" in flavours(o) and o.target == "trt":
         raise UserInputError("--target trt needs --decoder-flavour portable",
                              got=f"--decoder-flavour {o.decoder_flavour or 'ort'}",
                              hint="the ort flavour uses onnxruntime contrib ops TensorRT lacks")
-    p = precision_mod.get(o.precision)
     missing = [f for f in flavours(o) if f not in p.flavours]
     if missing:
         takes = [n for n, q in precision_mod.PRECISIONS.items() if missing[0] in q.flavours]
@@ -165,12 +166,6 @@ def check_options(o: ExportOptions) -> None:
             f"--decoder-flavour {missing[0]} takes --precision {' | '.join(takes)}",
             got=f"--precision {o.precision}",
             hint="fp16, int8-dynamic and int4-fp16 are portable-flavour precisions")
-    if o.target == "trt" and not p.trt:
-        raise UserInputError(f"--target trt takes --precision fp16, int8 or int4-fp16, not "
-                             f"{o.precision}",
-                             hint="fp16 graphs, int8 with explicit Q/DQ nodes or int4 weights "
-                                  "with fp16 activations (TensorRT cannot use int8-dynamic's "
-                                  "MatMulInteger; fp32 and int4 belong on the CPU)")
     for name, v in (("--max-batch", o.max_batch), ("--max-images", o.max_images)):
         if v < 1:
             raise UserInputError(f"{name} must be >= 1", got=str(v))
@@ -180,6 +175,26 @@ def check_options(o: ExportOptions) -> None:
         raise UserInputError("--max-context must be >= 2", got=str(o.max_context))
     if o.max_image_tokens is not None and o.max_image_tokens < 1:
         raise UserInputError("--max-image-tokens must be >= 1", got=str(o.max_image_tokens))
+
+
+def _check_int4_fp16(o: ExportOptions) -> None:
+    """int4-fp16 is TensorRT's W4A16: its target, block sizes and vision graph."""
+    from .trt.ops_table import INT4_BLOCK_SIZES
+
+    if o.target != "trt":
+        raise UserInputError("--precision int4-fp16 is for --target trt", got=f"--target "
+                             f"{o.target}", hint="for onnxruntime use --precision int4 (its "
+                             "fp32-activation graphs are the ones onnxruntime's kernels fuse)")
+    if block_size(o) not in INT4_BLOCK_SIZES:
+        raise UserInputError("--precision int4-fp16 takes --weight-block-size 64 or 128",
+                             got=f"--weight-block-size {o.weight_block_size}"[:60],
+                             hint="TensorRT's INT4 weights come in blocks of 64 or 128; "
+                                  "leave the option out for 128")
+    if o.vision_precision != "fp32":
+        raise UserInputError("--precision int4-fp16 keeps the vision graph at fp16",
+                             got=f"--vision-precision {o.vision_precision}",
+                             hint="leave --vision-precision out (int8 vision is "
+                                  "--precision int8's)")
 
 
 def _tokenizer_facts(loaded: loading.LoadedModel, out: Path) -> dict[str, Any]:
@@ -359,10 +374,11 @@ def _vision_quantized(o: ExportOptions) -> bool:
 
 
 def _ungated(o: ExportOptions) -> bool:
-    """Weight-only int8/int4 (ort flavour) is round-to-nearest: calibration data
-    serves only the accuracy gate, which random weights cannot pass or fail
-    meaningfully (int8 vision still needs data for its activation ranges)."""
-    return flavour(o) == "ort" and o.random_weights and o.vision_precision == "fp32" \
+    """Round-to-nearest weight-only exports (int8/int4/int4-fp16, either
+    flavour): calibration data serves only the accuracy gate, which random
+    weights cannot pass or fail meaningfully (int8 vision still needs data for
+    its activation ranges, GPTQ for its Hessians)."""
+    return weight_only(o) and o.random_weights and o.vision_precision == "fp32" \
         and o.weight_method == "rtn"
 
 
@@ -542,8 +558,9 @@ def _validate(loaded, tmp: Path, precision: str, m: dict) -> dict[str, Any]:
             return {"skipped": True, "passed": True, "tokens_match": None,
                     "max_abs_diff_logits": None, "max_abs_diff_image_features": None,
                     "reason": f"onnxruntime CPU cannot run the fp16 graphs "
-                              f"({str(e).splitlines()[0][:160]}); validate on the GPU with "
-                              f"vlm-eval ARTIFACT --provider cuda"}
+                              f"({str(e).splitlines()[0][:160]}); validate on the GPU against the "
+                              f"fp32 export: python -m vlmedge.benchmarks.trt_parity ARTIFACT "
+                              f"FP32_ARTIFACT --provider cuda (or trt)"}
     typed = manifest.Manifest.from_dict(m, where="the manifest being built")
     return validate.combine([
         validate.validate(loaded.family, loaded.model, loaded.processor, tmp, precision,

@@ -39,7 +39,8 @@ def check(o) -> None:
     if not precision_mod.get(o.precision).calibrated:
         if any(v is not None for v in int8_opts):
             raise UserInputError("--calib, --calib-size and --calib-cache apply to --precision "
-                                 "int8 | int8-dynamic | int4", got=f"--precision {o.precision}")
+                                 "int8 | int8-dynamic | int4 | int4-fp16",
+                                 got=f"--precision {o.precision}")
         return
     if o.precision not in INT8_PRECISIONS:  # int4: the gate's data only
         dataset.check_calib_size(o.calib_size)

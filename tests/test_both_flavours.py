@@ -261,7 +261,7 @@ def test_manifest_cross_checks_the_second_decoder(both_fp32, change, match):
 
 @pytest.mark.parametrize("kw,words", [
     (dict(precision="int8"), "takes --precision fp32 | int4"),
-    (dict(target="trt"), "--target trt needs --decoder-flavour portable"),
+    (dict(target="trt"), "--target trt takes --precision fp16, int8 or int4-fp16, not fp32"),
     (dict(precision="int4", weight_method="gptq"), "--decoder-flavour both"),
     (dict(vision_precision="int8"), "--decoder-flavour both"),
     (dict(precision="int8-dynamic"), "takes --precision fp32 | int4")])

@@ -65,13 +65,17 @@ def test_vlm_eval_bad_input_is_one_line(case, tmp_path):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlm-eval: error:"), r.stderr
+    if case == "torch_on_trt":
+        assert "--provider" in lines[0]
 
 
 def test_vlm_eval_runs_an_artifact_where_asked(demo_artifact):
     """--provider: cpu answers; an unknown one, or one this onnxruntime lacks,
     is one line naming what it has."""
     r = _eval(demo_artifact, "--n", "8", "--provider", "cpu", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["system"] == "onnx-fp32", r.stderr
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["system"] == "onnx-fp32" and out["providers"] == ["CPUExecutionProvider"]
     import onnxruntime as ort
 
     cases = [("tpu", "unknown provider 'tpu'")]

@@ -204,6 +204,16 @@ def test_image_feature_bound_scales_with_the_features(tiny_llava_artifact, tmp_p
     assert "\n" not in str(e.value)
 
 
+def test_fp16_feature_bound_is_fp16_steps_at_the_features_scale():
+    """fp32: tol x scale; fp16: tol + 4 fp16 steps (2^-10) at the largest feature."""
+    from vlmedge.export.validate import image_features_bound
+
+    assert image_features_bound("fp32", 1e-4, 80.0) == pytest.approx(8e-3)
+    assert image_features_bound("fp16", 5e-2, 1.0) == pytest.approx(0.05390625)
+    assert image_features_bound("fp16", 5e-2, 78.5) == pytest.approx(0.3566406)  # the demo's
+    assert image_features_bound("fp16", 5e-2, 78.5) < 5e-2 * 78.5 / 10  # not the fp32 rule
+
+
 @pytest.mark.slow
 def test_full_size_smolvlm_256m_preset_exports_with_external_data(tmp_path):
     """A full-size random-weight SmolVLM-256M-shaped model from the committed

@@ -275,6 +275,24 @@ def test_int4_weight_only_export(ort_int4, ort_fp32):
     assert r.text and r.timings["new_tokens"] >= 1
 
 
+def test_ort_int8_weight_only_export(tmp_path):
+    """--decoder-flavour ort --precision int8: MatMulNBits at 8 bits, gated, and
+    the manifest says int8 where it names the weights."""
+    art = tmp_path / "demo-ort-int8"
+    _export(art, decoder_flavour="ort", precision="int8", calib="synthetic", calib_size=8)
+    m = manifest.load(art)
+    assert m.precision == "int8" and m.decoder.flavour == "ort"
+    assert m.components["decoder"].precision == "int8-weight-only"
+    q = m.quantization.report
+    assert q["weights"].startswith("decoder MatMuls and LM head int8;"), q["weights"]
+    assert "8-bit" in q["format"] and q["accuracy"]["passed"]
+    from onnx import helper
+    g = onnx.load(str(art / "decoder.onnx"), load_external_data=False).graph
+    bits = {helper.get_attribute_value(a) for n in g.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"}
+    assert bits == {8}
+
+
 def test_portable_int4_is_standard_onnx_that_onnxruntime_fuses(tmp_path, ort_int4):
     """--precision int4 --decoder-flavour portable: every constant-weight MatMul
     behind an opset-21 DequantizeLinear of int4 blocks of 32 (standard ONNX, no

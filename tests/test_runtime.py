@@ -219,3 +219,19 @@ def test_cancel_stops_between_tokens(tiny_session):
         pieces.append(p)
         cancel.set()  # after the first piece
     assert len(pieces) == 1 and tiny_session.last_timings["stop_reason"] == "cancelled"
+
+
+def test_session_feeds_the_float_dtype_its_decoder_records(tiny_llava_artifact):
+    """The graphs' float dtype is the decoder's recorded inputs_embeds dtype:
+    an int4-fp16 export gates its int4 weights while its graphs are still fp32
+    (export/weight_only.py), and the session must feed them fp32."""
+    from vlmedge import manifest
+    from vlmedge.runtime import VLMSession
+
+    art = tiny_llava_artifact[0]
+    m = manifest.load(art).to_dict()
+    m["precision"] = "int4-fp16"  # fp16 I/O by name; the graphs say float32
+    s = VLMSession(art, provider="cpu", verify=False, manifest=m)
+    assert s._dtype == np.float32
+    r = s.generate(scenes.make_scene(7).image, "describe the image.", max_new_tokens=2)
+    assert r.timings["new_tokens"] >= 1

@@ -113,10 +113,16 @@ def test_vlm_eval_answers_as_fp32_does(demo_w4, demo_artifact):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--weight-block-size", "32"], "--precision int4-fp16 takes --weight-block-size 64 or 128"),
-    (["--vision-precision", "int8"], "--precision int4-fp16 keeps the vision graph at fp16"),
-    (["--decoder-flavour", "ort"], "--decoder-flavour ort takes --precision"),
-    (["--decoder-flavour", "both"], "--decoder-flavour both takes --precision"),
+    (["--target", "trt", "--weight-block-size", "32"],
+     "--precision int4-fp16 takes --weight-block-size 64 or 128"),
+    (["--target", "trt", "--weight-block-size", "100"],  # not the generic 16..256 list first
+     "--precision int4-fp16 takes --weight-block-size 64 or 128"),
+    (["--target", "trt", "--vision-precision", "int8"],
+     "--precision int4-fp16 keeps the vision graph at fp16"),
+    (["--target", "trt", "--decoder-flavour", "ort"], "--target trt needs --decoder-flavour portable"),
+    (["--target", "onnx", "--decoder-flavour", "ort"], "--precision int4-fp16 is for --target trt"),
+    (["--target", "trt", "--decoder-flavour", "both"], "--decoder-flavour both takes --precision"),
+    ([], "--precision int4-fp16 is for --target trt"),
 ])
 def test_bad_int4_fp16_options_are_one_line(args, words, tmp_path):
     r = _run("vlm-export", "--model", "demo", "--precision", "int4-fp16", *args,
@@ -126,17 +132,42 @@ def test_bad_int4_fp16_options_are_one_line(args, words, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
+def test_trt_with_the_cpu_int4_names_int4_fp16_first(tmp_path):
+    """`--target trt --precision int4` (whose default flavour is ort) is told
+    the precision TensorRT takes, not to switch flavour and then be refused again."""
+    r = _run("vlm-export", "--model", "demo", "--target", "trt", "--precision", "int4",
+             "-o", tmp_path / "out", timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("vlm-export")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "--target trt takes --precision fp16, int8 or int4-fp16" in lines[0]
+
+
+def test_random_weights_need_no_calibration_data(tiny_llava_dir, tmp_path):
+    """Latency planning on a random-weight model: no gate to feed, so no --calib
+    (round-to-nearest weights need no data); the record says no gate ran."""
+    from vlmedge.export import exporter
+
+    art = tmp_path / "tiny-trt-int4-fp16"
+    exporter.run_export(exporter.ExportOptions(
+        model_dir=Path(tiny_llava_dir), output=art, target="trt", precision="int4-fp16",
+        random_weights=True, validate=False, max_context=64), log=lambda s: None)
+    q = manifest.load(art).to_dict()["quantization"]
+    assert q["calibration"]["source"] is None and q["accuracy"]["skipped"]
+    assert q["accuracy"]["fp16_graphs"] == {"measured": False, "reason": "random weights: no gate"}
+
+
 # -- check-trt's INT4 rules, on hand-made graphs ---------------------------------------
 
 def _int4_model(block: int, weight_is_input: bool = False, opset: int = 21,
-                per_axis: bool = False):
-    """x (1, 256) fp16 @ DequantizeLinear(int4 W (256, 8), fp16 scales (256/block, 8)),
-    or per output column (8,) with per_axis."""
+                per_axis: bool = False, dtype=np.float16):
+    """x (1, 256) @ DequantizeLinear(int4 W (256, 8), scales (256/block, 8)),
+    or per output column (8,) with per_axis; x and the scales of `dtype`."""
     k, n = 256, 8
     w4 = helper.make_tensor("w", TensorProto.INT4, [k, n], np.zeros(k * n, np.int8).tolist())
     scales = numpy_helper.from_array(np.full((n,) if per_axis else (k // block, n), 0.1,
-                                             np.float16), "s")
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, k])]
+                                             dtype), "s")
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inputs = [helper.make_tensor_value_info("x", elem, [1, k])]
     inits = [scales]
     if weight_is_input:
         inputs.append(helper.make_tensor_value_info("w", TensorProto.INT4, [k, n]))
@@ -146,7 +177,7 @@ def _int4_model(block: int, weight_is_input: bool = False, opset: int = 21,
     nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="dq", **dq),
              helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm")]
     g = helper.make_graph(nodes, "g", inputs,
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, n])], inits)
+                          [helper.make_tensor_value_info("y", elem, [1, n])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -174,8 +205,32 @@ def test_check_trt_int4_rules(tmp_path):
     rep, found = _findings(_int4_model(128, per_axis=True), tmp_path, "axis")
     assert not rep.passed and ("dq", "quantization", "error") in found
     assert any("per-block scales" in line for line in compat.format_report(rep))
+    rep, found = _findings(_int4_model(128, dtype=np.float32), tmp_path, "fp32")
+    assert rep.passed and ("dq", "type", "warning") in found  # W4A32: allowed, but not W4A16
+    assert any("--precision int4-fp16" in line for line in compat.format_report(rep))
     rep, found = _findings(_int4_model(128, opset=25), tmp_path, "o25")
     assert not rep.passed and ("<model>", "opset", "error") in found
+
+
+def test_check_trt_int4_blocks_one_of_the_last_two_axes(tmp_path):
+    """A rank-3 int4 weight blocked along axis 0 is refused; along axis 1 it passes."""
+    def model(axis):
+        dims = [128, 4, 8] if axis == 0 else [4, 128, 8]  # the blocked axis holds 128
+        w = helper.make_tensor("w", TensorProto.INT4, dims, np.zeros(128 * 32, np.int8).tolist())
+        shape = list(dims)
+        shape[axis] = 1
+        s = numpy_helper.from_array(np.full(shape, 0.1, np.float16), "s")
+        g = helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["w", "s"], ["y"], name="dq", axis=axis,
+                              block_size=128)],
+            "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, dims)], [w, s])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    rep, found = _findings(model(0), tmp_path, "rank3_first")
+    assert ("dq", "quantization", "error") in found
+    assert any("blocks along axis 0 of a rank-3 weight" in x for x in compat.format_report(rep))
+    rep, found = _findings(model(1), tmp_path, "rank3_middle")
+    assert rep.passed and ("dq", "quantization", "error") not in found
 
 
 # -- on a machine with TensorRT (skipped here) ------------------------------------------

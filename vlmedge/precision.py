@@ -49,7 +49,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               ("portable",), None),
     Precision("int4", "float32", "int4 weight-only, block 32", True, None, False, False,
               ("ort", "portable"), None),
-    Precision("int4-fp16", "float16", "int4 weight-only, block 128, fp16 activations", True,
+    Precision("int4-fp16", "float16", "int4 weight-only, block 128 or 64, fp16 activations", True,
               None, False, True, ("portable",), None),
 )}
 NAMES = tuple(PRECISIONS)

@@ -243,6 +243,9 @@ def _check_int4_weights(g: _Graph, node, add) -> None:
     if scale_t is None:
         add("constant-input", f"int4 scales {scale} must be an initializer")
         return
+    if scale_t.data_type == 1:  # FLOAT: the weights dequantize to fp32 for an fp32 MatMul
+        add("type", f"int4 weight {x} dequantizes to fp32: TensorRT's weight-only INT4 is for "
+                    f"fp16/bf16 activations (vlm-export --precision int4-fp16)", "warning")
     sizes = " or ".join(map(str, T.INT4_BLOCK_SIZES))
     if len(scale_t.dims) != len(dims):
         add("quantization", f"int4 weight {x} has per-tensor or per-axis scales: TensorRT's "
@@ -284,9 +287,10 @@ def check_model(model, component: str, file: str, base_dir: Path) -> ComponentRe
     later_lo, later_hi = T.LATER_OPSET_RANGE
     if opset is not None and later_lo <= opset <= later_hi:
         out.append(Finding(component, "<model>", "", "opset",
-                           f"default-domain opset {opset}: TensorRT 10.0-10.1 parse opsets "
-                           f"{lo}-{hi}, later releases up to {later_hi} ({T.LATER_OPSET_SOURCE}); "
-                           f"build with a TensorRT that takes opset {opset}", "warning"))
+                           f"default-domain opset {opset}: TensorRT 10.0-10.1 document opsets "
+                           f"{lo}-{hi}, 10.15 documents up to {later_hi} ({T.LATER_OPSET_SOURCE}; "
+                           f"releases between unchecked): build the engines with a TensorRT "
+                           f"whose operators.md takes opset {opset}", "warning"))
     elif opset is not None and not lo <= opset <= hi:
         out.append(Finding(component, "<model>", "", "opset",
                            f"default-domain opset {opset}; TensorRT 10.0+ parses opsets {lo}-{hi}"))

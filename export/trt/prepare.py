@@ -1,7 +1,7 @@
 """`vlm-export --target trt`: the host-side preparation of an artifact.
 
-After the ONNX graphs are written (fp16, or Q/DQ int8: whatever the export
-produced), this adds the optimization-profile plan, runs the static
+After the ONNX graphs are written (fp16, Q/DQ int8, or int4-fp16's int4
+weight blocks: whatever the export produced), this adds the optimization-profile plan, runs the static
 compatibility check and writes build_engines.sh, and returns the manifest's
 `trt` section. Engines come later, on the device (`finish`): built right away
 where TensorRT imports, otherwise the user is told the one command to run.

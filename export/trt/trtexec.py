@@ -10,7 +10,8 @@ One command per component:
 
 Precision: always --stronglyTyped, never --fp16/--int8. The precision is in
 the graphs (fp16 weights and activations from the fp16 converter; explicit
-Q/DQ nodes for int8), and a strongly typed network follows those types
+Q/DQ nodes for int8; int4 weight blocks behind DequantizeLinear with fp16
+activations for int4-fp16), and a strongly typed network follows those types
 exactly. TensorRT 10.12 deprecated the weak-typing flags (--fp16, --int8,
 --best) and TensorRT 11 removed them; --stronglyTyped exists from 10.0 and
 is an accepted no-op in 11. Multiple profiles (--profile=N before each
