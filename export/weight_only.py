@@ -275,8 +275,9 @@ def _graphs_to_fp16(tmp: Path, m: dict, ref, scene: bool, stage,
             figures = gate.measure(session, ref, scene=scene)
     except onnxruntime_errors() as e:
         # Only a missing fp16 kernel is onnxruntime's limit rather than a
-        # fault of these graphs (every family here runs at fp16 on
-        # onnxruntime 1.32's CPU provider); anything else fails the export.
+        # fault of these graphs (the llava, idefics3, qwen2_vl and qwen2_5_vl
+        # graphs run at fp16 on onnxruntime 1.32's CPU provider); anything
+        # else fails the export.
         if "NOT_IMPLEMENTED" not in str(e) and "Could not find an implementation" not in str(e):
             raise
         reason = (f"onnxruntime's CPU provider lacks an fp16 kernel these graphs need "
