@@ -258,7 +258,7 @@ def _graphs_to_fp16(tmp: Path, m: dict, ref, scene: bool, stage,
     from vlmedge.calibration import gate
     from vlmedge.runtime.session import VLMSession
 
-    from .exporter import component_io, convert_fp16, onnxruntime_errors
+    from .exporter import component_io, convert_fp16, missing_fp16_kernel, onnxruntime_errors
 
     with stage("fp16"):
         for comp in ("vision", "embed", "decoder"):
@@ -275,10 +275,9 @@ def _graphs_to_fp16(tmp: Path, m: dict, ref, scene: bool, stage,
             figures = gate.measure(session, ref, scene=scene)
     except onnxruntime_errors() as e:
         # Only a missing fp16 kernel is onnxruntime's limit rather than a
-        # fault of these graphs (the llava, idefics3, qwen2_vl and qwen2_5_vl
-        # graphs run at fp16 on onnxruntime 1.32's CPU provider); anything
-        # else fails the export.
-        if "NOT_IMPLEMENTED" not in str(e) and "Could not find an implementation" not in str(e):
+        # fault of these graphs (every family's fp16 graphs run on
+        # onnxruntime 1.32's CPU provider); anything else fails the export.
+        if not missing_fp16_kernel(e):
             raise
         reason = (f"onnxruntime's CPU provider lacks an fp16 kernel these graphs need "
                   f"({str(e).splitlines()[0][:160]}): the int4 weights were gated at fp32 "

@@ -314,9 +314,12 @@ class VLMSession:
                                    image_grid, shapes)
 
     def _vision(self, feeds: dict) -> np.ndarray:
-        """One vision graph call: image_features (N, T_img, D)."""
-        name = self.vision.input_names[0]
-        feeds[name] = feeds[name].astype(self._dtype, copy=False)
+        """One vision graph call: image_features (N, T_img, D). Every float
+        input takes the graphs' dtype: the pixels, and the host-computed
+        grid inputs that are floats (Qwen3-VL's bilinear tap weights)."""
+        for name, value in feeds.items():
+            if value.dtype.kind == "f":
+                feeds[name] = value.astype(self._dtype, copy=False)
         return self.vision.run(feeds)["image_features"]
 
     def embed_prompt(self, ids: list[int], image_features: np.ndarray | None) -> np.ndarray:

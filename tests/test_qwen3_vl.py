@@ -215,6 +215,10 @@ def test_int8_and_tensorrt_plan(src, tmp_path):
     r = _session(art).generate(_image(128, 128), QUESTION, max_new_tokens=4)
     assert r.timings["image_tokens"] == 16
     export_trt_fp16_and_check(src, tmp_path / "trt")
+    # the fp16 graphs on onnxruntime's CPU provider: every float input fp16,
+    # the vision graph's bilinear tap weights too (they were fed fp32)
+    r = _session(tmp_path / "trt").generate(_image(128, 128), QUESTION, max_new_tokens=2)
+    assert r.timings["image_tokens"] == 16 and r.timings["new_tokens"] >= 1
 
 
 def test_unknown_architecture_still_refused_in_one_line(src):
