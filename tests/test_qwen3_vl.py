@@ -231,3 +231,22 @@ def test_unknown_architecture_still_refused_in_one_line(src):
     with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture") as e:
         family_for(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_int4_fp16_export_gates_its_fp16_graphs(src, tmp_path):
+    """--target trt --precision int4-fp16 on a family with float grid inputs and
+    a deepstack decoder: the fp16 graphs run on onnxruntime's CPU provider for
+    the second gate (the tiny model is untrained: no accuracy targets) and pass
+    check-trt."""
+    from vlmedge.export import exporter
+    from vlmedge.export.trt import compat
+
+    art = tmp_path / "w4"
+    exporter.run_export(exporter.ExportOptions(
+        model_dir=src, output=art, target="trt", precision="int4-fp16", calib="synthetic",
+        calib_size=4, calib_cache="off", max_context=256, accuracy_target=0.0, min_cosine=0.0,
+        max_accuracy_drop=100.0), log=lambda s: None)
+    acc = manifest.read_json(art)["quantization"]["accuracy"]
+    assert acc["fp16_graphs"]["measured"] is True and acc["final"]["positions"] > 0
+    rep = compat.check_path(art)
+    assert rep.passed, compat.format_report(rep)
