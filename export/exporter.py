@@ -312,6 +312,8 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
                       _quantize))
     if both and p.io_dtype == "float32" and _vision_quantized(o):  # again, on its int8 weights
         steps.append(("vision-fusion (quantized)", _fuse_vision_after_quantize))
+    if flavours(o) == ("ort",) and _vision_quantized(o):  # its int8 projections' biases
+        steps.append(("vision-fusion (quantized)", _fuse_vision_quantized))
     if o.target == "trt":
         steps.append(("trt", _prepare_trt))
     if o.validate and p.parity is not None:
@@ -429,6 +431,17 @@ def _fuse_vision_after_quantize(r: Run) -> None:
         r.m["files"][ORT_VISION_FILE] = manifest.file_entry(r.tmp / ORT_VISION_FILE)
         r.m["components"][manifest.ORT_VISION] = {**r.m["components"]["vision"],
                                                   "file": ORT_VISION_FILE}
+
+
+def _fuse_vision_quantized(r: Run) -> None:
+    """An ort-only artifact's vision graph was fused before quantization; on
+    the QDQ graph the quantization stage made of it, each biased int8
+    projection becomes one MatMulIntegerToFloat (export/vision_fusion.py),
+    held to the int8 gate's cosine against that graph, in place."""
+    from . import vision_fusion
+    if vision_fusion.fuse(r.tmp / "vision.onnx", r.log, quantized=True):
+        for name in ("vision.onnx", "vision.onnx.data"):
+            r.m["files"][name] = manifest.file_entry(r.tmp / name)
 
 
 def _export_embed(r: Run) -> None:

@@ -1,6 +1,7 @@
 """Fused onnxruntime ops in the vision tower, for artifacts that run on
-onnxruntime only (--decoder-flavour ort): its attention as MultiHeadAttention
-and its tanh GELU as FastGelu.
+onnxruntime only (--decoder-flavour ort): its attention as MultiHeadAttention,
+its tanh GELU as FastGelu, and in an int8 (QDQ) tower each biased projection
+as one MatMulIntegerToFloat that adds its bias (_integer_matmuls).
 
 Attention. torch.onnx writes a ViT's scaled-dot-product attention as its
 decomposition:
@@ -23,13 +24,15 @@ GELU. gelu(approximate="tanh") is written as eight elementwise ops over the
 memory, after the fc1 bias Add: 17% of SmolVLM's int8 vision time.
 com.microsoft.FastGelu(x, bias) is the same formula in one pass, bias included.
 
-Both are contrib ops (no TensorRT, no other runtime), so an artifact holding
+All three are contrib ops (no TensorRT, no other runtime), so an artifact holding
 a portable decoder keeps the standard graph as "vision"; with both decoder
 flavours (--decoder-flavour both) the fused graph is written beside it as
 vision_ort.onnx, after any quantization, reading vision.onnx.data: the fusion
 drops nodes and keeps the tensors it uses, so the two graphs share one weights
 file (int8 too: the attention cores stay fp32 in the QDQ graph,
-calibration/graphs.py, so they match the same pattern). The fused graph must
+calibration/graphs.py, so they match the same pattern). An ort-only
+artifact's tower is fused before quantization, and the QDQ graph made of it
+takes the projection rewrite afterwards, in place. The fused graph must
 give the same features as the original on a random input, else it is not
 written and the log says why.
 """
@@ -181,6 +184,120 @@ def _gelu(nodes: list, constant) -> tuple[list, int]:
     return [replace.get(id(n), n) for n in nodes], len(replace)
 
 
+def _integer_matmuls(nodes: list, constant, declared) -> tuple[list, list, int]:
+    """`nodes` with each int8 projection of a QDQ graph that has a bias after
+    it written as one MatMulIntegerToFloat that adds the bias in its output
+    pass; the initializers it adds (uint8 zero points); and how many.
+
+    The pattern (calibration/int8.py's static QDQ, symmetric int8 weights):
+
+        x -> QuantizeLinear -> DequantizeLinear -+
+                                                  MatMul (B, S, K) x (K, N) -> + bias (N,)
+        w int8 (K, N) -> DequantizeLinear (axis 1) -+
+
+    where the bias is an Add of a 1-D constant or FastGelu's bias input (the
+    GELU then runs without one: its bias form also allocates a (B, S, N)
+    scratch copy). onnxruntime turns the QDQ MatMul into MatMulIntegerToFloat
+    itself but leaves the Add a pass of its own over the activation (60 such
+    passes in SmolVLM-256M's tower). Its fast x86 kernels take uint8
+    activations (int8 ones measured 9x slower), so an int8 x is quantized as
+    uint8 at zero point + 128: the same integers shifted, the same products
+    and results on any CPU (onnxruntime's own QDQ transform does this on x86;
+    the speed on ARM was not measured). declared(name): an initializer's
+    (numpy dtype, shape) without reading its data, else None."""
+    helper = require("onnx", "fusing the vision projections").helper
+    numpy_helper = require("onnx", "fusing the vision projections").numpy_helper
+    producer, single = _links(nodes)
+    replace: dict = {}      # id(node) -> its replacement (None: dropped)
+    after: dict = {}        # id(QuantizeLinear) -> the uint8 QuantizeLinear made beside it
+    made_zero: dict = {}    # uint8 zero point value -> initializer name
+    added = []
+
+    def scalar_const(name: str):
+        value = constant(name) if name else None
+        return None if value is None or np.asarray(value).size != 1 else np.asarray(value)
+
+    def uint8_input(q) -> tuple[str, str] | None:
+        """(uint8 activation, its zero point) for QuantizeLinear q's output."""
+        zp = scalar_const(q.input[2]) if len(q.input) > 2 else None
+        if zp is None or zp.dtype not in (np.int8, np.uint8):
+            return None
+        if zp.dtype == np.uint8:
+            return q.output[0], q.input[2]
+        value = int(zp.reshape(())) + 128
+        if value not in made_zero:
+            made_zero[value] = f"vision_uint8_zero_point_{value}"
+            added.append(numpy_helper.from_array(np.array(value, np.uint8), made_zero[value]))
+        if id(q) not in after:
+            after[id(q)] = helper.make_node(
+                "QuantizeLinear", [q.input[0], q.input[1], made_zero[value]],
+                [q.output[0] + "_uint8"], name=(q.name or q.output[0]) + "_uint8")
+        return after[id(q)].output[0], made_zero[value]
+
+    count = 0
+    for mm in (n for n in nodes if n.op_type == "MatMul"):
+        dx, dw = (producer.get(t) for t in mm.input)
+        if dx is None or dw is None or dx.op_type != "DequantizeLinear" or \
+                dw.op_type != "DequantizeLinear" or single(dx.output[0]) is not mm:
+            continue
+        q = producer.get(dx.input[0])
+        weight = declared(dw.input[0])  # (dtype, (K, N)): the weights are not read
+        if q is None or q.op_type != "QuantizeLinear" or weight is None or \
+                weight[0] != np.int8 or len(weight[1]) != 2:
+            continue
+        n_out = weight[1][1]
+        # the activation's QDQ pair: one scalar scale and zero point on both sides
+        sq, sd = scalar_const(q.input[1]), scalar_const(dx.input[1])
+        zq = scalar_const(q.input[2]) if len(q.input) > 2 else None
+        zd = scalar_const(dx.input[2]) if len(dx.input) > 2 else None
+        if sq is None or sd is None or zq is None or zd is None or \
+                float(sq.reshape(())) != float(sd.reshape(())) or int(zq) != int(zd):
+            continue
+        # the weights: per output column (axis 1) or one scale, symmetric
+        axis = next((a.i for a in dw.attribute if a.name == "axis"), 1)
+        scale = constant(dw.input[1])
+        zw = constant(dw.input[2]) if len(dw.input) > 2 and dw.input[2] else None
+        if scale is None or scale.dtype != np.float32 or sd.dtype != np.float32 or \
+                (scale.size != 1 and (scale.shape != (n_out,) or
+                                                  axis not in (1, -1))) or \
+                (zw is not None and np.any(zw)):
+            continue
+        user = single(mm.output[0])
+        bias = out = None
+        if user is not None and user.op_type == "Add":
+            other = [t for t in user.input if t != mm.output[0]]
+            value = constant(other[0]) if len(other) == 1 else None
+            if value is not None and value.dtype == np.float32 and value.shape == (n_out,):
+                bias, out = other[0], user.output[0]
+                replace[id(user)] = None
+        elif user is not None and user.op_type == "FastGelu" and len(user.input) == 2 and \
+                user.input[0] == mm.output[0]:
+            value = constant(user.input[1])
+            if value is not None and value.shape == (n_out,):
+                bias, out = user.input[1], mm.output[0]
+                replace[id(user)] = helper.make_node(
+                    "FastGelu", [user.input[0]], list(user.output), domain="com.microsoft",
+                    name=user.name)
+        if bias is None:
+            continue  # no bias to fold: onnxruntime makes the same op of it itself
+        x = uint8_input(q)
+        if x is None:
+            replace.pop(id(user), None)
+            continue
+        replace[id(mm)] = helper.make_node(
+            "MatMulIntegerToFloat", [x[0], dw.input[0], dx.input[1], dw.input[1], x[1], "", bias],
+            [out], domain="com.microsoft", name=(mm.name or out) + "_integer")
+        count += 1
+    new = []
+    for n in nodes:
+        r = replace.get(id(n), n)
+        if r is not None:
+            new.append(r)
+        if id(n) in after:
+            new.append(after[id(n)])
+    return new, added, count
+
+
 def _scalar_shape(value) -> list[int] | None:
     if value is None:
         return None
@@ -222,16 +339,31 @@ def fuse(path: Path, log: Callable[[str], None], beside: str | None = None,
             return numpy_helper.to_array(node.attribute[0].t)
         return None
 
+    def declared(name: str):
+        t = inits.get(name)
+        if t is None:
+            return None
+        return onnx.helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims)
+
+    # an ort-only artifact's int8 graph was fused before quantization: no new cores
+    fused_before = {n.op_type for n in graph.node} & {"MultiHeadAttention", "FastGelu"}
     nodes, why = _attention(list(graph.node), constant)
     nodes, gelus = _gelu(nodes or list(graph.node), constant)
-    attention = sum(n.op_type == "MultiHeadAttention" for n in nodes)
-    kept = f"attention kept as exported ({why})" if why else ""
-    if not attention and not gelus:
+    added, integer = [], 0
+    if quantized:
+        nodes, added, integer = _integer_matmuls(nodes, constant, declared)
+    attention = 0 if why else sum(n.op_type == "MultiHeadAttention" for n in nodes)
+    if why and fused_before:
+        why = "attention fused already"
+    kept = f"attention kept as exported ({why})" if why and not fused_before else ""
+    if not attention and not gelus and not integer:
         log(f"[vision-fusion] {'no ' + beside if beside else 'kept as exported'}: "
-            f"{why or 'no attention core'}; no tanh GELU")
+            f"{why or 'no attention core'}; no tanh GELU"
+            + ("; no biased int8 projection" if quantized else ""))
         return False
     del graph.node[:]
     graph.node.extend(_pruned(graph, nodes))
+    graph.initializer.extend(added)
     used = {i for n in graph.node for i in n.input}
     for i in reversed(range(len(graph.initializer))):  # in place: no copy of the weights
         if graph.initializer[i].name not in used:
@@ -253,6 +385,7 @@ def fuse(path: Path, log: Callable[[str], None], beside: str | None = None,
         return False
     done = [f"{attention} attention cores as MultiHeadAttention"] if attention else []
     done += [f"{gelus} tanh GELUs as FastGelu"] if gelus else []
+    done += [f"{integer} biased int8 projections as MatMulIntegerToFloat"] if integer else []
     log(f"[vision-fusion] {', '.join(done)} (onnxruntime contrib ops; features {agrees} "
         f"of {path.name})" + (f", as {beside} beside it, reading its weights file"
                               if beside else "") + (f"; {kept}" if kept else ""))

@@ -183,6 +183,87 @@ def test_tanh_gelu_becomes_fast_gelu_with_its_bias(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def _qdq_projections(path, x_zero_point=np.int8(0)):
+    """A QDQ graph (1, 6, 64) -> four (1, 6, 32) outputs, each an int8
+    projection of one quantized x: + a bias Add (a), FastGelu with its bias
+    (b), weights with a non-zero zero point + bias (c: not symmetric, kept),
+    no bias (d: kept, onnxruntime fuses it itself)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+             numpy_helper.from_array(np.array(x_zero_point), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    outputs = []
+    for tag, tail in (("a", "add"), ("b", "gelu"), ("c", "add"), ("d", None)):
+        w = rng.integers(-127, 128, (64, 32)).astype(np.int8)  # 2 KB: external data, as a tower's
+        zero = np.full(32, 3 if tag == "c" else 0, np.int8)
+        inits += [numpy_helper.from_array(w, f"w{tag}"),
+                  numpy_helper.from_array(rng.uniform(1e-3, 1e-2, 32).astype(np.float32),
+                                          f"ws{tag}"),
+                  numpy_helper.from_array(zero, f"wz{tag}"),
+                  numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), f"b{tag}")]
+        # each projection reads x through a DequantizeLinear of its own, as the
+        # quantizer writes them (one consumer each)
+        nodes += [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], [f"xd{tag}"]),
+                  helper.make_node("DequantizeLinear", [f"w{tag}", f"ws{tag}", f"wz{tag}"],
+                                   [f"wd{tag}"], axis=1),
+                  helper.make_node("MatMul", [f"xd{tag}", f"wd{tag}"], [f"m{tag}"])]
+        if tail == "add":
+            nodes.append(helper.make_node("Add", [f"m{tag}", f"b{tag}"], [f"y{tag}"]))
+        elif tail == "gelu":
+            nodes.append(helper.make_node("FastGelu", [f"m{tag}", f"b{tag}"], [f"y{tag}"],
+                                          domain="com.microsoft"))
+        else:
+            nodes.append(helper.make_node("Identity", [f"m{tag}"], [f"y{tag}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [1, 6, 32]))
+    nodes.append(helper.make_node("Identity", ["xd"], ["x_seen"]))  # the pair's own reader
+    outputs.append(helper.make_tensor_value_info("x_seen", TensorProto.FLOAT, [1, 6, 64]))
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
+                                                     [1, 6, 64])], outputs, inits)
+    graph.node.insert(0, helper.make_node("Identity", ["pixel_values"], ["x"]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+@pytest.mark.parametrize("zero_point", [np.int8(0), np.int8(-5), np.uint8(128)])
+def test_biased_int8_projections_become_matmul_integer_to_float(tmp_path, zero_point):
+    """On a QDQ graph, a biased int8 projection (bias Add, or FastGelu's bias)
+    becomes one MatMulIntegerToFloat that adds the bias, with uint8
+    activations (an int8 x requantized at zero point + 128: the same
+    integers); asymmetric weights and bias-free projections are left as
+    they are; every output equals the QDQ graph's."""
+    import onnxruntime as ort
+
+    from vlmedge.export import vision_fusion
+    path = tmp_path / "vision.onnx"
+    _qdq_projections(path, zero_point)
+    x = np.random.default_rng(1).standard_normal((1, 6, 64)).astype(np.float32) * 3
+    want = ort.InferenceSession(str(path)).run(None, {"pixel_values": x})
+    lines = []
+    assert vision_fusion.fuse(path, lines.append, quantized=True), lines
+    assert "2 biased int8 projections as MatMulIntegerToFloat" in lines[0], lines
+    graph = onnx.load(str(path)).graph
+    integer = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert sorted(n.input[6] for n in integer) == ["ba", "bb"]  # the biases, folded
+    assert [n.op_type for n in graph.node].count("MatMul") == 2  # c and d as they were
+    assert not any(n.op_type == "Add" and "ba" in n.input for n in graph.node)
+    gelu = [n for n in graph.node if n.op_type == "FastGelu"]
+    assert len(gelu) == 1 and list(gelu[0].input) == ["mb"]
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    feeds = {n.input[0] for n in integer}
+    assert len(feeds) == 1  # one uint8 copy of x for both projections
+    if zero_point.dtype == np.uint8:
+        assert feeds == {"xq"} and len(quantizers) == 1
+    else:  # x requantized as uint8 beside the int8 one (which the kept projections read)
+        assert len(quantizers) == 2
+    got = ort.InferenceSession(str(path)).run(None, {"pixel_values": x})
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+
+
 def test_ort_answers_equal_portable_and_torch(ort_fp32, demo_artifact):
     """Greedy answers of the ort flavour equal the portable artifact's, token for token,
     and the first-step logits agree to fp32 rounding."""
@@ -389,6 +470,12 @@ def test_int4_with_int8_vision(tmp_path, ort_int4):
     assert m.components["decoder"].precision == "int4-weight-only"
     vops, _ = _ops(art / "vision.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= vops
+    # the QDQ graph's biased projections then take their bias into the GEMM
+    assert "vision-fusion (quantized)" in summary["stages"]
+    graph = onnx.load(str(art / "vision.onnx"), load_external_data=False).graph
+    integer = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(integer) >= 4 and all(len(n.input) == 7 and n.input[6] for n in integer)
+    assert any("biased int8 projections as MatMulIntegerToFloat" in x for x in lines), lines
     q = m.quantization.report
     assert q["vision"]["accuracy"]["passed"] and q["accuracy"]["passed"]
     final = q["accuracy"]["final"]
