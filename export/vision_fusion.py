@@ -257,10 +257,9 @@ def _integer_matmuls(nodes: list, constant, declared) -> tuple[list, list, int]:
         axis = next((a.i for a in dw.attribute if a.name == "axis"), 1)
         scale = constant(dw.input[1])
         zw = constant(dw.input[2]) if len(dw.input) > 2 and dw.input[2] else None
+        per_column = scale is not None and scale.shape == (n_out,) and axis in (1, -1)
         if scale is None or scale.dtype != np.float32 or sd.dtype != np.float32 or \
-                (scale.size != 1 and (scale.shape != (n_out,) or
-                                                  axis not in (1, -1))) or \
-                (zw is not None and np.any(zw)):
+                not (scale.size == 1 or per_column) or (zw is not None and np.any(zw)):
             continue
         user = single(mm.output[0])
         bias = out = None
@@ -273,7 +272,7 @@ def _integer_matmuls(nodes: list, constant, declared) -> tuple[list, list, int]:
         elif user is not None and user.op_type == "FastGelu" and len(user.input) == 2 and \
                 user.input[0] == mm.output[0]:
             value = constant(user.input[1])
-            if value is not None and value.shape == (n_out,):
+            if value is not None and value.dtype == np.float32 and value.shape == (n_out,):
                 bias, out = user.input[1], mm.output[0]
                 replace[id(user)] = helper.make_node(
                     "FastGelu", [user.input[0]], list(user.output), domain="com.microsoft",

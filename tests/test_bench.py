@@ -214,3 +214,31 @@ def test_ort_flavour_ratios_and_targets():
     met = {t["target"]: t["met"] for t in stats.targets([base, ort32, b128], rat,
                                                         "torch-eager-fp32")}
     assert met["ort-int4-b128-vint8:smol-fast decode tokens/s >= 11.5x torch-eager-fp32"] is False
+
+
+def test_decode_targets_carry_the_bandwidth_ceiling():
+    """A decode speed-up target says how far the machine's bandwidth bound lets
+    the system go: its speed-up at 100% of the bound (speed-up / efficiency),
+    and whether the goal lies beyond it; the report prints both."""
+    from vlmedge.benchmarks.bench import report, stats
+
+    base = {"name": "torch-eager-fp32", "decode_tokens_per_s": 20.0, "ttft_ms": 300.0,
+            "preprocess_ms": 1.0, "vision_ms": 100.0, "prefill_ms": 100.0,
+            "end_to_end_ms": 1000.0, "peak_rss_mb": 1000.0}
+    # int8 at 140 tokens/s = 7x eager, reading at 80% of the bound: at most 8.75x here
+    int8 = {**base, "name": "ort-int8", "target": "onnx", "precision": "int8",
+            "decoder_flavour": "ort", "decode_tokens_per_s": 140.0,
+            "bandwidth_efficiency": 0.8, "rss_over_weights_kv": 1.2}
+    # int4 at 6x eager, at 40% of the bound: 15x allowed, 11.5x is reachable
+    int4 = {**int8, "name": "ort-int4", "precision": "int4", "decode_tokens_per_s": 120.0,
+            "bandwidth_efficiency": 0.4}
+    rat = stats.ratios([base, int8, int4], "torch-eager-fp32")
+    res = {t["target"]: t for t in stats.targets([base, int8, int4], rat, "torch-eager-fp32")}
+    t8 = res["ort-int8 decode tokens/s >= 9.5x torch-eager-fp32"]
+    t4 = res["ort-int4 decode tokens/s >= 11.5x torch-eager-fp32"]
+    assert t8["ceiling"] == pytest.approx(8.75) and t8["beyond_bound"] is True
+    assert t4["ceiling"] == pytest.approx(15.0) and t4["beyond_bound"] is False
+    assert t8["met"] is False and t4["met"] is False
+    assert "ceiling" not in res["ort-int8 TTFT >= 2x faster than torch-eager-fp32"]
+    table = report.targets_table({"targets": list(res.values())})
+    assert "8.8x: goal beyond it" in table and "15.0x" in table

@@ -60,8 +60,12 @@ def targets_table(res: dict, markdown: bool = False) -> str:
         by = ""
         if t["met"] is False and v:
             by = f"{(g / v if t['higher_is_better'] else v / g):.2f}x short"
-        rows.append([t["target"], _fmt(fmt, v), fmt.format(g), status, by])
-    return _table(rows, ["target", "measured", "goal", "", "by"], markdown) if rows else ""
+        bound = ""
+        if t.get("ceiling") is not None:  # the machine's roofline for this ratio
+            bound = f"{t['ceiling']:.1f}x" + (": goal beyond it" if t["beyond_bound"] else "")
+        rows.append([t["target"], _fmt(fmt, v), fmt.format(g), status, by, bound])
+    heads = ["target", "measured", "goal", "", "by", "bandwidth bound allows"]
+    return _table(rows, heads, markdown) if rows else ""
 
 
 def machine_line(res: dict) -> str:
