@@ -437,7 +437,7 @@ def _fuse_vision_quantized(r: Run) -> None:
     """An ort-only artifact's vision graph was fused before quantization; on
     the QDQ graph the quantization stage made of it, each biased int8
     projection becomes one MatMulIntegerToFloat (export/vision_fusion.py),
-    held to the int8 gate's cosine against that graph, in place."""
+    held within 1e-3 relative of that graph's features, in place."""
     from . import vision_fusion
     if vision_fusion.fuse(r.tmp / "vision.onnx", r.log, quantized=True):
         for name in ("vision.onnx", "vision.onnx.data"):

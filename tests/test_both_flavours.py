@@ -140,6 +140,7 @@ def test_the_fused_vision_graph_follows_the_int8_vision_weights(both_int4_vint8)
     _shares_vision_weights(art, m)
     fused_ops = _ops(art / "vision_ort.onnx")[0]
     assert {"DequantizeLinear", "MatMulIntegerToFloat"} <= fused_ops  # biases in the GEMMs
+    assert "MatMul" not in fused_ops  # every projection of the demo's tower is biased
     assert "vision-fusion (quantized)" in summary["stages"]
     assert any("proof on the fp32 weights" in x for x in lines)
     ort, port = _session(art), _session(art, decoder_flavour="portable")

@@ -183,46 +183,75 @@ def test_tanh_gelu_becomes_fast_gelu_with_its_bias(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+# The hand-made QDQ projections: (tag, bias after the MatMul, weight zero point,
+# weight scale axis, rewritten?). a: bias Add; b: FastGelu with its bias; c:
+# asymmetric weights; d: no bias (onnxruntime fuses it itself); e: bias Add then
+# a tanh GELU written out, fused in the same call; f1/f2: one DequantizeLinear of
+# x read by both; g: per-row (axis 0) weight scales; h: a 1-element bias; i: its
+# MatMul's output is also a graph output.
+PROJECTIONS = [("a", "add", 0, 1, True), ("b", "fast_gelu", 0, 1, True),
+               ("c", "add", 3, 1, False), ("d", None, 0, 1, False),
+               ("e", "tanh_gelu", 0, 1, True), ("f1", "add", 0, 1, False),
+               ("f2", "add", 0, 1, False), ("g", "add", 0, 0, False),
+               ("h", "add1", 0, 1, False), ("i", "add_seen", 0, 1, False)]
+
+
 def _qdq_projections(path, x_zero_point=np.int8(0)):
-    """A QDQ graph (1, 6, 64) -> four (1, 6, 32) outputs, each an int8
-    projection of one quantized x: + a bias Add (a), FastGelu with its bias
-    (b), weights with a non-zero zero point + bias (c: not symmetric, kept),
-    no bias (d: kept, onnxruntime fuses it itself)."""
+    """A QDQ graph (1, 6, 64) -> one (1, 6, 32) output per PROJECTIONS row, each
+    an int8 projection of one quantized x, the way calibration/int8.py writes
+    them (a DequantizeLinear of x per consumer, except f1/f2)."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
-             numpy_helper.from_array(np.array(x_zero_point), "xz")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    k, n = 64, 32
+    consts = {"xs": np.array(0.02, np.float32), "xz": np.array(x_zero_point),
+              "c3": np.array(3.0, np.float32), "c_cubic": np.array(0.044715, np.float32),
+              "c_tanh": np.array(0.7978845608, np.float32), "one": np.array(1.0, np.float32),
+              "half": np.array(0.5, np.float32)}
+    nodes = [helper.make_node("Identity", ["pixel_values"], ["x"]),
+             helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd_f"])]
     outputs = []
-    for tag, tail in (("a", "add"), ("b", "gelu"), ("c", "add"), ("d", None)):
-        w = rng.integers(-127, 128, (64, 32)).astype(np.int8)  # 2 KB: external data, as a tower's
-        zero = np.full(32, 3 if tag == "c" else 0, np.int8)
-        inits += [numpy_helper.from_array(w, f"w{tag}"),
-                  numpy_helper.from_array(rng.uniform(1e-3, 1e-2, 32).astype(np.float32),
-                                          f"ws{tag}"),
-                  numpy_helper.from_array(zero, f"wz{tag}"),
-                  numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), f"b{tag}")]
-        # each projection reads x through a DequantizeLinear of its own, as the
-        # quantizer writes them (one consumer each)
-        nodes += [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], [f"xd{tag}"]),
-                  helper.make_node("DequantizeLinear", [f"w{tag}", f"ws{tag}", f"wz{tag}"],
-                                   [f"wd{tag}"], axis=1),
-                  helper.make_node("MatMul", [f"xd{tag}", f"wd{tag}"], [f"m{tag}"])]
-        if tail == "add":
-            nodes.append(helper.make_node("Add", [f"m{tag}", f"b{tag}"], [f"y{tag}"]))
-        elif tail == "gelu":
-            nodes.append(helper.make_node("FastGelu", [f"m{tag}", f"b{tag}"], [f"y{tag}"],
+
+    def out(name, dims=(1, 6, n)):
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims)))
+
+    for tag, tail, zero, axis, _ in PROJECTIONS:
+        consts[f"w{tag}"] = rng.integers(-127, 128, (k, n)).astype(np.int8)  # 2 KB: external
+        consts[f"wz{tag}"] = np.full(k if axis == 0 else n, zero, np.int8)
+        consts[f"ws{tag}"] = rng.uniform(1e-3, 1e-2, k if axis == 0 else n).astype(np.float32)
+        consts[f"b{tag}"] = rng.standard_normal(1 if tail == "add1" else n).astype(np.float32)
+        xd = "xd_f" if tag.startswith("f") else f"xd{tag}"
+        if not tag.startswith("f"):
+            nodes.append(helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], [xd]))
+        m, y = f"m{tag}", f"y{tag}"
+        nodes += [helper.make_node("DequantizeLinear", [f"w{tag}", f"ws{tag}", f"wz{tag}"],
+                                   [f"wd{tag}"], axis=axis),
+                  helper.make_node("MatMul", [xd, f"wd{tag}"], [m])]
+        if tail in ("add", "add1", "add_seen"):
+            nodes.append(helper.make_node("Add", [m, f"b{tag}"], [y]))
+            if tail == "add_seen":
+                out(m)
+        elif tail == "fast_gelu":
+            nodes.append(helper.make_node("FastGelu", [m, f"b{tag}"], [y],
                                           domain="com.microsoft"))
+        elif tail == "tanh_gelu":  # gelu(m + b, approximate="tanh") as torch.onnx writes it
+            v = f"v{tag}"
+            nodes += [helper.make_node("Add", [m, f"b{tag}"], [v]),
+                      helper.make_node("Pow", [v, "c3"], [f"p{tag}"]),
+                      helper.make_node("Mul", [f"p{tag}", "c_cubic"], [f"pc{tag}"]),
+                      helper.make_node("Add", [v, f"pc{tag}"], [f"in{tag}"]),
+                      helper.make_node("Mul", [f"in{tag}", "c_tanh"], [f"it{tag}"]),
+                      helper.make_node("Tanh", [f"it{tag}"], [f"t{tag}"]),
+                      helper.make_node("Add", [f"t{tag}", "one"], [f"t1{tag}"]),
+                      helper.make_node("Mul", [f"t1{tag}", "half"], [f"th{tag}"]),
+                      helper.make_node("Mul", [f"th{tag}", v], [y])]
         else:
-            nodes.append(helper.make_node("Identity", [f"m{tag}"], [f"y{tag}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [1, 6, 32]))
-    nodes.append(helper.make_node("Identity", ["xd"], ["x_seen"]))  # the pair's own reader
-    outputs.append(helper.make_tensor_value_info("x_seen", TensorProto.FLOAT, [1, 6, 64]))
+            nodes.append(helper.make_node("Identity", [m], [y]))
+        out(y)
     graph = helper.make_graph(
         nodes, "qdq", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
-                                                     [1, 6, 64])], outputs, inits)
-    graph.node.insert(0, helper.make_node("Identity", ["pixel_values"], ["x"]))
+                                                     [1, 6, k])], outputs,
+        [numpy_helper.from_array(v, name) for name, v in consts.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid("com.microsoft", 1)])
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
@@ -230,11 +259,13 @@ def _qdq_projections(path, x_zero_point=np.int8(0)):
 
 @pytest.mark.parametrize("zero_point", [np.int8(0), np.int8(-5), np.uint8(128)])
 def test_biased_int8_projections_become_matmul_integer_to_float(tmp_path, zero_point):
-    """On a QDQ graph, a biased int8 projection (bias Add, or FastGelu's bias)
-    becomes one MatMulIntegerToFloat that adds the bias, with uint8
-    activations (an int8 x requantized at zero point + 128: the same
-    integers); asymmetric weights and bias-free projections are left as
-    they are; every output equals the QDQ graph's."""
+    """On a QDQ graph, a biased int8 projection (a bias Add, FastGelu's bias, or
+    the bias of a tanh GELU fused in the same call) becomes one
+    MatMulIntegerToFloat that adds the bias, with uint8 activations (an int8 x
+    requantized at zero point + 128: the same integers); asymmetric weights,
+    bias-free projections, a shared DequantizeLinear of x, per-row weight
+    scales, a broadcast bias and a MatMul output the graph also returns are
+    left as they are; every output equals the QDQ graph's."""
     import onnxruntime as ort
 
     from vlmedge.export import vision_fusion
@@ -244,24 +275,41 @@ def test_biased_int8_projections_become_matmul_integer_to_float(tmp_path, zero_p
     want = ort.InferenceSession(str(path)).run(None, {"pixel_values": x})
     lines = []
     assert vision_fusion.fuse(path, lines.append, quantized=True), lines
-    assert "2 biased int8 projections as MatMulIntegerToFloat" in lines[0], lines
+    assert "1 tanh GELUs as FastGelu, 3 biased int8 projections as MatMulIntegerToFloat" \
+        in lines[0], lines
     graph = onnx.load(str(path)).graph
     integer = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert sorted(n.input[6] for n in integer) == ["ba", "bb"]  # the biases, folded
-    assert [n.op_type for n in graph.node].count("MatMul") == 2  # c and d as they were
-    assert not any(n.op_type == "Add" and "ba" in n.input for n in graph.node)
-    gelu = [n for n in graph.node if n.op_type == "FastGelu"]
-    assert len(gelu) == 1 and list(gelu[0].input) == ["mb"]
+    rewritten = {t for t, *_, yes in PROJECTIONS if yes}
+    assert sorted(n.input[6] for n in integer) == sorted(f"b{t}" for t in rewritten)
+    kept = sorted(n.output[0] for n in graph.node if n.op_type == "MatMul")
+    assert kept == sorted(f"m{t}" for t, *_, yes in PROJECTIONS if not yes)
+    gelus = [n for n in graph.node if n.op_type == "FastGelu"]
+    assert sorted(list(n.input) for n in gelus) == [["mb"], ["me"]]  # biases in the GEMMs
     quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     feeds = {n.input[0] for n in integer}
-    assert len(feeds) == 1  # one uint8 copy of x for both projections
+    assert len(feeds) == 1  # one uint8 copy of x for every rewritten projection
     if zero_point.dtype == np.uint8:
         assert feeds == {"xq"} and len(quantizers) == 1
     else:  # x requantized as uint8 beside the int8 one (which the kept projections read)
         assert len(quantizers) == 2
     got = ort.InferenceSession(str(path)).run(None, {"pixel_values": x})
     for w, g in zip(want, got):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_the_integer_rewrite_alone_is_held_to_a_relative_bound():
+    """The projection rewrite alone changes no integer, so it is held within
+    INTEGER_TOLERANCE relative: one layer's bias left out of the demo's int8
+    tower measured 3e-3 relative at cosine 0.99999, which the quantized graphs'
+    cosine bound would pass."""
+    from vlmedge.export import vision_fusion
+    dropped = (3e-3, 0.99999)
+    exact = vision_fusion._Agreement(quantized=True, exact=True)
+    loose = vision_fusion._Agreement(quantized=True)
+    exact.figures = loose.figures = dropped
+    assert loose.ok and not exact.ok
+    exact.figures = (0.0, 1.0)
+    assert exact.ok and "integer rewrite" in str(exact)
 
 
 def test_ort_answers_equal_portable_and_torch(ort_fp32, demo_artifact):
@@ -475,6 +523,8 @@ def test_int4_with_int8_vision(tmp_path, ort_int4):
     graph = onnx.load(str(art / "vision.onnx"), load_external_data=False).graph
     integer = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(integer) >= 4 and all(len(n.input) == 7 and n.input[6] for n in integer)
+    # every projection of the demo's tower and projector has a bias: none is left
+    assert "MatMul" not in {n.op_type for n in graph.node}
     assert any("biased int8 projections as MatMulIntegerToFloat" in x for x in lines), lines
     q = m.quantization.report
     assert q["vision"]["accuracy"]["passed"] and q["accuracy"]["passed"]

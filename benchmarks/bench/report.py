@@ -62,7 +62,7 @@ def targets_table(res: dict, markdown: bool = False) -> str:
             by = f"{(g / v if t['higher_is_better'] else v / g):.2f}x short"
         bound = ""
         if t.get("ceiling") is not None:  # the machine's roofline for this ratio
-            bound = f"{t['ceiling']:.1f}x" + (": goal beyond it" if t["beyond_bound"] else "")
+            bound = f"{t['ceiling']:.2f}x" + (": goal beyond it" if t["beyond_bound"] else "")
         rows.append([t["target"], _fmt(fmt, v), fmt.format(g), status, by, bound])
     heads = ["target", "measured", "goal", "", "by", "bandwidth bound allows"]
     return _table(rows, heads, markdown) if rows else ""

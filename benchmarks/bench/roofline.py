@@ -88,6 +88,7 @@ def measure(threads: int, repeats: int = 10, matrix_mib: int = 128) -> dict[str,
         probe = "numpy matmul"
     moved, flops = b.nbytes + a.nbytes + 4 * n, 2.0 * g**3
     return {"bandwidth_gb_s": moved / min(mv) / 1e9,
+            "bandwidth_probe_bytes": int(moved),
             "bandwidth_gb_s_median": moved / float(np.median(mv)) / 1e9,
             "gemm_gflops": flops / min(mm) / 1e9,
             "gemm_gflops_median": flops / float(np.median(mm)) / 1e9,
@@ -100,6 +101,7 @@ def combine(before: dict, after: dict) -> dict[str, Any]:
     keys = ("bandwidth_gb_s", "bandwidth_gb_s_median", "gemm_gflops", "gemm_gflops_median")
     out = {k: max(before[k], after[k]) for k in keys}
     out["probe"] = before["probe"]
+    out["bandwidth_probe_bytes"] = before.get("bandwidth_probe_bytes")
     out["samples"] = {"before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}}
     return out
 

@@ -174,7 +174,8 @@ def run_bench(o: Options, progress: Callable[[int, int], None],
                    "sweeps": list(o.sweeps), "order": [s.name for s in systems]},
         "systems": records,
         "ratios": rat,
-        "targets": stats.targets(records, rat, "torch-eager-fp32" if o.baseline else None),
+        "targets": stats.targets(records, rat, "torch-eager-fp32" if o.baseline else None,
+                                 machine),
         "sweeps": sweeps,
     }
 
