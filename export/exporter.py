@@ -310,10 +310,8 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
     if p.calibrated:  # fp32 parity first, then the quantization stage and its gate
         steps.append((f"{o.precision} (weight-only)" if weight_only(o) else o.precision,
                       _quantize))
-    if both and p.io_dtype == "float32" and _vision_quantized(o):  # again, on its int8 weights
+    if "ort" in flavours(o) and _vision_quantized(o):  # the ort graph on its int8 weights
         steps.append(("vision-fusion (quantized)", _fuse_vision_after_quantize))
-    if flavours(o) == ("ort",) and _vision_quantized(o):  # its int8 projections' biases
-        steps.append(("vision-fusion (quantized)", _fuse_vision_quantized))
     if o.target == "trt":
         steps.append(("trt", _prepare_trt))
     if o.validate and p.parity is not None:
@@ -418,11 +416,21 @@ def _fuse_vision_beside(r: Run) -> None:
 
 
 def _fuse_vision_after_quantize(r: Run) -> None:
-    """The fused vision graph on the int8 vision weights (a QDQ graph's
-    attention cores are fp32, the same pattern), held to the int8 gate's
-    cosine: the rewrite itself was proven exact on this model's fp32 graph
-    before quantization."""
+    """The ort decoder's vision graph on the int8 vision weights
+    (export/vision_fusion.py, quantized): each biased int8 projection as one
+    MatMulIntegerToFloat. An ort-only artifact's graph was fused before
+    quantization and takes that rewrite in place (held within 1e-3 relative
+    of the QDQ graph's features). With both flavours the whole fused graph is
+    made again beside the standard one (a QDQ graph's attention cores are
+    fp32, the same pattern), held to the int8 gate's cosine: the attention and
+    GELU rewrites were proven exact on this model's fp32 graph before
+    quantization."""
     from . import vision_fusion
+    if flavours(r.o) == ("ort",):
+        if vision_fusion.fuse(r.tmp / "vision.onnx", r.log, quantized=True):
+            for name in ("vision.onnx", "vision.onnx.data"):
+                r.m["files"][name] = manifest.file_entry(r.tmp / name)
+        return
     if not r.vision_fusion_proven:
         r.log("[vision-fusion] none: the fp32 graph took no fused op")
         return
@@ -431,17 +439,6 @@ def _fuse_vision_after_quantize(r: Run) -> None:
         r.m["files"][ORT_VISION_FILE] = manifest.file_entry(r.tmp / ORT_VISION_FILE)
         r.m["components"][manifest.ORT_VISION] = {**r.m["components"]["vision"],
                                                   "file": ORT_VISION_FILE}
-
-
-def _fuse_vision_quantized(r: Run) -> None:
-    """An ort-only artifact's vision graph was fused before quantization; on
-    the QDQ graph the quantization stage made of it, each biased int8
-    projection becomes one MatMulIntegerToFloat (export/vision_fusion.py),
-    held within 1e-3 relative of that graph's features, in place."""
-    from . import vision_fusion
-    if vision_fusion.fuse(r.tmp / "vision.onnx", r.log, quantized=True):
-        for name in ("vision.onnx", "vision.onnx.data"):
-            r.m["files"][name] = manifest.file_entry(r.tmp / name)
 
 
 def _export_embed(r: Run) -> None:

@@ -215,8 +215,8 @@ def _integer_matmuls(nodes: list, constant, declared, outputs: set
     the speed on ARM was not measured). declared(name): an initializer's
     (numpy dtype, shape) without reading its data, else None; outputs: the
     graph's output names (a MatMul whose output is one keeps it)."""
-    helper = require("onnx", "fusing the vision projections").helper
-    numpy_helper = require("onnx", "fusing the vision projections").numpy_helper
+    onnx = require("onnx", "fusing the vision projections")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
     producer, single = _links(nodes)
     replace: dict = {}      # id(node) -> its replacement (None: dropped)
     after: dict = {}        # id(QuantizeLinear) -> the uint8 QuantizeLinear made beside it
