@@ -339,8 +339,10 @@ def _pruned(graph, nodes: list) -> list:
 
 def fuse(path: Path, log: Callable[[str], None], beside: str | None = None,
          quantized: bool = False) -> bool:
-    """The fused ops that match (attention: all cores or none), kept if the
-    features agree (within TOLERANCE; `quantized`: QUANTIZED_COSINE); returns
+    """The fused ops that match (attention: all cores or none; with
+    `quantized`, the int8 projections' biases too), kept if the features agree
+    (within TOLERANCE; `quantized`: QUANTIZED_COSINE, or INTEGER_TOLERANCE
+    relative where the projection rewrite is all that changed); returns
     whether they were. Without `beside`, path (vision.onnx + its .data) is
     rewritten in place. With it, the fused graph is written as that file in
     path's folder, its weights left in path's data file (no copy on disk or in
