@@ -39,7 +39,7 @@ def _threads(n: int) -> int:
 
 
 def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider,
-          max_image_tokens=None) -> None:
+          max_image_tokens=None, peer=None) -> None:
     """Argument checks before anything loads: one clear line each."""
     from vlmedge.benchmarks.bench.run import SWEEPS
 
@@ -61,6 +61,8 @@ def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, prov
         raise UserInputError(f"--image {image} is not a file", expected="an image file")
     if provider not in ("cpu", "cuda", "auto"):
         raise UserInputError(f"unknown --provider {provider!r}", expected="cpu | cuda | auto")
+    if peer not in (None, "onnxruntime-genai"):
+        raise UserInputError(f"unknown --peer {peer!r}", expected="onnxruntime-genai")
     if max_image_tokens is not None and max_image_tokens < 1:
         raise UserInputError("--max-image-tokens must be >= 1", got=str(max_image_tokens))
 
@@ -92,6 +94,14 @@ def main(
     max_image_tokens: Optional[int] = typer.Option(
         None, "--max-image-tokens", help="Image-token budget for every system (the baseline's "
         "processor gets the same tiling), e.g. 64: one SmolVLM tile."),
+    peer: Optional[str] = typer.Option(
+        None, "--peer", help="'onnxruntime-genai': its own generator on its builder's model of "
+        "each ort-flavour artifact's language model (same weights, precision, block), side by "
+        "side: decode compared at the same bit width. Built once into --peer-cache (needs the "
+        "artifact's source model, torch and onnxruntime-genai)."),
+    peer_cache: Optional[Path] = typer.Option(
+        None, "--peer-cache", help="Where peer models are built and kept "
+        "(default: ~/.cache/vlmedge/genai-peers)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="Check every artifact file's sha256 against its "
@@ -100,14 +110,15 @@ def main(
     with cli_errors("vlm-bench"):
         sweeps = list(sweep or [])
         check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, provider,
-              max_image_tokens)
+              max_image_tokens, peer)
         from vlmedge.benchmarks.bench import report as report_mod
         from vlmedge.benchmarks.bench.run import Options, run_bench
 
         opts = Options(artifacts=list(artifact_dirs), baseline=baseline, model=model,
                        image=image, prompt=prompt, new_tokens=new_tokens, runs=runs,
                        warmup=warmup, threads=_threads(threads), provider=provider,
-                       sweeps=sweeps, verify=verify, max_image_tokens=max_image_tokens)
+                       sweeps=sweeps, verify=verify, max_image_tokens=max_image_tokens,
+                       peer=peer, peer_cache=peer_cache)
         if not verify:
             print("vlm-bench: warning: --no-verify: the artifacts' sha256 are not checked; a "
                   "tampered or corrupt artifact is benchmarked as it is", file=sys.stderr)

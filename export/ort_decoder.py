@@ -152,6 +152,28 @@ def build(loaded, staging: Path, precision: str, log: Callable[[str], None],
         f"{'MatMulNBits block ' + str(block_size) if precision != 'fp32' else 'fp32 MatMul'}")
 
 
+def build_text_model(loaded, out: Path, precision: str, block_size: int = BLOCK_SIZE) -> None:
+    """onnxruntime-genai's own model of the VLM's language model, as its
+    builder makes it for a text model: input_ids in (the embedding table in
+    the graph), genai_config.json and the tokenizer beside it, for
+    onnxruntime-genai's generator to run (vlm-bench's peer). Same weights,
+    precision and block as build(); `out` is written whole or not at all."""
+    if precision not in BUILDER_PRECISIONS:
+        raise UserInputError(f"onnxruntime-genai's builder takes "
+                             f"{' | '.join(BUILDER_PRECISIONS)}", got=precision)
+    require("onnxruntime_genai", "onnxruntime-genai's model")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="vlmedge-genai-") as work:
+        work = Path(work)
+        opts = ["hf_token=false"] + ([f"block_size={block_size}"] if precision != "fp32" else [])
+        with quiet():
+            _save_text_model(loaded, work / "text")
+        _run_builder([None, str(work / "text"), str(work / "out"), BUILDER_PRECISIONS[precision],
+                      "cpu", str(work / "cache")], opts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(work / "out"), str(out))
+
+
 # The builder runs in a child process: it loads the language model again in
 # PyTorch and quantizes it, and the memory it took stayed with the exporter
 # (+0.6 GB per build on SmolVLM-256M, two builds in an int4 export). The

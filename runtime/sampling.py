@@ -38,11 +38,18 @@ def next_token(logits: np.ndarray, history: list[int], rng: np.random.Generator,
     """logits: (V,) float32 for the next position. Computed in float64 with
     the maximum subtracted before the temperature divides, so an extreme
     temperature or penalty cannot overflow into NaN probabilities."""
-    logits = logits.astype(np.float64, copy=True)
-    if np.isnan(logits).any():
+    # numpy's argmax stops at the first NaN, so one pass both finds the greedy
+    # token and tells whether any logit is NaN
+    best = int(np.argmax(logits))
+    if np.isnan(logits[best]):
         raise ArtifactError("the decoder produced NaN logits",
                             hint="the graphs or their weights are corrupt; re-export the "
                                  "artifact (fp16 graphs: run them on a GPU provider)")
+    if temperature == 0.0 and not (repetition_penalty and repetition_penalty != 1.0):
+        # greedy: the float32 argmax is the float64 one (widening is exact; the
+        # first maximum wins in both), without a float64 copy of (V,) each token
+        return best
+    logits = logits.astype(np.float64, copy=True)
     if repetition_penalty and repetition_penalty != 1.0 and history:
         seen = np.unique(np.asarray(history, np.int64))
         vals = logits[seen]  # as HF: divide positive logits, multiply negative ones

@@ -156,8 +156,12 @@ class VLMSession:
             self.decoder_flavour = pick_flavour(m, providers, decoder_flavour)
             # the flavour's graphs: its decoder and, beside the ort one, the fused vision
             roles = m.flavour_components(self.decoder_flavour)
+            # The embedding is a row gather: one thread does it, and a thread pool
+            # of its own woken between decoder steps cost ~50 us a token (2 cores).
             self.vision, self.embed, self.decoder = (
-                OrtBackend(self._graph_path(roles[r]), providers, threads)
+                OrtBackend(self._graph_path(roles[r]), providers,
+                           1 if r == "embed" and providers[0] == "CPUExecutionProvider"
+                           else threads)
                 for r in ("vision", "embed", "decoder"))
         self._check_graph_io()
         self.providers = self.decoder.providers
@@ -399,8 +403,9 @@ class VLMSession:
         may be chosen but do not stop (validation against a reference that
         ignores them). `timings`, if given, receives decode_ms (per token),
         ttft_ms (from t_start), tokens_per_s, stop_reason, kv_cache_bytes
-        (the final cache's size) and last_logits (the model's logits the
-        last token was chosen from)."""
+        (the final cache's size), kv_cache_rows (the positions those bytes
+        hold room for) and last_logits (the model's logits the
+        last token was chosen from; with force_length, its stop tokens masked)."""
         sampling.check(temperature, top_k, top_p, repetition_penalty)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
@@ -441,8 +446,9 @@ class VLMSession:
                     allowed[stop_list] = True
                 logits = np.where(allowed, logits, -np.inf).astype(np.float32)
             if force_length:  # a benchmark's forced length: never stop early
-                logits = logits.copy()
-                logits[stop_list] = -np.inf
+                if i == 0:  # a prefill's logits may be a cached prefix's: not ours to mask
+                    logits = logits.copy()
+                logits[stop_list] = -np.inf  # a step's logits are this loop's alone
             token = sampling.next_token(logits, history, rng, **opts)
             sample_ms = _ms(t)
             if i == 0:
@@ -468,6 +474,9 @@ class VLMSession:
         if constraint is not None and constraint.must_stop():
             timings["stop_reason"] = "constraint_complete"
         timings["kv_cache_bytes"] = cache.nbytes
+        # the rows that memory holds: a shared buffer's capacity, else the length
+        timings["kv_cache_rows"] = cache.buffer.capacity if cache.buffer is not None \
+            else cache.length
         n = len(decode_ms)
         timings["tokens_per_s"] = n / (sum(decode_ms) / 1000.0) if n else 0.0
 

@@ -257,3 +257,75 @@ def test_decode_targets_carry_the_bandwidth_ceiling():
     rat = stats.ratios([base, cached], "torch-eager-fp32")  # both in cache: comparable
     t = {t["target"]: t for t in stats.targets([base, cached], rat, "torch-eager-fp32", machine)}
     assert t["ort-int8 decode tokens/s >= 9.5x torch-eager-fp32"]["ceiling"] == pytest.approx(8.75)
+
+
+# -- the onnxruntime-genai peer (--peer onnxruntime-genai) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def ort_demo(tmp_path_factory):
+    """The demo model exported with the ort decoder flavour (fp32)."""
+    pytest.importorskip("onnxruntime_genai")
+    from vlmedge.export import exporter
+    from vlmedge.models import demo_model_dir
+
+    out = tmp_path_factory.mktemp("peer") / "demo-ort-fp32"
+    exporter.run_export(exporter.ExportOptions(model_dir=demo_model_dir(), output=out,
+                                               decoder_flavour="ort", validate=False),
+                        log=lambda line: None)
+    return out
+
+
+@pytest.mark.slow
+def test_peer_runs_beside_its_partner(ort_demo, tmp_path):
+    cache = tmp_path / "peers"
+    r = _bench(ort_demo, "--peer", "onnxruntime-genai", "--peer-cache", cache, "--runs", 2,
+               "--warmup", 0, "--new-tokens", 5, "--threads", 1, "--json",
+               tmp_path / "b.json", "--report", tmp_path / "report", "--quiet", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    ours, peer = res["systems"]
+    assert (ours["name"], peer["name"]) == ("ort-fp32", "genai-fp32")
+    assert peer["peer_of"] == "ort-fp32" and peer["precision"] == "fp32"
+    # the same work: as many positions attended (image tokens included), as many tokens
+    assert peer["prompt_tokens"] == ours["prompt_tokens"] > 16
+    assert peer["new_tokens"] == ours["new_tokens"] == 5
+    assert len(peer["decode_ms_by_position"]) == 4 and peer["decode_tokens_per_s"] > 0
+    assert peer["vision_ms"] is None and peer["preprocess_ms"] is None
+    # bytes per decode step: the peer's graph less its embedding table, the same
+    # weights as the artifact's decoder (whose table lives in embed.onnx)
+    assert peer["decode_bytes_per_token"] == pytest.approx(ours["decode_bytes_per_token"],
+                                                           rel=0.02)
+    vs_peer = res["ratios"]["ort-fp32/genai-fp32"]
+    assert vs_peer["decode_speedup"] > 0 and vs_peer["prefill_speedup"] > 0
+    # no vision in the peer: its TTFT, end to end and memory do not compare
+    assert vs_peer["ttft_speedup"] is vs_peer["end_to_end_speedup"] is None
+    assert vs_peer["peak_rss_ratio"] is None
+    target = [t for t in res["targets"] if "genai-fp32 (onnxruntime-genai" in t["target"]]
+    assert len(target) == 1 and target[0]["goal"] == 1.0
+    assert not any(t["target"].startswith("genai-fp32") for t in res["targets"])
+    assert "Peer: genai-fp32 (beside ort-fp32)" in (tmp_path / "report" / "report.md").read_text()
+    # built once into the cache, whole, and found there by the next run
+    built = [p for p in cache.iterdir()]
+    assert len(built) == 1 and (built[0] / "genai_config.json").is_file()
+    from vlmedge.benchmarks.bench import peer as peer_mod
+    from vlmedge.benchmarks.bench.systems import artifact_specs
+
+    lines = []
+    again = peer_mod.peer_specs(artifact_specs([ort_demo]), cache, lines.append)
+    assert again[0].path == built[0] and "built before" in lines[0]
+
+
+def test_peer_needs_an_ort_flavour_artifact(tiny_llava_artifact, tmp_path):
+    art, _ = tiny_llava_artifact
+    r = _bench(art, "--peer", "onnxruntime-genai", "--peer-cache", tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs an ort-flavour artifact" in lines[0], r.stderr
+    assert not any(tmp_path.iterdir())  # nothing built, nothing left behind
+
+
+def test_unknown_peer_is_one_line(tiny_llava_artifact):
+    art, _ = tiny_llava_artifact
+    r = _bench(art, "--peer", "llama.cpp", timeout=60)
+    assert r.returncode == 2 and "unknown --peer 'llama.cpp'" in r.stderr
+    assert r.stderr.strip().count("\n") == 0

@@ -256,6 +256,20 @@ def _memory_md(res: dict) -> str:
             "transformers for PyTorch), before loading the model.")
 
 
+def _peer_md(res: dict) -> list[str]:
+    peers = [s for s in res["systems"] if s.get("peer_of")]
+    if not peers:
+        return []
+    pairs = ", ".join(f"{s['name']} (beside {s['peer_of']})" for s in peers)
+    version = peers[0].get("onnxruntime_genai_version") or "?"
+    return [f"Peer: {pairs}: onnxruntime-genai {version}'s own generator on the model its "
+            "builder makes of the same language model (same weights, precision and block "
+            "size; input_ids in, the embedding table inside). Text only, with a prompt as "
+            "long as its partner's whole prompt (image tokens included), so each decode step "
+            "attends over as many positions; it has no preprocessing or vision, and its TTFT "
+            "is a text prefill.", ""]
+
+
 def _tegra_md(res: dict) -> str:
     if not res["machine"].get("tegrastats"):
         return "tegrastats: not available on this machine (Jetson only); columns skipped."
@@ -280,6 +294,7 @@ def markdown(res: dict, plots: list[Path], note: str | None) -> str:
            "tokens/s = 1000 / mean decode step.", "",
            "## Ratios", "", ratios_table(res, True), "",
            "Speedups > 1: the system is faster than the reference.", ""]
+    out += _peer_md(res)
     if res["targets"]:
         out += ["## Targets", "", targets_table(res, True), ""]
     out += ["## Roofline", "", _roofline_md(res), "", "## Memory", "", _memory_md(res), "",

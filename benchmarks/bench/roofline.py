@@ -112,6 +112,29 @@ def _load_structure(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
+def _sizes(m) -> dict[str, int]:
+    """Bytes of each initializer of a loaded graph (external data included, not read)."""
+    return {t.name: int(math.ceil(int(np.prod(t.dims, dtype=np.int64)) *
+                                  _ITEMSIZE.get(t.data_type, 4))) for t in m.graph.initializer}
+
+
+def lookup_table_bytes(path: Path) -> int:
+    """Bytes of the initializers only ever read by a Gather as its table (an
+    embedding: a decode step reads one row of it, not all). A table the LM
+    head's MatMul also reads (tied embeddings) is not one: a step reads it all."""
+    try:
+        m = _load_structure(path)
+    except ImportError:
+        return 0
+    sizes = _sizes(m)
+    gathered, other = set(), set()
+    for node in m.graph.node:
+        for k, name in enumerate(node.input):
+            if name in sizes:
+                (gathered if node.op_type == "Gather" and k == 0 else other).add(name)
+    return sum(sizes[n] for n in gathered - other)
+
+
 def initializer_bytes(path: Path) -> int | None:
     """Bytes of every initializer of an ONNX file (external data included,
     not read), or None without the onnx package."""
@@ -119,8 +142,7 @@ def initializer_bytes(path: Path) -> int | None:
         m = _load_structure(path)
     except ImportError:
         return None
-    return int(sum(math.ceil(int(np.prod(t.dims, dtype=np.int64)) * _ITEMSIZE.get(t.data_type, 4))
-                   for t in m.graph.initializer))
+    return sum(_sizes(m).values())
 
 
 def graph_flops(path: Path, input_shapes: dict[str, list[int]]) -> float | None:

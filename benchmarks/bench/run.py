@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from vlmedge.errors import ContextOverflowError
 
-from . import roofline, stats
+from . import peer, roofline, stats
 from .systems import SystemProcess, Spec, artifact_specs, torch_spec
 from .tegrastats import Tegrastats
 
@@ -42,6 +42,10 @@ class Options:
     # image-token budget for every system (runtime/image_budget.py; the baseline's
     # HF processor gets the same settings): None = each model's own preprocessing
     max_image_tokens: int | None = None
+    # "onnxruntime-genai": its generator on its own model of each ort-flavour
+    # artifact's language model, side by side (peer.py); built into peer_cache
+    peer: str | None = None
+    peer_cache: Path | None = None
 
 
 def default_image(directory: Path, size=(640, 480)) -> Path:
@@ -68,22 +72,29 @@ def resized(image: Path, size: tuple[int, int], directory: Path) -> Path:
     return out
 
 
-def specs_for(o: Options) -> list[Spec]:
+def specs_for(o: Options, log: Callable[[str], None] = lambda line: None) -> list[Spec]:
     specs = artifact_specs(o.artifacts, verify=o.verify)
     if o.baseline == "torch":
         specs.insert(0, torch_spec(o.model, specs[0]))
+    if o.peer:  # after the artifacts: each round, a peer runs after its partner
+        specs += peer.peer_specs(specs, o.peer_cache or peer.default_cache(), log)
     return specs
 
 
 def interleaved(systems: list[SystemProcess], image: Path, prompt: str, new_tokens: int,
                 runs: int, warmup: int, tick: Callable[[], None],
                 windows: dict[str, list]) -> dict[str, list[dict]]:
-    """Rounds of one run per system in a fixed order; warm-up rounds dropped."""
+    """Rounds of one run per system in a fixed order; warm-up rounds dropped.
+    A peer takes its partner's prompt length of the same round."""
     out: dict[str, list[dict]] = {s.name: [] for s in systems}
     for r in range(warmup + runs):
+        this_round: dict[str, dict] = {}
         for s in systems:
+            partner = this_round.get(s.spec.partner) if s.spec.partner else None
             t0 = time.perf_counter()
-            result = s.run(image, prompt, new_tokens)
+            result = s.run(image, prompt, new_tokens,
+                           partner["prompt_tokens"] if partner else None)
+            this_round[s.name] = result
             windows[s.name].append((t0, time.perf_counter()))
             if r >= warmup:
                 out[s.name].append(result)
@@ -125,7 +136,7 @@ def run_sweep(kind: str, systems, o: Options, image: Path, directory: Path, tick
 
 def run_bench(o: Options, progress: Callable[[int, int], None],
               log: Callable[[str], None]) -> dict[str, Any]:
-    specs = specs_for(o)
+    specs = specs_for(o, log)
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         tmp = Path(tmp)
         image = o.image or default_image(tmp)
@@ -200,6 +211,10 @@ def _weights(spec: Spec) -> tuple[int, int]:
     this system runs (of an artifact with both decoder flavours, its own)."""
     if spec.kind == "torch":
         return spec.facts["weight_bytes"], spec.facts["decode_weight_bytes"]
+    if spec.kind == peer.PEER_KIND:  # all but the embedding table, of which a step reads a row
+        graph = peer.graph_file(spec.path)
+        total = roofline.initializer_bytes(graph) or 0
+        return total, total - roofline.lookup_table_bytes(graph)
     m = spec.manifest
     roles = m.flavour_components(spec.decoder_flavour or m.decoder.flavour)
     sizes = {}
@@ -228,7 +243,11 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
     """One entry of `systems`: timings, memory, sizes, roofline shares."""
     rec: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "path": str(spec.path),
                            "random_weights": spec.random_weights}
-    if spec.manifest:
+    if spec.kind == peer.PEER_KIND:
+        rec.update(precision=spec.precision, decoder_flavour="ort", peer_of=spec.partner,
+                   providers=spec.facts.get("providers"),
+                   onnxruntime_genai_version=spec.facts.get("onnxruntime_genai_version"))
+    elif spec.manifest:
         m = spec.manifest
         rec.update(family=m.family, target=m.target, precision=m.precision,
                    decoder_flavour=spec.facts.get("decoder_flavour") or spec.decoder_flavour,
@@ -249,7 +268,9 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
     rec["rss_over_weights_kv"] = rec["rss_growth_mb"] / rec["weights_kv_mb"] \
         if rec["weights_kv_mb"] else None
     # Decode's share of the bandwidth bound: bytes read per token x tokens/s / bandwidth.
-    positions = max(runs[-1]["prompt_tokens"] + runs[-1]["new_tokens"] - 1, 1)
+    # rows the cache's memory holds: a preallocated buffer's capacity, else its length
+    positions = runs[-1].get("kv_cache_rows") or \
+        max(runs[-1]["prompt_tokens"] + runs[-1]["new_tokens"] - 1, 1)
     per_token = roofline.decode_bytes_per_token(decode_weights, kv / positions,
                                                 rec["prompt_tokens"], rec["new_tokens"])
     bw = machine["bandwidth_gb_s"] * 1e9
@@ -283,7 +304,8 @@ def add_flops(records: list[dict], specs: list[Spec], runs: dict, machine: dict)
                next(iter(flops.values()), (None, None)))
     gemm = machine["gemm_gflops"] * 1e9
     for rec in records:
-        vision, prefill = flops.get(rec["name"], ref)
+        # the baseline takes the fp32 graphs' FLOPs; the peer has no vision to count
+        vision, prefill = flops.get(rec["name"], ref if rec["kind"] == "torch" else (None, None))
         rec["vision_gflop"] = vision / 1e9 if vision else None
         rec["prefill_gflop"] = prefill / 1e9 if prefill else None
         for stage, f in (("vision", vision), ("prefill", prefill)):

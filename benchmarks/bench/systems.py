@@ -27,12 +27,14 @@ class WorkerError(VlmedgeError):
 @dataclass
 class Spec:
     name: str  # backend and precision: torch-eager-fp32, onnx-fp32, onnx-int8, ort-int4, ...
-    kind: str  # "torch" | "onnx"
-    path: Path  # model directory (torch) or artifact directory (onnx)
+    kind: str  # "torch" | "onnx" | "genai" (the onnxruntime-genai peer, peer.py)
+    path: Path  # model directory (torch, genai) or artifact directory (onnx)
     manifest: "manifest_mod.Manifest | None" = None
     random_weights: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
     decoder_flavour: str | None = None  # onnx: the decoder graph run ("portable" | "ort")
+    precision: str | None = None  # genai: its weights' precision (an artifact's is its manifest's)
+    partner: str | None = None  # genai: the artifact system whose prompt length it takes
 
 
 def system_name(m: "manifest_mod.Manifest", flavour: str) -> str:
@@ -116,9 +118,11 @@ class SystemProcess:
         self.ready = self._receive()
         return self.ready
 
-    def run(self, image: Path, prompt: str, new_tokens: int) -> dict[str, Any]:
+    def run(self, image: Path, prompt: str, new_tokens: int,
+            prompt_tokens: int | None = None) -> dict[str, Any]:
+        """prompt_tokens: the peer's prompt length (its partner's, image tokens included)."""
         self._send({"cmd": "run", "image": str(image), "prompt": prompt,
-                    "new_tokens": new_tokens})
+                    "new_tokens": new_tokens, "prompt_tokens": prompt_tokens})
         return self._receive()
 
     def memory(self) -> dict[str, Any]:

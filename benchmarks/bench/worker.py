@@ -6,7 +6,7 @@ libraries, the weights, the KV cache and every transient of loading and
 running), and one system's allocator state cannot slow another's.
 
 Protocol: JSON lines. The first line on stdin is the spec
-{"kind": "onnx"|"torch", "path": ..., "threads": n, "provider": ...}; the
+{"kind": "onnx"|"torch"|"genai", "path": ..., "threads": n, "provider": ...}; the
 worker answers {"ready": ...facts}. Then each line is a command,
 {"cmd": "run", "image": PATH, "prompt": TEXT, "new_tokens": N} -> timings,
 {"cmd": "memory"} -> RSS figures, {"cmd": "quit"}. A user error answers
@@ -104,6 +104,7 @@ class OnnxSystem:
                 "ttft_ms": ttft_ms, "decode_ms": decode_ms, "total_ms": _ms(t_start),
                 "prompt_tokens": len(ids), "new_tokens": len(tokens), "token_ids": tokens[:8],
                 "kv_cache_bytes": timings["kv_cache_bytes"],
+                "kv_cache_rows": timings["kv_cache_rows"],
                 "input_shapes": _vision_shapes(s, pixels, grid)}
 
 
@@ -229,6 +230,72 @@ class TorchSystem:
                 "kv_cache_bytes": _cache_bytes(out)}
 
 
+class GenaiSystem:
+    """The onnxruntime-genai peer (peer.py): its generator over its own model
+    of the same language model. Text only: a prompt of `prompt_tokens` tokens
+    (the partner artifact's whole prompt, image tokens included, so every
+    decode step attends over as many positions), exactly new_tokens tokens
+    (min_length = max_length), greedy. append_tokens is the prefill; each
+    generate_next_token after the first runs one decoder step and picks a
+    token, the same span as a decode_ms entry of the artifacts."""
+
+    def __init__(self, path: str, threads: int, provider: str):
+        from vlmedge.lazy import require
+
+        og = require("onnxruntime_genai", "the onnxruntime-genai peer")
+        self.og = og
+        config = og.Config(path)
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        config.clear_providers()  # CPU: the artifacts' provider (cuda appended below)
+        self.cuda = provider == "cuda"
+        if self.cuda:
+            config.append_provider("cuda")
+        self.model = og.Model(config)
+        # the prompt's ids through the tokenizers package: onnxruntime-genai's own
+        # tokenizer does not read every tokenizer.json (the demo model's, for one)
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "genai_config.json")) as f:
+            self.config = json.load(f)["model"]
+
+    def facts(self) -> dict[str, Any]:
+        # weight bytes are counted by vlm-bench from the graph file (run.py),
+        # not here: the onnx package would add to this process's RSS
+        return {"providers": ["CUDAExecutionProvider" if self.cuda else "CPUExecutionProvider"],
+                "decoder_flavour": "ort", "onnxruntime_genai_version": self.og.__version__}
+
+    def run(self, image_path: str, prompt: str, new_tokens: int,
+            prompt_tokens: int | None = None) -> dict[str, Any]:
+        import numpy as np
+
+        og = self.og
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids or [0]
+        n = prompt_tokens or len(ids)
+        ids = np.array((ids * (n // len(ids) + 1))[:n], dtype=np.int32)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=n + new_tokens,
+                                  min_length=n + new_tokens)
+        generator = og.Generator(self.model, params)
+        t_start = time.perf_counter()
+        generator.append_tokens(ids)
+        prefill_ms = _ms(t_start)
+        marks = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            marks.append(time.perf_counter())
+        tokens = list(generator.get_sequence(0))[n:]
+        d = self.config["decoder"]
+        kv = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4 * \
+            (n + new_tokens)  # the shared fp32 buffer, max_length long
+        return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": prefill_ms,
+                "ttft_ms": (marks[0] - t_start) * 1000.0,
+                "decode_ms": [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])],
+                "total_ms": _ms(t_start), "prompt_tokens": n, "new_tokens": len(tokens),
+                "token_ids": [int(t) for t in tokens[:8]], "kv_cache_bytes": kv,
+                "kv_cache_rows": n + new_tokens}
+
+
 def _budget_facts(family, model, processor):
     """(the artifact's tiling config, its image facts) as the exporter writes
     them: what the budget is computed from. Computed once per worker (outside
@@ -278,6 +345,8 @@ def _cache_bytes(out) -> int | None:
 
 
 def _open(spec: dict[str, Any]):
+    if spec["kind"] == "genai":
+        return GenaiSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"))
     if spec["kind"] == "onnx":
         return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"),
                           spec.get("max_image_tokens"), spec.get("decoder_flavour"))
@@ -312,6 +381,8 @@ def _import_libraries(kind: str) -> None:
     import PIL.Image  # noqa: F401
 
     import vlmedge.runtime  # noqa: F401
+    if kind == "genai":
+        import onnxruntime_genai  # noqa: F401
     if kind == "torch":
         import torch  # noqa: F401
         import transformers
@@ -349,7 +420,8 @@ def serve(inp, out) -> None:
                   "gpu_memory_mb": _gpu_memory_mb()})
             continue
         try:
-            send(system.run(cmd["image"], cmd["prompt"], int(cmd["new_tokens"])))
+            extra = {"prompt_tokens": cmd["prompt_tokens"]} if spec["kind"] == "genai" else {}
+            send(system.run(cmd["image"], cmd["prompt"], int(cmd["new_tokens"]), **extra))
         except VlmedgeError as e:
             send({"error": str(e), "type": type(e).__name__})
 
