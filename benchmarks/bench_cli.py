@@ -63,6 +63,11 @@ def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, prov
         raise UserInputError(f"unknown --provider {provider!r}", expected="cpu | cuda | auto")
     if peer not in (None, "onnxruntime-genai"):
         raise UserInputError(f"unknown --peer {peer!r}", expected="onnxruntime-genai")
+    if peer and provider != "cpu":
+        # the peer's model is built for onnxruntime-genai's CPU package (a CUDA
+        # build differs: fp16 weights, onnxruntime-genai-cuda)
+        raise UserInputError("--peer onnxruntime-genai runs on the CPU provider only",
+                             got=f"--provider {provider}", hint="use --provider cpu")
     if max_image_tokens is not None and max_image_tokens < 1:
         raise UserInputError("--max-image-tokens must be >= 1", got=str(max_image_tokens))
 

@@ -324,8 +324,12 @@ def test_peer_needs_an_ort_flavour_artifact(tiny_llava_artifact, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing built, nothing left behind
 
 
-def test_unknown_peer_is_one_line(tiny_llava_artifact):
+@pytest.mark.parametrize("args, message", [
+    (["--peer", "llama.cpp"], "unknown --peer 'llama.cpp'"),
+    (["--peer", "onnxruntime-genai", "--provider", "cuda"], "runs on the CPU provider only"),
+])
+def test_bad_peer_options_are_one_line(args, message, tiny_llava_artifact):
     art, _ = tiny_llava_artifact
-    r = _bench(art, "--peer", "llama.cpp", timeout=60)
-    assert r.returncode == 2 and "unknown --peer 'llama.cpp'" in r.stderr
+    r = _bench(art, *args, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0

@@ -11,6 +11,9 @@ onnxruntime kernels, its own C++ generation loop and its own graph (input_ids
 in, the embedding table inside). The comparison is then about what vlmedge
 adds or loses around the kernels: the decode loop, the KV buffer, the graph.
 
+A GPTQ artifact's peer is round-to-nearest in the same format (the same
+kernels and bytes read; decode speed does not depend on the values).
+
 It is a language model alone (no image): vision and preprocessing are not
 measured, and it reads a text prompt as long as its partner artifact's whole
 prompt (image tokens included), so each decode step attends over the same

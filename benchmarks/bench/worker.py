@@ -239,7 +239,7 @@ class GenaiSystem:
     generate_next_token after the first runs one decoder step and picks a
     token, the same span as a decode_ms entry of the artifacts."""
 
-    def __init__(self, path: str, threads: int, provider: str):
+    def __init__(self, path: str, threads: int):
         from vlmedge.lazy import require
 
         og = require("onnxruntime_genai", "the onnxruntime-genai peer")
@@ -247,10 +247,7 @@ class GenaiSystem:
         config = og.Config(path)
         options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        config.clear_providers()  # CPU: the artifacts' provider (cuda appended below)
-        self.cuda = provider == "cuda"
-        if self.cuda:
-            config.append_provider("cuda")
+        config.clear_providers()  # the CPU (vlm-bench refuses --peer with another provider)
         self.model = og.Model(config)
         # the prompt's ids through the tokenizers package: onnxruntime-genai's own
         # tokenizer does not read every tokenizer.json (the demo model's, for one)
@@ -262,7 +259,7 @@ class GenaiSystem:
     def facts(self) -> dict[str, Any]:
         # weight bytes are counted by vlm-bench from the graph file (run.py),
         # not here: the onnx package would add to this process's RSS
-        return {"providers": ["CUDAExecutionProvider" if self.cuda else "CPUExecutionProvider"],
+        return {"providers": ["CPUExecutionProvider"],
                 "decoder_flavour": "ort", "onnxruntime_genai_version": self.og.__version__}
 
     def run(self, image_path: str, prompt: str, new_tokens: int,
@@ -346,7 +343,7 @@ def _cache_bytes(out) -> int | None:
 
 def _open(spec: dict[str, Any]):
     if spec["kind"] == "genai":
-        return GenaiSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"))
+        return GenaiSystem(spec["path"], spec["threads"])
     if spec["kind"] == "onnx":
         return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"),
                           spec.get("max_image_tokens"), spec.get("decoder_flavour"))
