@@ -61,12 +61,15 @@ def check(artifact_dirs, baseline, image, new_tokens, runs, warmup, sweeps, prov
         raise UserInputError(f"--image {image} is not a file", expected="an image file")
     if provider not in ("cpu", "cuda", "auto"):
         raise UserInputError(f"unknown --provider {provider!r}", expected="cpu | cuda | auto")
-    if peer not in (None, "onnxruntime-genai"):
-        raise UserInputError(f"unknown --peer {peer!r}", expected="onnxruntime-genai")
+    from vlmedge.benchmarks.bench.peer import PEERS
+
+    for p in peer or []:
+        if p not in PEERS:
+            raise UserInputError(f"unknown --peer {p!r}", expected=" | ".join(PEERS))
     if peer and provider != "cpu":
-        # the peer's model is built for onnxruntime-genai's CPU package (a CUDA
-        # build differs: fp16 weights, onnxruntime-genai-cuda)
-        raise UserInputError("--peer onnxruntime-genai runs on the CPU provider only",
+        # peers are built for the CPU (onnxruntime-genai's CPU package; a CUDA build
+        # differs: fp16 weights, onnxruntime-genai-cuda; llama-cpp-python's CPU build)
+        raise UserInputError("--peer runs on the CPU provider only",
                              got=f"--provider {provider}", hint="use --provider cpu")
     if max_image_tokens is not None and max_image_tokens < 1:
         raise UserInputError("--max-image-tokens must be >= 1", got=str(max_image_tokens))
@@ -99,14 +102,15 @@ def main(
     max_image_tokens: Optional[int] = typer.Option(
         None, "--max-image-tokens", help="Image-token budget for every system (the baseline's "
         "processor gets the same tiling), e.g. 64: one SmolVLM tile."),
-    peer: Optional[str] = typer.Option(
-        None, "--peer", help="'onnxruntime-genai': its own generator on its builder's model of "
-        "each ort-flavour artifact's language model (same weights, precision, block), side by "
-        "side: decode compared at the same bit width. Built once into --peer-cache (needs the "
-        "artifact's source model, torch and onnxruntime-genai)."),
+    peer: Optional[List[str]] = typer.Option(
+        None, "--peer", help="onnxruntime-genai | llama.cpp (repeatable): that runtime on its "
+        "own model of each ort-flavour artifact's language model (same weights, same bit "
+        "width), side by side: decode and prefill compared. Built once into --peer-cache "
+        "(needs the artifact's source model and torch; onnxruntime-genai, or llama-cpp-python "
+        "and gguf)."),
     peer_cache: Optional[Path] = typer.Option(
         None, "--peer-cache", help="Where peer models are built and kept "
-        "(default: ~/.cache/vlmedge/genai-peers)."),
+        "(default: ~/.cache/vlmedge/peers)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="Check every artifact file's sha256 against its "
@@ -123,7 +127,7 @@ def main(
                        image=image, prompt=prompt, new_tokens=new_tokens, runs=runs,
                        warmup=warmup, threads=_threads(threads), provider=provider,
                        sweeps=sweeps, verify=verify, max_image_tokens=max_image_tokens,
-                       peer=peer, peer_cache=peer_cache)
+                       peers=list(dict.fromkeys(peer or [])), peer_cache=peer_cache)
         if not verify:
             print("vlm-bench: warning: --no-verify: the artifacts' sha256 are not checked; a "
                   "tampered or corrupt artifact is benchmarked as it is", file=sys.stderr)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 SYSTEM_KEYS = {"name", "preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50",
@@ -300,10 +301,10 @@ def test_peer_runs_beside_its_partner(ort_demo, tmp_path):
     # no vision in the peer: its TTFT, end to end and memory do not compare
     assert vs_peer["ttft_speedup"] is vs_peer["end_to_end_speedup"] is None
     assert vs_peer["peak_rss_ratio"] is None
-    target = [t for t in res["targets"] if "genai-fp32 (onnxruntime-genai" in t["target"]]
+    target = [t for t in res["targets"] if ">= genai-fp32 (same weights" in t["target"]]
     assert len(target) == 1 and target[0]["goal"] == 1.0
     assert not any(t["target"].startswith("genai-fp32") for t in res["targets"])
-    assert "Peer: genai-fp32 (beside ort-fp32)" in (tmp_path / "report" / "report.md").read_text()
+    assert "genai-fp32 (onnxruntime-genai 0." in (tmp_path / "report" / "report.md").read_text()
     # built once into the cache, whole, and found there by the next run
     built = [p for p in cache.iterdir()]
     assert len(built) == 1 and (built[0] / "genai_config.json").is_file()
@@ -311,8 +312,10 @@ def test_peer_runs_beside_its_partner(ort_demo, tmp_path):
     from vlmedge.benchmarks.bench.systems import artifact_specs
 
     lines = []
-    again = peer_mod.peer_specs(artifact_specs([ort_demo]), cache, lines.append)
+    again = peer_mod.peer_specs(artifact_specs([ort_demo]), ["onnxruntime-genai"], cache,
+                                lines.append)
     assert again[0].path == built[0] and "built before" in lines[0]
+    assert (built[0] / "vlmedge-peer.json").is_file() and not list(cache.glob(".building-*"))
 
 
 def test_peer_needs_an_ort_flavour_artifact(tiny_llava_artifact, tmp_path):
@@ -325,7 +328,7 @@ def test_peer_needs_an_ort_flavour_artifact(tiny_llava_artifact, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--peer", "llama.cpp"], "unknown --peer 'llama.cpp'"),
+    (["--peer", "tvm"], "unknown --peer 'tvm'"),
     (["--peer", "onnxruntime-genai", "--provider", "cuda"], "runs on the CPU provider only"),
 ])
 def test_bad_peer_options_are_one_line(args, message, tiny_llava_artifact):
@@ -333,3 +336,108 @@ def test_bad_peer_options_are_one_line(args, message, tiny_llava_artifact):
     r = _bench(art, *args, timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+
+# -- the llama.cpp peer (--peer llama.cpp) -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    """The demo model's language model written as an f32 GGUF (gguf_model.py)."""
+    pytest.importorskip("gguf")
+    from vlmedge.benchmarks.bench import gguf_model
+    from vlmedge.export import loading
+    from vlmedge.models import demo_model_dir
+
+    loaded = loading.load(demo_model_dir())
+    path = tmp_path_factory.mktemp("gguf") / "demo-f32.gguf"
+    gguf_model.write_f32(loaded, path)
+    return path, loaded
+
+
+def test_gguf_holds_the_language_model(demo_gguf):
+    """Every tensor llama.cpp's llama architecture reads, with the Hugging Face
+    values (Q and K rows reordered per head, and nothing else)."""
+    import gguf
+
+    from vlmedge.benchmarks.bench.gguf_model import _rotary_rows
+
+    path, loaded = demo_gguf
+    tc = loaded.family.text_config(loaded.model.config)
+    state = {k: v.detach().numpy() for k, v in
+             loaded.family.language_model(loaded.model).state_dict().items()}
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(tensors) == 2 + 9 * tc.num_hidden_layers  # tied: no output.weight
+    np.testing.assert_array_equal(tensors["token_embd.weight"], state["embed_tokens.weight"])
+    for i in range(tc.num_hidden_layers):
+        q = state[f"layers.{i}.self_attn.q_proj.weight"]
+        got = tensors[f"blk.{i}.attn_q.weight"]
+        np.testing.assert_array_equal(got, _rotary_rows(q, tc.num_attention_heads))
+        assert not np.array_equal(got, q)  # reordered, not copied
+        np.testing.assert_array_equal(tensors[f"blk.{i}.ffn_down.weight"],
+                                      state[f"layers.{i}.mlp.down_proj.weight"])
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(fields["llama.block_count"].parts[-1][0]) == tc.num_hidden_layers
+    assert int(fields["llama.vocab_size"].parts[-1][0]) == tc.vocab_size
+
+
+def test_rotary_rows_pair_each_heads_halves():
+    from vlmedge.benchmarks.bench.gguf_model import _rotary_rows
+
+    w = np.arange(2 * 8 * 3).reshape(16, 3)  # 2 heads of 8 rows
+    got = _rotary_rows(w, 2)[:, 0] // 3
+    assert got.tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_llama_cpp_computes_the_same_logits_as_pytorch(demo_gguf):
+    """llama.cpp on the f32 GGUF against the PyTorch language model, on the same
+    ids: the peer is the same model (a wrong rotary order breaks this)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+
+    from vlmedge.benchmarks.bench.gguf_model import quiet_llama
+
+    path, loaded = demo_gguf
+    ids = [5, 17, 42, 9, 77, 3, 120, 64]
+    lib = llama_cpp
+    quiet_llama(lib)
+    model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+    params = lib.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 64
+    params.n_threads = params.n_threads_batch = 1
+    ctx = lib.llama_init_from_model(model, params)
+    try:
+        batch = (lib.llama_token * len(ids))(*ids)
+        assert lib.llama_decode(ctx, lib.llama_batch_get_one(batch, len(ids))) == 0
+        vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+        got = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(vocab,)).copy()
+    finally:
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)
+    fam, m = loaded.family, loaded.model
+    with torch.inference_mode():
+        hidden = fam.language_model(m)(input_ids=torch.tensor([ids])).last_hidden_state
+        want = fam.lm_head(m)(hidden)[0, -1].float().numpy()
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    assert np.abs(got - want).max() < 1e-2 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_llama_cpp_peer_runs_beside_its_partner(ort_demo, tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    cache = tmp_path / "peers"
+    r = _bench(ort_demo, "--peer", "llama.cpp", "--peer-cache", cache, "--runs", 2, "--warmup",
+               0, "--new-tokens", 5, "--threads", 1, "--json", tmp_path / "b.json", "--quiet",
+               timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    ours, peer = res["systems"]
+    assert peer["name"] == "llamacpp-f32" and peer["peer_of"] == "ort-fp32"
+    assert peer["prompt_tokens"] == ours["prompt_tokens"] and peer["new_tokens"] == 5
+    assert peer["decode_tokens_per_s"] > 0 and peer["vision_ms"] is None
+    assert peer["peer_version"].startswith("llama-cpp-python ")
+    # the same weights: the GGUF's tensors are the decoder's (tied: the table is the LM head)
+    assert peer["weight_bytes"] == pytest.approx(ours["decode_bytes_per_token"], rel=0.2)
+    assert res["ratios"]["ort-fp32/llamacpp-f32"]["decode_speedup"] > 0

@@ -1,27 +1,32 @@
-"""vlm-bench's peer: onnxruntime-genai running its own model of the same
-language model, side by side with the ort-flavour artifacts (--peer
-onnxruntime-genai).
+"""vlm-bench's peers: other runtimes on their own model of the same language
+model, side by side with the ort-flavour artifacts (--peer NAME, repeatable).
 
-Issue 16 asks for decode faster than every peer at the same bit width. Of
-those peers, onnxruntime-genai is the one that installs here, and its model
-builder is the one the ort flavour is built with (export/ort_decoder.py), so
-the peer is exact: the same weights (the artifact's source model; random
-weights from the same seed), the same precision and block size, the same
-onnxruntime kernels, its own C++ generation loop and its own graph (input_ids
-in, the embedding table inside). The comparison is then about what vlmedge
-adds or loses around the kernels: the decode loop, the KV buffer, the graph.
+Issue 16 asks for decode faster than every peer at the same bit width. Two of
+its peers install here:
 
-A GPTQ artifact's peer is round-to-nearest in the same format (the same
-kernels and bytes read; decode speed does not depend on the values).
+  onnxruntime-genai  its generator on the model its builder makes (the same
+                     builder the ort flavour is built with, export/ort_decoder.py):
+                     the same weights, precision and MatMulNBits block, the same
+                     onnxruntime kernels, its own C++ loop and graph (input_ids in,
+                     the embedding table inside). The comparison is about what
+                     vlmedge adds or loses around the kernels.
+  llama.cpp          llama-cpp-python's C API on a GGUF of the same weights
+                     (gguf_model.py), quantized by llama.cpp to the same bit width:
+                     q8_0 for int8, q4_0 for int4 (blocks of 32; llama.cpp keeps its
+                     output tensor at higher precision by default), f32 for fp32.
+                     Its own kernels against onnxruntime's.
 
-It is a language model alone (no image): vision and preprocessing are not
-measured, and it reads a text prompt as long as its partner artifact's whole
-prompt (image tokens included), so each decode step attends over the same
-number of positions.
+The same weights: the artifact's source model (random weights from the same
+seed). A GPTQ artifact's peer is round-to-nearest in the same format (decode
+speed does not depend on the values).
 
-Models are built once per (source, precision, block, onnxruntime-genai
-version) into a cache directory (default ~/.cache/vlmedge/genai-peers) and
-reused by later runs.
+A peer is a language model alone (no image): vision and preprocessing are not
+measured, and it reads a prompt as long as its partner artifact's whole prompt
+(image tokens included), so each decode step attends over the same number of
+positions.
+
+Models are built once per (peer, source, precision, block, peer version) into
+a cache directory (default ~/.cache/vlmedge/peers) and reused by later runs.
 """
 from __future__ import annotations
 
@@ -36,19 +41,15 @@ from vlmedge.errors import UserInputError
 
 from .systems import Spec
 
-PEERS = ("onnxruntime-genai",)
-PEER_KIND = "genai"
+# --peer NAME -> the worker kind that runs it (worker.py)
+PEERS = {"onnxruntime-genai": "genai", "llama.cpp": "llamacpp"}
+KINDS = set(PEERS.values())
+_MODULES = {"genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
 
 
 def default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vlmedge" / "genai-peers"
-
-
-def graph_file(folder: Path) -> Path:
-    """The peer model's decoder graph, as its genai_config.json names it."""
-    config = json.loads((Path(folder) / "genai_config.json").read_text())
-    return Path(folder) / Path(config["model"]["decoder"]["filename"]).name
+    return Path(base) / "vlmedge" / "peers"
 
 
 def _format(spec: Spec) -> tuple[str, int | None]:
@@ -56,17 +57,28 @@ def _format(spec: Spec) -> tuple[str, int | None]:
     m = spec.manifest
     precision = m.precision if m.precision in ("fp32", "int8", "int4") else None
     if precision is None:
-        raise UserInputError(f"--peer onnxruntime-genai has no model for {spec.name}'s "
-                             f"precision {m.precision!r}", expected="fp32 | int8 | int4")
+        raise UserInputError(f"--peer has no model for {spec.name}'s precision "
+                             f"{m.precision!r}", expected="fp32 | int8 | int4")
     block = None
     if precision != "fp32":
         block = (m.quantization.report.get("block_size") if m.quantization else None) or 32
     return precision, block
 
 
-def peer_name(precision: str, block: int | None) -> str:
-    """genai-int4, genai-int4-b128 (a block other than the builder's 32)."""
-    return f"{PEER_KIND}-{precision}" + (f"-b{block}" if block not in (None, 32) else "")
+def peer_name(kind: str, precision: str, block: int | None) -> str:
+    """genai-int4, genai-int4-b128 (a block other than the builder's 32), llamacpp-q4_0."""
+    if kind == "llamacpp":
+        from .gguf_model import FTYPES
+        return f"llamacpp-{FTYPES[precision][0]}"
+    return f"genai-{precision}" + (f"-b{block}" if block not in (None, 32) else "")
+
+
+def model_file(kind: str, folder: Path) -> Path:
+    """The file a peer runs: the GGUF, or the graph genai_config.json names."""
+    if kind == "llamacpp":
+        return Path(folder) / "model.gguf"
+    config = json.loads((Path(folder) / "genai_config.json").read_text())
+    return Path(folder) / Path(config["model"]["decoder"]["filename"]).name
 
 
 def _source(spec: Spec) -> tuple[Path, bool, str]:
@@ -83,54 +95,73 @@ def _source(spec: Spec) -> tuple[Path, bool, str]:
     return path, bool(src.random_weights), ident
 
 
-def peer_specs(specs: list[Spec], cache: Path, log: Callable[[str], None]) -> list[Spec]:
-    """One peer Spec per distinct (source, precision, block) among the
+def peer_specs(specs: list[Spec], peers: list[str], cache: Path,
+               log: Callable[[str], None]) -> list[Spec]:
+    """Per peer, one Spec per distinct (source, precision, block) among the
     ort-flavour systems, partnered with the first of them; building any model
     not in `cache` yet."""
-    peers: dict[tuple, Spec] = {}
-    for spec in specs:
-        if spec.kind != "onnx" or spec.decoder_flavour != "ort":
-            continue
-        precision, block = _format(spec)
-        path, random_weights, ident = _source(spec)
-        key = (ident, precision, block)
-        if key in peers:
-            continue
-        folder = _built(path, random_weights, ident, precision, block, cache, log)
-        name = peer_name(precision, block)
-        if any(p.name == name for p in peers.values()):
-            name = f"{name}:{spec.name}"
-        peers[key] = Spec(name, PEER_KIND, folder, None, random_weights,
-                          precision=precision, partner=spec.name)
-    if not peers:
-        raise UserInputError("--peer onnxruntime-genai needs an ort-flavour artifact to "
-                             "pair with", hint="export one with vlm-export --decoder-flavour ort")
-    return list(peers.values())
-
-
-def _built(path: Path, random_weights: bool, ident: str, precision: str, block: int | None,
-           cache: Path, log: Callable[[str], None]) -> Path:
-    """The peer model's folder in `cache`, built now if missing. A build goes
-    to a scratch folder beside it and is renamed into place when whole."""
+    partners = [s for s in specs if s.kind == "onnx" and s.decoder_flavour == "ort"]
+    if not partners:
+        raise UserInputError("--peer needs an ort-flavour artifact to pair with",
+                             hint="export one with vlm-export --decoder-flavour ort")
     from vlmedge.lazy import require
 
-    og = require("onnxruntime_genai", "--peer onnxruntime-genai")
-    key = json.dumps([ident, precision, block, og.__version__])
-    folder = cache / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (folder / "genai_config.json").is_file():
-        log(f"peer {peer_name(precision, block)}: {folder} (built before)")
+    out: list[Spec] = []
+    for name in peers:
+        kind = PEERS[name]
+        require(_MODULES[kind], f"--peer {name}")
+        seen: dict[tuple, Spec] = {}
+        for spec in partners:
+            precision, block = _format(spec)
+            path, random_weights, ident = _source(spec)
+            key = (ident, precision, block if kind == "genai" else None)
+            if key in seen:
+                continue
+            label = peer_name(kind, precision, block)
+            if any(p.name == label for p in seen.values()):
+                label = f"{label}:{spec.name}"
+            folder = _built(kind, path, random_weights, key, precision, block, cache, log,
+                            label)
+            seen[key] = Spec(label, kind, folder, None, random_weights,
+                             precision=precision, partner=spec.name)
+        out += seen.values()
+    return out
+
+
+def _built(kind: str, path: Path, random_weights: bool, key: tuple, precision: str,
+           block: int | None, cache: Path, log: Callable[[str], None], label: str) -> Path:
+    """The peer model's folder in `cache`, built now if missing. A build goes
+    to a scratch folder beside it and is renamed into place when whole."""
+    import importlib
+
+    version = getattr(importlib.import_module(_MODULES[kind]), "__version__", "?")
+    ident = json.dumps([kind, *key, version])
+    folder = cache / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if (folder / "vlmedge-peer.json").is_file():
+        log(f"peer {label}: {folder} (built before)")
         return folder
-    log(f"building the onnxruntime-genai peer {peer_name(precision, block)} from {path} "
-        f"(its model builder, once; cached in {cache}) ...")
-    from vlmedge.export import loading, ort_decoder
+    log(f"building the peer {label} from {path} (once; cached in {cache}) ...")
+    from vlmedge.export import loading
 
     cache.mkdir(parents=True, exist_ok=True)
     scratch = cache / f".building-{folder.name}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         loaded = loading.load(path, random_weights=random_weights)
-        ort_decoder.build_text_model(loaded, scratch, precision, block or ort_decoder.BLOCK_SIZE)
-        (scratch / "vlmedge-peer.json").write_text(key + "\n")
+        if kind == "genai":
+            from vlmedge.export import ort_decoder
+            ort_decoder.build_text_model(loaded, scratch, precision,
+                                         block or ort_decoder.BLOCK_SIZE)
+        else:
+            from . import gguf_model
+            scratch.mkdir(parents=True)
+            f32 = scratch / ("model.gguf" if precision == "fp32" else "model-f32.gguf")
+            gguf_model.write_f32(loaded, f32)
+            del loaded
+            if precision != "fp32":
+                gguf_model.quantize(f32, scratch / "model.gguf", precision)
+                f32.unlink()
+        (scratch / "vlmedge-peer.json").write_text(ident + "\n")  # written last: whole
         os.replace(scratch, folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -260,14 +260,14 @@ def _peer_md(res: dict) -> list[str]:
     peers = [s for s in res["systems"] if s.get("peer_of")]
     if not peers:
         return []
-    pairs = ", ".join(f"{s['name']} (beside {s['peer_of']})" for s in peers)
-    version = peers[0].get("onnxruntime_genai_version") or "?"
-    return [f"Peer: {pairs}: onnxruntime-genai {version}'s own generator on the model its "
-            "builder makes of the same language model (same weights, precision and block "
-            "size; input_ids in, the embedding table inside). Text only, with a prompt as "
-            "long as its partner's whole prompt (image tokens included), so each decode step "
-            "attends over as many positions; it has no preprocessing or vision, and its TTFT "
-            "is a text prefill.", ""]
+    pairs = ", ".join(f"{s['name']} ({s.get('peer_version') or '?'}, beside {s['peer_of']})"
+                      for s in peers)
+    return [f"Peers: {pairs}: each on its own model of the same language model (same weights "
+            "and bit width: onnxruntime-genai's builder at the same precision and block, "
+            "llama.cpp's q8_0/q4_0/f32 GGUF). Text only, with a prompt as long as its "
+            "partner's whole prompt (image tokens included), so each decode step attends "
+            "over as many positions; a peer has no preprocessing or vision, so only decode "
+            "and prefill compare.", ""]
 
 
 def _tegra_md(res: dict) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmedge.lazy import require
+
 # Bytes per element of onnx element types (float8s: 1; uint4/int4: half a byte,
 # two to a byte as DequantizeLinear's blocked int4 weights are stored).
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 17: 1, 18: 1,
@@ -133,6 +135,17 @@ def lookup_table_bytes(path: Path) -> int:
             if name in sizes:
                 (gathered if node.op_type == "Gather" and k == 0 else other).add(name)
     return sum(sizes[n] for n in gathered - other)
+
+
+def gguf_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of every tensor of a GGUF file, bytes a decode step reads of
+    them): all but token_embd when an output tensor of its own exists (a step
+    reads one embedding row; a tied model's LM head reads the table whole)."""
+    gguf = require("gguf", "the llama.cpp peer")
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    total = sum(tensors.values())
+    table = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
+    return total, total - table
 
 
 def initializer_bytes(path: Path) -> int | None:

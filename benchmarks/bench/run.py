@@ -42,9 +42,9 @@ class Options:
     # image-token budget for every system (runtime/image_budget.py; the baseline's
     # HF processor gets the same settings): None = each model's own preprocessing
     max_image_tokens: int | None = None
-    # "onnxruntime-genai": its generator on its own model of each ort-flavour
-    # artifact's language model, side by side (peer.py); built into peer_cache
-    peer: str | None = None
+    # peer runtimes on their own model of each ort-flavour artifact's language
+    # model, side by side (peer.py: "onnxruntime-genai", "llama.cpp"); built into peer_cache
+    peers: list[str] = field(default_factory=list)
     peer_cache: Path | None = None
 
 
@@ -76,8 +76,8 @@ def specs_for(o: Options, log: Callable[[str], None] = lambda line: None) -> lis
     specs = artifact_specs(o.artifacts, verify=o.verify)
     if o.baseline == "torch":
         specs.insert(0, torch_spec(o.model, specs[0]))
-    if o.peer:  # after the artifacts: each round, a peer runs after its partner
-        specs += peer.peer_specs(specs, o.peer_cache or peer.default_cache(), log)
+    if o.peers:  # after the artifacts: each round, a peer runs after its partner
+        specs += peer.peer_specs(specs, o.peers, o.peer_cache or peer.default_cache(), log)
     return specs
 
 
@@ -211,10 +211,12 @@ def _weights(spec: Spec) -> tuple[int, int]:
     this system runs (of an artifact with both decoder flavours, its own)."""
     if spec.kind == "torch":
         return spec.facts["weight_bytes"], spec.facts["decode_weight_bytes"]
-    if spec.kind == peer.PEER_KIND:  # all but the embedding table, of which a step reads a row
-        graph = peer.graph_file(spec.path)
+    if spec.kind == "genai":  # all but the embedding table, of which a step reads a row
+        graph = peer.model_file(spec.kind, spec.path)
         total = roofline.initializer_bytes(graph) or 0
         return total, total - roofline.lookup_table_bytes(graph)
+    if spec.kind == "llamacpp":
+        return roofline.gguf_bytes(peer.model_file(spec.kind, spec.path))
     m = spec.manifest
     roles = m.flavour_components(spec.decoder_flavour or m.decoder.flavour)
     sizes = {}
@@ -243,10 +245,10 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
     """One entry of `systems`: timings, memory, sizes, roofline shares."""
     rec: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "path": str(spec.path),
                            "random_weights": spec.random_weights}
-    if spec.kind == peer.PEER_KIND:
-        rec.update(precision=spec.precision, decoder_flavour="ort", peer_of=spec.partner,
+    if spec.kind in peer.KINDS:
+        rec.update(precision=spec.precision, peer_of=spec.partner,
                    providers=spec.facts.get("providers"),
-                   onnxruntime_genai_version=spec.facts.get("onnxruntime_genai_version"))
+                   peer_version=spec.facts.get("peer_version"))
     elif spec.manifest:
         m = spec.manifest
         rec.update(family=m.family, target=m.target, precision=m.precision,

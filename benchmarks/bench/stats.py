@@ -66,7 +66,7 @@ def ratios(systems: list[dict], baseline: str | None) -> dict[str, Any]:
     """Every system against the baseline (or the first system without one),
     each int8/int4 system against the fp32 one of the same target (and flavour),
     each ort-flavour system against the portable one of its precision, and
-    each artifact with an onnxruntime-genai peer (peer.py) against it."""
+    each artifact with a peer (peer.py: onnxruntime-genai, llama.cpp) against it."""
     if not systems:
         return {}
     ref = next((s for s in systems if s["name"] == baseline), systems[0])
@@ -148,8 +148,8 @@ def targets(systems: list[dict], rat: dict, baseline: str | None,
     for key, r in rat.items():
         if by_name.get(r["vs"], {}).get("peer_of") == r["system"]:
             # issue 16: faster than every peer at the same bit width
-            out.append(_target(f"{r['system']} decode tokens/s >= {r['vs']} (onnxruntime-genai, "
-                               f"same weights)", r["decode_speedup"], 1.0))
+            out.append(_target(f"{r['system']} decode tokens/s >= {r['vs']} (same weights, "
+                               f"same bit width)", r["decode_speedup"], 1.0))
             continue
         if r["vs"] != baseline:
             continue

@@ -162,5 +162,11 @@ class SystemProcess:
     def _died(self):
         code = self.proc.wait()
         how = "was killed (out of memory?)" if code in (-9, 137) else f"exited with status {code}"
-        raise WorkerError(f"the {self.name} worker process {how}",
-                          hint="its messages are above on stderr")
+        hint = "its messages are above on stderr"
+        if self.spec.kind == "llamacpp" and code == -11:
+            # seen on a Xeon with AMX: llama.cpp's AMX matmul on SmolVLM's 576-wide rows
+            hint = ("llama.cpp crashed; on a CPU with AMX, build llama-cpp-python without its "
+                    "AMX kernels: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+                    "-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON' pip install "
+                    "--no-cache-dir llama-cpp-python")
+        raise WorkerError(f"the {self.name} worker process {how}", hint=hint)

@@ -6,7 +6,7 @@ libraries, the weights, the KV cache and every transient of loading and
 running), and one system's allocator state cannot slow another's.
 
 Protocol: JSON lines. The first line on stdin is the spec
-{"kind": "onnx"|"torch"|"genai", "path": ..., "threads": n, "provider": ...}; the
+{"kind": "onnx"|"torch"|"genai"|"llamacpp", "path": ..., "threads": n, "provider": ...}; the
 worker answers {"ready": ...facts}. Then each line is a command,
 {"cmd": "run", "image": PATH, "prompt": TEXT, "new_tokens": N} -> timings,
 {"cmd": "memory"} -> RSS figures, {"cmd": "quit"}. A user error answers
@@ -260,7 +260,7 @@ class GenaiSystem:
         # weight bytes are counted by vlm-bench from the graph file (run.py),
         # not here: the onnx package would add to this process's RSS
         return {"providers": ["CPUExecutionProvider"],
-                "decoder_flavour": "ort", "onnxruntime_genai_version": self.og.__version__}
+                "peer_version": f"onnxruntime-genai {self.og.__version__}"}
 
     def run(self, image_path: str, prompt: str, new_tokens: int,
             prompt_tokens: int | None = None) -> dict[str, Any]:
@@ -291,6 +291,82 @@ class GenaiSystem:
                 "total_ms": _ms(t_start), "prompt_tokens": n, "new_tokens": len(tokens),
                 "token_ids": [int(t) for t in tokens[:8]], "kv_cache_bytes": kv,
                 "kv_cache_rows": n + new_tokens}
+
+
+class LlamaCppSystem:
+    """The llama.cpp peer (peer.py): llama.cpp through llama-cpp-python's C
+    API, on its model of the same language model (gguf_model.py). Like
+    GenaiSystem: text only, a prompt of `prompt_tokens` ids (the partner's
+    length), exactly new_tokens tokens, greedy with llama.cpp's own sampler;
+    one llama_decode of the prompt is the prefill, then each token is one
+    llama_decode of the previous token and a sample (a decode_ms entry)."""
+
+    def __init__(self, path: str, threads: int):
+        from vlmedge.lazy import require
+
+        lib = require("llama_cpp", "the llama.cpp peer")
+        self.lib, self.threads = lib, threads
+        from .gguf_model import quiet_llama
+        quiet_llama(lib)
+        params = lib.llama_model_default_params()
+        gguf = os.path.join(path, "model.gguf")
+        self.model = lib.llama_model_load_from_file(gguf.encode(), params)
+        if not self.model:
+            from vlmedge.errors import ArtifactError
+            raise ArtifactError(f"llama.cpp could not load the peer model {gguf}")
+        self.ctx, self.n_ctx = None, 0
+        self.sampler = lib.llama_sampler_init_greedy()
+
+    def _context(self, need: int):
+        """A context with room for `need` positions (made again only to grow)."""
+        lib = self.lib
+        if self.ctx is None or need > self.n_ctx:
+            if self.ctx is not None:
+                lib.llama_free(self.ctx)
+            params = lib.llama_context_default_params()
+            self.n_ctx = max(512, -(-need // 256) * 256)
+            params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
+            params.n_threads = params.n_threads_batch = self.threads
+            params.no_perf = True
+            self.ctx = lib.llama_init_from_model(self.model, params)
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        return self.ctx
+
+    def facts(self) -> dict[str, Any]:
+        import llama_cpp
+        return {"providers": ["llama.cpp CPU"],
+                "peer_version": f"llama-cpp-python {llama_cpp.__version__}"}
+
+    def run(self, image_path: str, prompt: str, new_tokens: int,
+            prompt_tokens: int | None = None) -> dict[str, Any]:
+        lib = self.lib
+        n = prompt_tokens or 16
+        vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        ids = [(7 * i + 3) % vocab for i in range(n)]  # any ids: the weights set the pace
+        ctx = self._context(n + new_tokens)
+        t_start = time.perf_counter()
+        prompt_ids = (lib.llama_token * n)(*ids)
+        if lib.llama_decode(ctx, lib.llama_batch_get_one(prompt_ids, n)) != 0:
+            from vlmedge.errors import ArtifactError
+            raise ArtifactError("llama.cpp failed to decode the prompt")
+        prefill_ms = _ms(t_start)
+        tokens, marks = [], []
+        one = (lib.llama_token * 1)()
+        for i in range(new_tokens):
+            if i:
+                one[0] = tokens[-1]
+                lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1))
+            tokens.append(int(lib.llama_sampler_sample(self.sampler, ctx, -1)))
+            marks.append(time.perf_counter())
+        m = self.model  # the KV cache: f16 keys and values, n_ctx rows per layer
+        per_row = 2 * 2 * lib.llama_model_n_layer(m) * lib.llama_model_n_head_kv(m) * \
+            (lib.llama_model_n_embd(m) // lib.llama_model_n_head(m))
+        kv = per_row * self.n_ctx
+        return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": prefill_ms,
+                "ttft_ms": (marks[0] - t_start) * 1000.0,
+                "decode_ms": [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])],
+                "total_ms": _ms(t_start), "prompt_tokens": n, "new_tokens": len(tokens),
+                "token_ids": tokens[:8], "kv_cache_bytes": kv, "kv_cache_rows": self.n_ctx}
 
 
 def _budget_facts(family, model, processor):
@@ -344,6 +420,8 @@ def _cache_bytes(out) -> int | None:
 def _open(spec: dict[str, Any]):
     if spec["kind"] == "genai":
         return GenaiSystem(spec["path"], spec["threads"])
+    if spec["kind"] == "llamacpp":
+        return LlamaCppSystem(spec["path"], spec["threads"])
     if spec["kind"] == "onnx":
         return OnnxSystem(spec["path"], spec["threads"], spec.get("provider", "cpu"),
                           spec.get("max_image_tokens"), spec.get("decoder_flavour"))
@@ -380,6 +458,8 @@ def _import_libraries(kind: str) -> None:
     import vlmedge.runtime  # noqa: F401
     if kind == "genai":
         import onnxruntime_genai  # noqa: F401
+    if kind == "llamacpp":
+        import llama_cpp  # noqa: F401
     if kind == "torch":
         import torch  # noqa: F401
         import transformers
@@ -417,7 +497,8 @@ def serve(inp, out) -> None:
                   "gpu_memory_mb": _gpu_memory_mb()})
             continue
         try:
-            extra = {"prompt_tokens": cmd["prompt_tokens"]} if spec["kind"] == "genai" else {}
+            extra = {"prompt_tokens": cmd["prompt_tokens"]} \
+                if spec["kind"] in ("genai", "llamacpp") else {}
             send(system.run(cmd["image"], cmd["prompt"], int(cmd["new_tokens"]), **extra))
         except VlmedgeError as e:
             send({"error": str(e), "type": type(e).__name__})
