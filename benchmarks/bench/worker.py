@@ -285,12 +285,19 @@ class GenaiSystem:
         d = self.config["decoder"]
         kv = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4 * \
             (n + new_tokens)  # the shared fp32 buffer, max_length long
-        return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": prefill_ms,
-                "ttft_ms": (marks[0] - t_start) * 1000.0,
-                "decode_ms": [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])],
-                "total_ms": _ms(t_start), "prompt_tokens": n, "new_tokens": len(tokens),
-                "token_ids": [int(t) for t in tokens[:8]], "kv_cache_bytes": kv,
-                "kv_cache_rows": n + new_tokens}
+        return _peer_run(t_start, prefill_ms, marks, n, tokens, kv, n + new_tokens)
+
+
+def _peer_run(t_start: float, prefill_ms: float, marks: list[float], prompt_tokens: int,
+              tokens: list[int], kv_bytes: int, kv_rows: int) -> dict[str, Any]:
+    """A peer's run record: `marks` are the times each token was chosen, so
+    decode_ms[i] spans one decoder step and one sample, as the artifacts'."""
+    return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": prefill_ms,
+            "ttft_ms": (marks[0] - t_start) * 1000.0,
+            "decode_ms": [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])],
+            "total_ms": _ms(t_start), "prompt_tokens": prompt_tokens, "new_tokens": len(tokens),
+            "token_ids": [int(t) for t in tokens[:8]], "kv_cache_bytes": kv_bytes,
+            "kv_cache_rows": kv_rows}
 
 
 class LlamaCppSystem:
@@ -362,11 +369,7 @@ class LlamaCppSystem:
         per_row = 2 * 2 * lib.llama_model_n_layer(m) * lib.llama_model_n_head_kv(m) * \
             (lib.llama_model_n_embd(m) // lib.llama_model_n_head(m))
         kv = per_row * self.n_ctx
-        return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": prefill_ms,
-                "ttft_ms": (marks[0] - t_start) * 1000.0,
-                "decode_ms": [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])],
-                "total_ms": _ms(t_start), "prompt_tokens": n, "new_tokens": len(tokens),
-                "token_ids": tokens[:8], "kv_cache_bytes": kv, "kv_cache_rows": self.n_ctx}
+        return _peer_run(t_start, prefill_ms, marks, n, tokens, kv, self.n_ctx)
 
 
 def _budget_facts(family, model, processor):
