@@ -27,14 +27,14 @@ class WorkerError(VlmedgeError):
 @dataclass
 class Spec:
     name: str  # backend and precision: torch-eager-fp32, onnx-fp32, onnx-int8, ort-int4, ...
-    kind: str  # "torch" | "onnx" | "genai" (the onnxruntime-genai peer, peer.py)
-    path: Path  # model directory (torch, genai) or artifact directory (onnx)
+    kind: str  # "torch" | "onnx" | a peer's: "genai" (onnxruntime-genai), "llamacpp" (peer.py)
+    path: Path  # model directory (torch), artifact directory (onnx), peer model folder
     manifest: "manifest_mod.Manifest | None" = None
     random_weights: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
     decoder_flavour: str | None = None  # onnx: the decoder graph run ("portable" | "ort")
-    precision: str | None = None  # genai: its weights' precision (an artifact's is its manifest's)
-    partner: str | None = None  # genai: the artifact system whose prompt length it takes
+    precision: str | None = None  # a peer's bit width (an artifact's is its manifest's)
+    partner: str | None = None  # a peer's: the artifact system whose prompt length it takes
 
 
 def system_name(m: "manifest_mod.Manifest", flavour: str) -> str:
