@@ -15,7 +15,9 @@
               so a step writes only its S new rows, in place: no per-step copy of
               the cache.
 
-Both return the last position's logits (V,) and the next KVCache; a KVCache stays
+Both return the last position's logits (V,), a new array each step that the caller
+may change (the decode loop masks a forced length's stop tokens in place), and the
+next KVCache; a KVCache stays
 valid after it was extended (see KVBuffer), so one prefix seeds several answers.
 """
 from __future__ import annotations
@@ -169,8 +171,9 @@ class OrtDecoder:
         graph), read once per session; None unless the graph declares one
         position and a fixed vocabulary (the builder's pruned LM head does)."""
         if self._layout[0] is not session:
-            out = next(o for o in session.get_outputs() if o.name == "logits")
-            fixed = len(out.shape) == 3 and out.shape[1] == 1 and isinstance(out.shape[2], int)
+            out = next((o for o in session.get_outputs() if o.name == "logits"), None)
+            fixed = out is not None and len(out.shape) == 3 and out.shape[1] == 1 and \
+                isinstance(out.shape[2], int)
             dtype = np.float16 if out.type == "tensor(float16)" else np.float32
             self._layout = (session, ((1, 1, out.shape[2]), dtype) if fixed else None)
         return self._layout[1]

@@ -435,8 +435,8 @@ class VLMSession:
                 timings["stop_reason"] = "cancelled"
                 break
             t = time.perf_counter()
-            if state is not None:  # decode()'s callers: the model's logits, before any mask
-                state["last_logits"] = logits
+            if state is not None:  # decode()'s callers: the model's logits (before any
+                state["last_logits"] = logits  # mask but force_length's, applied in place)
             if constraint is not None:
                 if constraint.must_stop():
                     timings["stop_reason"] = "constraint_complete"
@@ -448,7 +448,9 @@ class VLMSession:
             if force_length:  # a benchmark's forced length: never stop early
                 if i == 0:  # a prefill's logits may be a cached prefix's: not ours to mask
                     logits = logits.copy()
-                logits[stop_list] = -np.inf  # a step's logits are this loop's alone
+                # every decoder's step() returns a new array (runtime/decoders.py), so
+                # a step's logits are this loop's alone
+                logits[stop_list] = -np.inf
             token = sampling.next_token(logits, history, rng, **opts)
             sample_ms = _ms(t)
             if i == 0:

@@ -375,6 +375,29 @@ def test_ask_and_long_answers_match_portable(ort_fp32, demo_artifact):
     assert n > HEADROOM
 
 
+def test_step_logits_are_new_arrays_and_a_forced_length_leaves_the_prefills(ort_fp32):
+    """The builder's pruned LM head takes the direct logits binding; every step
+    returns an array of its own, so the decode loop may mask a forced length's
+    stop tokens in place, and never in a prefill's logits (a cached prefix's)."""
+    s = _session(ort_fp32[0])
+    assert s._runner._logits_layout(s.decoder.session) is not None
+    img = _images(1)[0]
+    enc = s.encode(img)
+    ids = s.chat.prompt_ids(QUESTIONS[0], image_grid=enc.grid)
+    logits, cache = s.prefill(ids, enc.features, s.empty_cache())
+    kept = logits.copy()
+    a, cache_a = s.step(s.embed_token(5), cache)
+    b, _ = s.step(s.embed_token(7), cache_a)
+    assert not np.shares_memory(a, b) and not np.shares_memory(a, logits)
+    timings = {}
+    tokens = list(s.decode(logits, cache, 6, force_length=True, timings=timings))
+    assert len(tokens) == 6 and not set(tokens) & set(s.chat.stop_token_ids)
+    np.testing.assert_array_equal(logits, kept)  # the prefill's logits untouched
+    # and the same answer as an unforced decode up to its first stop token
+    free = list(s.decode(logits, cache, 6))
+    assert tokens[:len(free)] == free
+
+
 def _forced(s, img, n):
     enc = s.encode(img)
     ids = s.chat.prompt_ids("describe the image.", image_grid=enc.grid)

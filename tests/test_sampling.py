@@ -23,10 +23,11 @@ def test_greedy_is_the_float64_argmax(seed):
     x = _logits(seed)
     want = int(np.argmax(x.astype(np.float64)))
     assert sampling.next_token(x, [], np.random.default_rng(0)) == want
-    # with a repetition penalty the float64 path runs: the same token when no
-    # penalised token is the maximum
-    assert sampling.next_token(x, [want + 1 if want + 1 < x.size else 0],
-                               np.random.default_rng(0), repetition_penalty=1.0) == want
+    # a repetition penalty takes the float64 path: the same token when the
+    # penalised tokens are not the maximum (finite ones, so the penalty applies)
+    history = [int(i) for i in np.flatnonzero(np.isfinite(x))[:5] if i != want]
+    assert sampling.next_token(x, history, np.random.default_rng(0),
+                               repetition_penalty=1.3) == want
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])

@@ -23,6 +23,9 @@ _EXTRAS = {
     "onnxruntime_genai": ("export", "pip install 'vlmedge[export]' (onnxruntime-genai: its model "
                           "builder makes the ort decoder flavour)"),
     "llguidance": ("structured", "pip install 'vlmedge[structured]' (llguidance)"),
+    "llama_cpp": ("peers", "pip install 'vlmedge[peers]' (llama-cpp-python; on a CPU with AMX "
+                  "see the README's Benchmarks section for its build flags)"),
+    "gguf": ("peers", "pip install 'vlmedge[peers]' (gguf)"),
     "av": ("camera", "pip install 'vlmedge[camera]' (PyAV, for video files)"),
     "cv2": ("camera", "pip install opencv-python-headless (or your platform's OpenCV: "
             "JetPack's has GStreamer)"),

@@ -38,6 +38,16 @@ def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, d // 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
+def _tensor_names(layers: int) -> dict[str, str]:
+    """Hugging Face language-model weight -> llama.cpp tensor, per layer."""
+    pairs = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    return {f"blk.{i}.{g}.weight": f"layers.{i}.{h}.weight"
+            for i in range(layers) for h, g in pairs.items()}
+
+
 def _rope_theta(tc) -> float:
     theta = getattr(tc, "rope_theta", None)
     params = getattr(tc, "rope_parameters", None) or {}
@@ -63,6 +73,14 @@ def write_f32(loaded, path: Path) -> None:
              fam.language_model(model).state_dict().items()}
     head = fam.lm_head(model).weight.detach().float().numpy()
     embed = state["embed_tokens.weight"]
+    names = _tensor_names(tc.num_hidden_layers)
+    left = set(state) - set(names.values()) - {"embed_tokens.weight", "norm.weight"}
+    left = {k for k in left if "rotary_emb" not in k}  # recomputed from the config
+    if left:  # biases (attention_bias, mlp_bias) and the like: llama.cpp's llama has none
+        raise UnsupportedArchitectureError(
+            "the llama.cpp peer writes a plain llama language model",
+            got=f"weights it has no place for: {sorted(left)[:3]}",
+            hint="leave out --peer llama.cpp")
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(tc.max_position_embeddings)
@@ -81,19 +99,11 @@ def write_f32(loaded, path: Path) -> None:
     w.add_tokenizer_model("no_vocab")
 
     w.add_tensor("token_embd.weight", embed)
-    for i in range(tc.num_hidden_layers):
-        p = f"layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight",
-                     _rotary_rows(state[p + "self_attn.q_proj.weight"], heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight",
-                     _rotary_rows(state[p + "self_attn.k_proj.weight"], kv_heads))
-        w.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
-        w.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"])
+    rotary = {"attn_q": heads, "attn_k": kv_heads}  # rows reordered per head
+    for ours, theirs in names.items():
+        kind = ours.split(".")[2]
+        value = state[theirs]
+        w.add_tensor(ours, _rotary_rows(value, rotary[kind]) if kind in rotary else value)
     w.add_tensor("output_norm.weight", state["norm.weight"])
     if not np.shares_memory(head, embed) and not np.array_equal(head, embed):
         w.add_tensor("output.weight", head)  # tied embeddings: llama.cpp reuses token_embd

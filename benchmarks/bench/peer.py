@@ -44,7 +44,10 @@ from .systems import Spec
 # --peer NAME -> the worker kind that runs it (worker.py)
 PEERS = {"onnxruntime-genai": "genai", "llama.cpp": "llamacpp"}
 KINDS = set(PEERS.values())
-_MODULES = {"genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
+_MODULES = {"genai": ("onnxruntime_genai",), "llamacpp": ("llama_cpp", "gguf")}
+# Part of every cache key: raised when what this file or gguf_model.py writes
+# changes, so a cached model of the old writer is not reused.
+PEER_FORMAT = 1
 
 
 def default_cache() -> Path:
@@ -109,7 +112,8 @@ def peer_specs(specs: list[Spec], peers: list[str], cache: Path,
     out: list[Spec] = []
     for name in peers:
         kind = PEERS[name]
-        require(_MODULES[kind], f"--peer {name}")
+        for module in _MODULES[kind]:  # before any timing: a missing one fails now
+            require(module, f"--peer {name}")
         seen: dict[tuple, Spec] = {}
         for spec in partners:
             precision, block = _format(spec)
@@ -134,16 +138,21 @@ def _built(kind: str, path: Path, random_weights: bool, key: tuple, precision: s
     to a scratch folder beside it and is renamed into place when whole."""
     import importlib
 
-    version = getattr(importlib.import_module(_MODULES[kind]), "__version__", "?")
-    ident = json.dumps([kind, *key, version])
+    version = getattr(importlib.import_module(_MODULES[kind][0]), "__version__", "?")
+    ident = json.dumps([PEER_FORMAT, kind, *key, version])
     folder = cache / hashlib.sha256(ident.encode()).hexdigest()[:16]
-    if (folder / "vlmedge-peer.json").is_file():
+    if _whole(folder):
         log(f"peer {label}: {folder} (built before)")
         return folder
     log(f"building the peer {label} from {path} (once; cached in {cache}) ...")
     from vlmedge.export import loading
 
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"--peer-cache {cache} cannot be made: {e.strerror}",
+                             hint="pass --peer-cache DIR, a writable directory") from None
+    _sweep(cache)
     scratch = cache / f".building-{folder.name}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -162,7 +171,33 @@ def _built(kind: str, path: Path, random_weights: bool, key: tuple, precision: s
                 gguf_model.quantize(f32, scratch / "model.gguf", precision)
                 f32.unlink()
         (scratch / "vlmedge-peer.json").write_text(ident + "\n")  # written last: whole
-        os.replace(scratch, folder)
+        if folder.exists() and not _whole(folder):
+            shutil.rmtree(folder)  # a folder without its marker is no model
+        try:
+            os.replace(scratch, folder)
+        except OSError:  # another vlm-bench built it meanwhile: theirs is as good
+            if not _whole(folder):
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def _whole(folder: Path) -> bool:
+    """A peer model folder renamed into place whole (its marker is written last)."""
+    return (folder / "vlmedge-peer.json").is_file()
+
+
+def _sweep(cache: Path) -> None:
+    """Removes the scratch folders of builds whose process is gone (killed, out
+    of memory): a half-written f32 GGUF is the size of the model."""
+    for scratch in cache.glob(".building-*"):
+        pid = scratch.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(scratch, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass

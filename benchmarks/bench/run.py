@@ -213,7 +213,9 @@ def _weights(spec: Spec) -> tuple[int, int]:
         return spec.facts["weight_bytes"], spec.facts["decode_weight_bytes"]
     if spec.kind == "genai":  # all but the embedding table, of which a step reads a row
         graph = peer.model_file(spec.kind, spec.path)
-        total = roofline.initializer_bytes(graph) or 0
+        total = roofline.initializer_bytes(graph)
+        if total is None:  # no onnx package: the files' sizes
+            return (sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*")),) * 2
         return total, total - roofline.lookup_table_bytes(graph)
     if spec.kind == "llamacpp":
         return roofline.gguf_bytes(peer.model_file(spec.kind, spec.path))

@@ -244,17 +244,24 @@ class GenaiSystem:
 
         og = require("onnxruntime_genai", "the onnxruntime-genai peer")
         self.og = og
-        config = og.Config(path)
-        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        config.clear_providers()  # the CPU (vlm-bench refuses --peer with another provider)
-        self.model = og.Model(config)
-        # the prompt's ids through the tokenizers package: onnxruntime-genai's own
-        # tokenizer does not read every tokenizer.json (the demo model's, for one)
         from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        with open(os.path.join(path, "genai_config.json")) as f:
-            self.config = json.load(f)["model"]
+
+        from vlmedge.errors import ArtifactError
+        try:
+            config = og.Config(path)
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+            config.clear_providers()  # the CPU (vlm-bench refuses --peer with another provider)
+            self.model = og.Model(config)
+            # the prompt's ids through the tokenizers package: onnxruntime-genai's own
+            # tokenizer does not read every tokenizer.json (the demo model's, for one)
+            self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            with open(os.path.join(path, "genai_config.json")) as f:
+                self.config = json.load(f)["model"]
+        except Exception as e:  # onnxruntime-genai and tokenizers raise untyped errors
+            raise ArtifactError(f"the peer model in {path} does not load: "
+                                f"{str(e).strip().splitlines()[0][:200] if str(e) else e!r}",
+                                hint="delete that folder and vlm-bench builds it again") from None
 
     def facts(self) -> dict[str, Any]:
         # weight bytes are counted by vlm-bench from the graph file (run.py),
@@ -270,6 +277,11 @@ class GenaiSystem:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids or [0]
         n = prompt_tokens or len(ids)
         ids = np.array((ids * (n // len(ids) + 1))[:n], dtype=np.int32)
+        if n + new_tokens > self.config["context_length"]:
+            from vlmedge.errors import ContextOverflowError
+            raise ContextOverflowError(
+                "prompt + new tokens exceed the peer model's context length",
+                expected=f"<= {self.config['context_length']}", got=f"{n} + {new_tokens}")
         params = og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=n + new_tokens,
                                   min_length=n + new_tokens)
@@ -283,9 +295,18 @@ class GenaiSystem:
             marks.append(time.perf_counter())
         tokens = list(generator.get_sequence(0))[n:]
         d = self.config["decoder"]
+        # the fp32 cache (a CPU build): one buffer max_length long, past and present shared
         kv = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4 * \
-            (n + new_tokens)  # the shared fp32 buffer, max_length long
+            (n + new_tokens)
         return _peer_run(t_start, prefill_ms, marks, n, tokens, kv, n + new_tokens)
+
+
+    def close(self) -> None:
+        lib = self.lib
+        lib.llama_sampler_free(self.sampler)
+        if self.ctx is not None:
+            lib.llama_free(self.ctx)
+        lib.llama_model_free(self.model)
 
 
 def _peer_run(t_start: float, prefill_ms: float, marks: list[float], prompt_tokens: int,
@@ -316,6 +337,7 @@ class LlamaCppSystem:
         from .gguf_model import quiet_llama
         quiet_llama(lib)
         params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0  # the CPU, as the artifacts (a GPU build would offload all)
         gguf = os.path.join(path, "model.gguf")
         self.model = lib.llama_model_load_from_file(gguf.encode(), params)
         if not self.model:
@@ -335,7 +357,12 @@ class LlamaCppSystem:
             params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
             params.n_threads = params.n_threads_batch = self.threads
             params.no_perf = True
+            params.offload_kqv = params.op_offload = False
             self.ctx = lib.llama_init_from_model(self.model, params)
+            if not self.ctx:
+                from vlmedge.errors import ArtifactError
+                raise ArtifactError(f"llama.cpp could not make a context of {self.n_ctx} "
+                                    "positions for the peer model")
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         return self.ctx
 
@@ -362,7 +389,9 @@ class LlamaCppSystem:
         for i in range(new_tokens):
             if i:
                 one[0] = tokens[-1]
-                lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1))
+                if lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1)) != 0:
+                    from vlmedge.errors import ArtifactError
+                    raise ArtifactError(f"llama.cpp failed to decode token {i} of the peer")
             tokens.append(int(lib.llama_sampler_sample(self.sampler, ctx, -1)))
             marks.append(time.perf_counter())
         m = self.model  # the KV cache: f16 keys and values, n_ctx rows per layer
@@ -494,6 +523,8 @@ def serve(inp, out) -> None:
     for line in inp:
         cmd = json.loads(line)
         if cmd["cmd"] == "quit":
+            if hasattr(system, "close"):
+                system.close()
             return
         if cmd["cmd"] == "memory":
             send({"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb(),
