@@ -90,7 +90,7 @@ class OrtDecoder:
     def _allocate(self, capacity: int) -> KVBuffer:
         f = self.facts
         shape = (1, f.num_kv_heads, capacity, f.head_dim)
-        arrays = tuple(np.zeros(shape, self.dtype) for _ in range(2 * f.num_layers))
+        arrays = tuple(_aligned_zeros(shape, self.dtype) for _ in range(2 * f.num_layers))
         if self.device == "cpu":  # OrtValues over the numpy memory: no copy
             values = tuple(self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays)
         else:
@@ -177,6 +177,19 @@ class OrtDecoder:
             dtype = np.float16 if out.type == "tensor(float16)" else np.float32
             self._layout = (session, ((1, 1, out.shape[2]), dtype) if fixed else None)
         return self._layout[1]
+
+
+def _aligned_zeros(shape: tuple, dtype, align: int = 64) -> np.ndarray:
+    """Zeros whose first byte is on a cache line (numpy gives 16 bytes): the
+    attention kernels read and write each layer's cache with 64-byte vectors,
+    and a misaligned buffer splits every one of them over two lines (as
+    onnxruntime's own allocations are; on SmolVLM-256M int4 a bare decode loop
+    over its allocations ran 0-4% faster than over numpy's, within this
+    machine's noise)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def attention_groups(rule: str, ids, s: int, past: int, image_token_id: int | None

@@ -506,6 +506,9 @@ def test_peer_ratios_and_targets():
     vs_peer = [t for t in targets if "llamacpp-q4_0 (same weights" in t["target"]]
     assert len(vs_peer) == 1 and vs_peer[0]["met"] is True and vs_peer[0]["goal"] == 1.0
     assert not any(t["target"].startswith("llamacpp-q4_0") for t in targets)
+    # without a baseline a peer is compared with its partner only
+    alone = stats.ratios(systems[1:], None)
+    assert set(alone) == {"ort-int4/llamacpp-q4_0"}
 
 
 def test_peer_cache_sweeps_dead_builds_only(tmp_path):

@@ -70,7 +70,9 @@ def ratios(systems: list[dict], baseline: str | None) -> dict[str, Any]:
     if not systems:
         return {}
     ref = next((s for s in systems if s["name"] == baseline), systems[0])
-    out = {f"{s['name']}/{ref['name']}": ratio(s, ref) for s in systems if s is not ref}
+    # a peer against the baseline, but not against whichever artifact came first
+    out = {f"{s['name']}/{ref['name']}": ratio(s, ref) for s in systems
+           if s is not ref and (ref["name"] == baseline or not s.get("peer_of"))}
     for s in systems:
         same = [f for f in systems if f.get("precision") == "fp32" and
                 f.get("target") is not None and f.get("target") == s.get("target")]
