@@ -284,6 +284,7 @@ def test_peer_runs_beside_its_partner(ort_demo, tmp_path):
                "--warmup", 0, "--new-tokens", 5, "--threads", 1, "--json",
                tmp_path / "b.json", "--report", tmp_path / "report", "--quiet", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]  # every worker quit cleanly
     res = json.loads((tmp_path / "b.json").read_text())
     ours, peer = res["systems"]
     assert (ours["name"], peer["name"]) == ("ort-fp32", "genai-fp32")
@@ -433,6 +434,7 @@ def test_llama_cpp_peer_runs_beside_its_partner(ort_demo, tmp_path):
                0, "--new-tokens", 5, "--threads", 1, "--json", tmp_path / "b.json", "--quiet",
                timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]  # every worker quit cleanly
     res = json.loads((tmp_path / "b.json").read_text())
     ours, peer = res["systems"]
     assert peer["name"] == "llamacpp-f32" and peer["peer_of"] == "ort-fp32"

@@ -301,14 +301,6 @@ class GenaiSystem:
         return _peer_run(t_start, prefill_ms, marks, n, tokens, kv, n + new_tokens)
 
 
-    def close(self) -> None:
-        lib = self.lib
-        lib.llama_sampler_free(self.sampler)
-        if self.ctx is not None:
-            lib.llama_free(self.ctx)
-        lib.llama_model_free(self.model)
-
-
 def _peer_run(t_start: float, prefill_ms: float, marks: list[float], prompt_tokens: int,
               tokens: list[int], kv_bytes: int, kv_rows: int) -> dict[str, Any]:
     """A peer's run record: `marks` are the times each token was chosen, so
@@ -367,9 +359,8 @@ class LlamaCppSystem:
         return self.ctx
 
     def facts(self) -> dict[str, Any]:
-        import llama_cpp
         return {"providers": ["llama.cpp CPU"],
-                "peer_version": f"llama-cpp-python {llama_cpp.__version__}"}
+                "peer_version": f"llama-cpp-python {self.lib.__version__}"}
 
     def run(self, image_path: str, prompt: str, new_tokens: int,
             prompt_tokens: int | None = None) -> dict[str, Any]:
@@ -399,6 +390,14 @@ class LlamaCppSystem:
             (lib.llama_model_n_embd(m) // lib.llama_model_n_head(m))
         kv = per_row * self.n_ctx
         return _peer_run(t_start, prefill_ms, marks, n, tokens, kv, self.n_ctx)
+
+    def close(self) -> None:
+        """llama.cpp's sampler, context and model, freed (its memory is its own)."""
+        lib = self.lib
+        lib.llama_sampler_free(self.sampler)
+        if self.ctx is not None:
+            lib.llama_free(self.ctx)
+        lib.llama_model_free(self.model)
 
 
 def _budget_facts(family, model, processor):
@@ -531,8 +530,8 @@ def serve(inp, out) -> None:
                   "gpu_memory_mb": _gpu_memory_mb()})
             continue
         try:
-            extra = {"prompt_tokens": cmd["prompt_tokens"]} \
-                if spec["kind"] in ("genai", "llamacpp") else {}
+            # a peer's prompt length, its partner's (peers only are sent one)
+            extra = {"prompt_tokens": cmd["prompt_tokens"]} if cmd.get("prompt_tokens") else {}
             send(system.run(cmd["image"], cmd["prompt"], int(cmd["new_tokens"]), **extra))
         except VlmedgeError as e:
             send({"error": str(e), "type": type(e).__name__})
