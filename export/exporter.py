@@ -312,6 +312,8 @@ def plan(o: ExportOptions) -> list[tuple[str, Callable[[Run], None]]]:
                       _quantize))
     if "ort" in flavours(o) and _vision_quantized(o):  # the ort graph on its int8 weights
         steps.append(("vision-fusion (quantized)", _fuse_vision_after_quantize))
+    if "ort" in flavours(o):  # on the final weights: the MLPs in pieces of the sequence
+        steps.append(("vision-pieces", _cut_vision_mlps))
     if o.target == "trt":
         steps.append(("trt", _prepare_trt))
     if o.validate and p.parity is not None:
@@ -439,6 +441,20 @@ def _fuse_vision_after_quantize(r: Run) -> None:
         r.m["files"][ORT_VISION_FILE] = manifest.file_entry(r.tmp / ORT_VISION_FILE)
         r.m["components"][manifest.ORT_VISION] = {**r.m["components"]["vision"],
                                                   "file": ORT_VISION_FILE}
+
+
+def _cut_vision_mlps(r: Run) -> None:
+    """The ort flavour's vision graph (vision.onnx of an ort-only artifact,
+    else vision_ort.onnx where one was made) runs its MLPs in pieces of the
+    patch sequence: the same features with less of the tower's activations in
+    memory at once (export/vision_chunks.py)."""
+    from . import vision_chunks
+    name = "vision.onnx" if flavours(r.o) == ("ort",) else ORT_VISION_FILE
+    if not (r.tmp / name).exists():
+        r.log(f"[vision-pieces] none: no {name}")
+        return
+    if vision_chunks.chunk_mlps(r.tmp / name, r.log, quantized=_vision_quantized(r.o)):
+        r.m["files"][name] = manifest.file_entry(r.tmp / name)
 
 
 def _export_embed(r: Run) -> None:

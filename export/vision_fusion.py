@@ -71,7 +71,7 @@ def _scalar(value) -> float | None:
     return float(a.reshape(())) if a.size == 1 and a.dtype.kind in "fiu" else None
 
 
-def _links(nodes: list) -> tuple[dict, Callable]:
+def links(nodes: list) -> tuple[dict, Callable]:
     """tensor -> its producing node, and single(tensor): the one node that
     reads it (None when none or several do)."""
     producer = {o: n for n in nodes for o in n.output}
@@ -90,7 +90,7 @@ def _attention(nodes: list, constant) -> tuple[list, str]:
     """`nodes` with each attention core replaced by one MultiHeadAttention
     (dead layout nodes are pruned later), or ([], why)."""
     helper = require("onnx", "fusing the vision attention").helper
-    producer, single = _links(nodes)
+    producer, single = links(nodes)
 
     def layout_source(t: str) -> str:
         """Up through Reshape/Transpose to the (B, S, H*D) projection output."""
@@ -142,7 +142,7 @@ def _gelu(nodes: list, constant) -> tuple[list, int]:
     x * (0.5 * (1 + tanh(c1 * (x + c2 * x ** 3)))) replaced by one FastGelu,
     which takes the fc1 bias too where x = MatMul + bias; and how many."""
     helper = require("onnx", "fusing the vision GELU").helper
-    producer, single = _links(nodes)
+    producer, single = links(nodes)
 
     def split(node, op: str, value: float | None, rel: float = 1e-5):
         """(constant, other input) of a binary `op` node whose one input is the
@@ -217,7 +217,7 @@ def _integer_matmuls(nodes: list, constant, declared, outputs: set
     graph's output names (a MatMul whose output is one keeps it)."""
     onnx = require("onnx", "fusing the vision projections")
     helper, numpy_helper = onnx.helper, onnx.numpy_helper
-    producer, single = _links(nodes)
+    producer, single = links(nodes)
     replace: dict = {}      # id(node) -> its replacement (None: dropped)
     after: dict = {}        # id(QuantizeLinear) -> the uint8 QuantizeLinear made beside it
     made_zero: dict = {}    # uint8 zero point value -> initializer name
@@ -399,9 +399,9 @@ def fuse(path: Path, log: Callable[[str], None], beside: str | None = None,
     held = [model]
     del model, graph, inits, consts, nodes
     # the projection rewrite alone is exact on the integers: held closer
-    agrees = _Agreement(quantized, exact=bool(integer) and not attention and not gelus)
+    agrees = Agreement(quantized, exact=bool(integer) and not attention and not gelus)
     if beside is not None:
-        _save_beside(onnx, held, path, path.parent / beside, agrees)
+        save_beside(onnx, held, path, path.parent / beside, agrees)
     else:
         _save_in_place(onnx, held, path, agrees)
     if not agrees.ok:
@@ -417,7 +417,7 @@ def fuse(path: Path, log: Callable[[str], None], beside: str | None = None,
     return True
 
 
-class _Agreement:
+class Agreement:
     """Whether the fused graph's features agree with the original's, and a
     phrase saying how closely (filled in by `measure`)."""
 
@@ -452,7 +452,7 @@ class _Agreement:
         return f"within {rel:.1e} relative"
 
 
-def _save_in_place(onnx, held: list, path: Path, agrees: _Agreement) -> None:
+def _save_in_place(onnx, held: list, path: Path, agrees: Agreement) -> None:
     """Writes the fused model (held[0], taken) over path and its data file if
     it agrees with the original (which stays when it does not)."""
     work = path.parent / ".vision-fused"
@@ -469,7 +469,7 @@ def _save_in_place(onnx, held: list, path: Path, agrees: _Agreement) -> None:
         work.rmdir()
 
 
-def _save_beside(onnx, held: list, path: Path, dst: Path, agrees: _Agreement) -> None:
+def save_beside(onnx, held: list, path: Path, dst: Path, agrees: Agreement) -> None:
     """Writes the fused model (held[0], taken) as dst, its external tensors
     still pointing into path's data file (same folder, same offsets), if it
     agrees with path's graph."""

@@ -304,8 +304,8 @@ def test_the_integer_rewrite_alone_is_held_to_a_relative_bound():
     cosine bound would pass."""
     from vlmedge.export import vision_fusion
     dropped = (3e-3, 0.99999)
-    exact = vision_fusion._Agreement(quantized=True, exact=True)
-    loose = vision_fusion._Agreement(quantized=True)
+    exact = vision_fusion.Agreement(quantized=True, exact=True)
+    loose = vision_fusion.Agreement(quantized=True)
     exact.figures = loose.figures = dropped
     assert loose.ok and not exact.ok
     exact.figures = (0.0, 1.0)
@@ -529,9 +529,13 @@ def test_int4_block_size_128_in_both_flavours(tmp_path, ort_int4):
         assert r.text
 
 
-def test_int4_with_int8_vision(tmp_path, ort_int4):
+def test_int4_with_int8_vision(tmp_path, ort_int4, monkeypatch):
     """--vision-precision int8: the vision graph through the INT8 stage alone (static QDQ),
-    the decoder's int4 weights kept; the whole artifact gated against fp32."""
+    the decoder's int4 weights kept; the whole artifact gated against fp32. Its
+    MLPs then run in pieces of 5 of the demo's 17 patches (export/vision_chunks.py;
+    256 by default), and the manifest holds the cut graph's hash."""
+    from vlmedge.export import vision_chunks
+    monkeypatch.setattr(vision_chunks, "PIECE_ROWS", 5)
     art = tmp_path / "demo-int4-v8"
     summary, lines = _export(art, precision="int4", vision_precision="int8", calib="synthetic",
                              calib_size=8, calib_cache="off")
@@ -549,6 +553,11 @@ def test_int4_with_int8_vision(tmp_path, ort_int4):
     # every projection of the demo's tower and projector has a bias: none is left
     assert "MatMul" not in {n.op_type for n in graph.node}
     assert any("biased int8 projections as MatMulIntegerToFloat" in x for x in lines), lines
+    # 4 tower MLPs and the projector's, each in 4 pieces: fc1 and fc2 in every one
+    assert "vision-pieces" in summary["stages"]
+    assert [n.op_type for n in graph.node].count("Split") == 5 and len(integer) >= 40
+    assert any(x.startswith("[vision-pieces] the MLPs of vision.onnx run in pieces: 5 in 4 "
+                            "pieces of <= 5 of their 17 rows") for x in lines), lines
     q = m.quantization.report
     assert q["vision"]["accuracy"]["passed"] and q["accuracy"]["passed"]
     final = q["accuracy"]["final"]
@@ -578,6 +587,29 @@ def test_int4_gptq_is_calibrated_and_gated(tmp_path, ort_int4):
     assert final["scene_accuracy"] >= final["scene_accuracy_fp32"] - 0.01
     r = _session(art).generate(_images(1)[0], "how many shapes are there?", max_new_tokens=4)
     assert r.text
+
+
+def test_vision_mlps_in_pieces_answer_as_whole(ort_fp32, tmp_path, monkeypatch):
+    """An fp32 ort export whose tower MLPs run in pieces of 4 of the demo's 17
+    patches: validated against PyTorch, its manifest verified on load, and its
+    answers token for token those of the whole graph's artifact (ort_fp32:
+    17 patches are within the default 256, so it is kept whole)."""
+    from vlmedge.export import vision_chunks
+    assert "Split" not in _ops(ort_fp32[0] / "vision.onnx")[0]
+    monkeypatch.setattr(vision_chunks, "PIECE_ROWS", 4)
+    art = tmp_path / "demo-ort-pieces"
+    summary, lines = _export(art, decoder_flavour="ort")
+    assert "vision-pieces" in summary["stages"] and summary["validation"]["passed"]
+    assert any("run in pieces: 5 in 5 pieces of <= 4 of their 17 rows" in x for x in lines), \
+        lines
+    ops = [n.op_type for n in onnx.load(str(art / "vision.onnx"),
+                                        load_external_data=False).graph.node]
+    assert ops.count("Split") == 5
+    whole, cut = _session(ort_fp32[0]), _session(art)  # verify=True: hashes checked
+    for image, q in zip(_images(3), QUESTIONS):
+        np.testing.assert_array_equal(cut.encode(image).features, whole.encode(image).features)
+        assert cut.generate(image, q, max_new_tokens=12).token_ids == \
+            whole.generate(image, q, max_new_tokens=12).token_ids
 
 
 def test_ort_flavour_runtime_needs_no_torch(ort_int4):
