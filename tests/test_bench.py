@@ -54,6 +54,15 @@ def test_json_has_the_documented_keys(bench_run):
         assert s["peak_rss_mb"] > 0 and s["vision_gflop"] > 0
     onnx, torch_ = res["systems"][1], res["systems"][0]
     assert onnx["prompt_tokens"] == torch_["prompt_tokens"]  # the same work
+    # where the peak is reached: a high-water mark, so it never falls stage to stage
+    by = onnx["peak_growth_by_stage_mb"]
+    assert list(by) == ["load", "vision", "prefill", "decode"]
+    assert 0 < by["load"] <= by["vision"] <= by["prefill"] <= by["decode"] <= \
+        onnx["rss_growth_mb"]
+    assert torch_["peak_growth_by_stage_mb"] is None  # one generate() call: no stages
+    for s in res["systems"]:
+        assert 0 < s["rss_anon_mb"] and 0 < s["rss_file_mb"]
+        assert s["rss_anon_mb"] + s["rss_file_mb"] <= s["rss_after_runs_mb"] + 1
     ratio = res["ratios"]["onnx-fp32/torch-eager-fp32"]
     assert {"decode_speedup", "ttft_speedup", "peak_rss_ratio"} <= set(ratio)
     assert any("decode tokens/s" in t["target"] for t in res["targets"])
@@ -69,6 +78,7 @@ def test_report_files_are_written(bench_run):
     for section in ("## Latency per stage", "## Ratios", "## Roofline", "## Memory",
                     "## Sweep: prompt-len"):
         assert section in md
+    assert "peak growth after load / vision / prefill / decode MB" in md
     for png in ("stages.png", "decode_latency.png", "sweep_prompt-len.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md

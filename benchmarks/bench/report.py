@@ -240,20 +240,35 @@ def _cache_note(res: dict) -> str:
             "the bandwidth bound is loose there and per-call overhead, not memory, sets the pace.")
 
 
+STAGE_PEAKS = ("load", "vision", "prefill", "decode")
+
+
 def _memory_md(res: dict) -> str:
+    def stages(s):
+        by = s.get("peak_growth_by_stage_mb")
+        return " / ".join(f"{by[k]:.0f}" for k in STAGE_PEAKS) if by else "-"
+
     rows = [[s["name"], _fmt("{:.0f}", s["rss_before_load_mb"]), _fmt("{:.0f}", s["peak_rss_mb"]),
              _fmt("{:.0f}", s["rss_growth_mb"]), _fmt("{:.1f}", s["weights_kv_mb"]),
-             _fmt("{:.2f}x", s.get("rss_over_weights_kv")),
+             _fmt("{:.2f}x", s.get("rss_over_weights_kv")), stages(s),
+             _fmt("{:.0f}", s.get("rss_file_mb")),
              _fmt("{:.1f}", (s.get("artifact_bytes") or 0) / 2**20 or None),
              _fmt("{:.0f}", s.get("gpu_memory_mb"))] for s in res["systems"]]
     return (_table(rows, ["system", "RSS before load MB", "peak RSS MB", "growth MB",
-                          "weights + KV MB", "growth / (weights + KV)", "artifact MB",
-                          "GPU MB"], True) +
+                          "weights + KV MB", "growth / (weights + KV)",
+                          "peak growth after " + " / ".join(STAGE_PEAKS) + " MB",
+                          "file-backed MB", "artifact MB", "GPU MB"], True) +
             "\n\nEach system runs in its own worker process: peak RSS is that process's "
             "high-water mark (VmHWM) over loading, warm-up and the timed runs (read before "
             "any sweep), interpreter and libraries included; growth is peak "
             "less the RSS after importing the libraries (onnxruntime, numpy; torch and "
-            "transformers for PyTorch), before loading the model.")
+            "transformers for PyTorch), before loading the model. Peak growth after each "
+            "stage is the high-water mark's growth read after loading and after each stage "
+            "of the first run (artifacts only): the stage where it rises is the one that "
+            "needs the memory. File-backed MB is the part of the RSS after the runs that "
+            "maps files (libraries' code, weights onnxruntime maps from the artifact): how "
+            "much of a file one read maps depends on the page cache, so it, and the peak, "
+            "can differ by megabytes between runs of the same artifact.")
 
 
 def _peer_md(res: dict) -> list[str]:

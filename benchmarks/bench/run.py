@@ -271,6 +271,14 @@ def record(spec: Spec, runs: list[dict], memory: dict, machine: dict) -> dict[st
         kv_cache_bytes=kv, weights_kv_mb=(weight_bytes + kv) / 2**20)
     rec["rss_over_weights_kv"] = rec["rss_growth_mb"] / rec["weights_kv_mb"] \
         if rec["weights_kv_mb"] else None
+    # Where the peak is reached: the high-water mark's growth over the RSS before
+    # loading, after loading and after each stage of the first run (artifacts only).
+    stages = memory.get("peak_by_stage_mb")
+    after_load = spec.facts.get("peak_after_load_mb")
+    rec["peak_growth_by_stage_mb"] = (
+        {"load": after_load - before, **{k: v - before for k, v in stages.items()}}
+        if stages and after_load is not None else None)
+    rec["rss_anon_mb"], rec["rss_file_mb"] = memory.get("rss_anon_mb"), memory.get("rss_file_mb")
     # Decode's share of the bandwidth bound: bytes read per token x tokens/s / bandwidth.
     # rows the cache's memory holds: a preallocated buffer's capacity, else its length
     positions = runs[-1].get("kv_cache_rows") or \

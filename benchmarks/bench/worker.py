@@ -55,6 +55,25 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def rss_split_mb() -> dict[str, float | None]:
+    """RSS now as anonymous memory (heaps, arenas, copies of weights) and
+    file-backed pages (libraries' code, weights mapped from the artifact's
+    files: onnxruntime maps external data; how many of a file's pages a read
+    maps depends on the page cache, so this part varies between runs), from
+    /proc/self/status (Linux; None elsewhere)."""
+    out: dict[str, float | None] = {"rss_anon_mb": None, "rss_file_mb": None}
+    keys = {"RssAnon:": "rss_anon_mb", "RssFile:": "rss_file_mb"}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = keys.get(line.split(":", 1)[0] + ":")
+                if key:
+                    out[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
@@ -71,6 +90,8 @@ class OnnxSystem:
                                   max_image_tokens=max_image_tokens,
                                   decoder_flavour=decoder_flavour)
         self.images: dict[str, Any] = {}
+        # the high-water RSS after each stage of the first run: where the peak is reached
+        self.peak_by_stage: dict[str, float] | None = None
 
     def facts(self) -> dict[str, Any]:
         return {"providers": self.session.providers,
@@ -92,13 +113,22 @@ class OnnxSystem:
         t = time.perf_counter()
         feats = s.encode_image(pixels, grid)
         vision_ms = _ms(t)
+        # the first run (a warm-up, unless --warmup 0) reads where the peak is
+        # reached: three reads of /proc, ~30 us each, between the stages' own
+        # timings (that run's TTFT and total hold them)
+        first = self.peak_by_stage is None
+        peaks = [peak_rss_mb()] if first else []
         t = time.perf_counter()
         logits, cache = s.prefill(ids, feats, s.empty_cache(), grid)
         prefill_ms = _ms(t)
         # The session's own decode loop, its stop tokens masked: exactly new_tokens.
         timings: dict = {}
+        peaks += [peak_rss_mb()] if first else []
         tokens = list(s.decode(logits, cache, new_tokens, force_length=True, timings=timings,
                                t_start=t_start))
+        if first:
+            self.peak_by_stage = dict(zip(("vision", "prefill", "decode"),
+                                          peaks + [peak_rss_mb()]))
         decode_ms, ttft_ms = timings["decode_ms"], timings["ttft_ms"]
         return {"preprocess_ms": preprocess_ms, "vision_ms": vision_ms, "prefill_ms": prefill_ms,
                 "ttft_ms": ttft_ms, "decode_ms": decode_ms, "total_ms": _ms(t_start),
@@ -517,8 +547,8 @@ def serve(inp, out) -> None:
         send({"error": str(e), "type": type(e).__name__})
         return
     send({"ready": True, "load_s": time.perf_counter() - t, "rss_at_start_mb": at_start,
-          "rss_before_load_mb": before,
-          "rss_after_load_mb": rss_mb(), **system.facts()})
+          "rss_before_load_mb": before, "rss_after_load_mb": rss_mb(),
+          "peak_after_load_mb": peak_rss_mb(), **system.facts()})
     for line in inp:
         cmd = json.loads(line)
         if cmd["cmd"] == "quit":
@@ -526,7 +556,8 @@ def serve(inp, out) -> None:
                 system.close()
             return
         if cmd["cmd"] == "memory":
-            send({"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb(),
+            send({"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb(), **rss_split_mb(),
+                  "peak_by_stage_mb": getattr(system, "peak_by_stage", None),
                   "gpu_memory_mb": _gpu_memory_mb()})
             continue
         try:
