@@ -64,14 +64,15 @@ def chunk_mlps(path: Path, log: Callable[[str], None], quantized: bool = False,
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     constants, small = _constants(graph)
-    mlps = _mlps(list(graph.node), constants, small, {o.name for o in graph.output}) \
+    nodes = list(graph.node)  # one wrapper per node: _cut's replacements are keyed by id()
+    mlps = _mlps(nodes, constants, small, {o.name for o in graph.output}) \
         if opset >= 13 else []
     if not mlps:
         log(f"[vision-pieces] {path.name} kept whole: no MLP (fc1, activation, fc2) found")
         return False
-    lengths = _sequence_lengths(path, model, [m.entry for m in mlps])
+    lengths, why = _sequence_lengths(path, model, [m.entry for m in mlps])
     if lengths is None:
-        log(f"[vision-pieces] {path.name} kept whole: its sequence length is not fixed")
+        log(f"[vision-pieces] {path.name} kept whole: {why}")
         return False
     long = [(m, lengths[m.entry]) for m in mlps if lengths[m.entry] > rows]
     if not long:
@@ -83,11 +84,9 @@ def chunk_mlps(path: Path, log: Callable[[str], None], quantized: bool = False,
         sizes = _piece_sizes(length, rows)
         replace.update(_cut(onnx.helper, mlp, sizes, f"vision_mlp_{i}"))
         groups[length] = groups.get(length, 0) + 1
-    nodes = []
-    for n in graph.node:
-        nodes.extend(replace.get(id(n), [n]))
+    cut = [made for n in nodes for made in replace.get(id(n), [n])]
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(cut)
     agrees = vision_fusion.Agreement(quantized, exact=quantized)
     held = [model]
     del model, graph
@@ -233,11 +232,12 @@ def _mlps(nodes: list, constants: set[str], small: set[str], outputs: set[str]
     return out
 
 
-def _sequence_lengths(path: Path, model, tensors: list[str]) -> dict[str, int] | None:
-    """S of each of `tensors` (B, S, D) in one run of the graph on a random
-    input of its declared shapes (batch 1); None where an input dimension
-    other than the batch is not fixed (S would vary with the image) or the
-    run fails."""
+def _sequence_lengths(path: Path, model, tensors: list[str]
+                      ) -> tuple[dict[str, int] | None, str]:
+    """(S of each of `tensors` (B, S, D) in one run of the graph on a random
+    input of its declared shapes (batch 1), ""), or (None, why not): an input
+    dimension other than the batch is not fixed (S would vary with the
+    image), an input is not a float tensor, or the run fails."""
     import numpy as np
     onnx, ort = require("onnx", "cutting the vision MLPs"), \
         require("onnxruntime", "cutting the vision MLPs")
@@ -252,9 +252,10 @@ def _sequence_lengths(path: Path, model, tensors: list[str]) -> dict[str, int] |
         kind = i.type.tensor_type.elem_type
         dims = [d.dim_value if d.HasField("dim_value") else None
                 for d in i.type.tensor_type.shape.dim]
-        if kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or \
-                any(d is None for d in dims[1:]):
-            return None
+        if kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            return None, f"its input {i.name} is not a float tensor (no random input to probe)"
+        if any(d is None for d in dims[1:]):
+            return None, f"its sequence length is not fixed (input {i.name}: {dims})"
         feeds[i.name] = rng.standard_normal([1, *dims[1:]]).astype(
             onnx.helper.tensor_dtype_to_np_dtype(kind))
     # beside the graph: its external weights resolve against this folder
@@ -266,11 +267,11 @@ def _sequence_lengths(path: Path, model, tensors: list[str]) -> dict[str, int] |
         try:
             session = ort.InferenceSession(f.name, opts, providers=["CPUExecutionProvider"])
             shapes = [v.shape for v in session.run(wanted, feeds)]
-        except Exception:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            return None  # the caller keeps the graph whole and says so
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            return None, f"onnxruntime could not run it ({str(e).splitlines()[0][:120]})"
     if any(len(shape) != 3 for shape in shapes):
-        return None
-    return {t: int(shape[1]) for t, shape in zip(wanted, shapes)}
+        return None, "an MLP's input is not (batch, sequence, width)"
+    return {t: int(shape[1]) for t, shape in zip(wanted, shapes)}, ""
 
 
 def _piece_sizes(length: int, rows: int) -> list[int]:
