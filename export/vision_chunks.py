@@ -63,26 +63,30 @@ def chunk_mlps(path: Path, log: Callable[[str], None], quantized: bool = False,
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    constants, small = _constants(graph)
+    if opset < 13:  # Split takes its sizes as an input from opset 13
+        log(f"[vision-pieces] {path.name} kept whole: opset {opset} (13 or later cuts)")
+        return False
     nodes = list(graph.node)  # one wrapper per node: _cut's replacements are keyed by id()
-    mlps = _mlps(nodes, constants, small, {o.name for o in graph.output}) \
-        if opset >= 13 else []
+    mlps = _mlps(nodes, *_constants(graph), {o.name for o in graph.output})
     if not mlps:
         log(f"[vision-pieces] {path.name} kept whole: no MLP (fc1, activation, fc2) found")
         return False
-    lengths, why = _sequence_lengths(path, model, [m.entry for m in mlps])
+    lengths, why = _sequence_lengths(path, model, [t for m in mlps for t in (m.entry, m.exit)])
     if lengths is None:
         log(f"[vision-pieces] {path.name} kept whole: {why}")
         return False
-    long = [(m, lengths[m.entry]) for m in mlps if lengths[m.entry] > rows]
+    # an MLP gives as many rows as it takes (its exit (B, S, D) like its entry)
+    long = [(m, lengths[m.entry]) for m in mlps
+            if lengths[m.entry] > rows and lengths[m.exit] == lengths[m.entry]]
     if not long:
         log(f"[vision-pieces] {path.name} kept whole: {max(lengths.values())} patches, "
             f"within {rows}")
         return False
     replace, groups = {}, {}
+    prefix = _fresh_prefix(nodes, graph)
     for i, (mlp, length) in enumerate(long):
         sizes = _piece_sizes(length, rows)
-        replace.update(_cut(onnx.helper, mlp, sizes, f"vision_mlp_{i}"))
+        replace.update(_cut(onnx.helper, mlp, sizes, f"{prefix}_{i}"))
         groups[length] = groups.get(length, 0) + 1
     cut = [made for n in nodes for made in replace.get(id(n), [n])]
     del graph.node[:]
@@ -91,6 +95,9 @@ def chunk_mlps(path: Path, log: Callable[[str], None], quantized: bool = False,
     held = [model]
     del model, graph
     vision_fusion.save_beside(onnx, held, path, path, agrees)
+    if agrees.figures is None:
+        log(f"[vision-pieces] {path.name} kept whole: the cut graph could not be loaded or run")
+        return False
     if not agrees.ok:
         log(f"[vision-pieces] {path.name} kept whole: the cut graph's features differ "
             f"({_said(agrees)})")
@@ -103,30 +110,47 @@ def chunk_mlps(path: Path, log: Callable[[str], None], quantized: bool = False,
     return True
 
 
+def _fresh_prefix(nodes: list, graph) -> str:
+    """A name prefix no node or tensor of the graph starts with (a graph cut
+    before, too), for the nodes and tensors the cut makes."""
+    taken = {n.name for n in nodes} | {t for n in nodes for t in (*n.input, *n.output)} | \
+        {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    prefix = "vision_mlp"
+    while any(t.startswith(prefix) for t in taken):
+        prefix += "_"
+    return prefix
+
+
 def _said(agrees) -> str:
-    if agrees.figures is None:
-        return "the check did not run"
     bound = vision_fusion.INTEGER_TOLERANCE if agrees.exact else vision_fusion.TOLERANCE
     return f"within {agrees.figures[0]:.1e} relative of the whole graph's; bound {bound}"
 
 
-def _constants(graph) -> tuple[set[str], set[str]]:
+def _constants(graph) -> tuple[set[str], set[str], set[str]]:
     """(initializers, Constant outputs and the outputs of nodes reading only
     those (a QDQ graph's DequantizeLinear of a weight); those of them known to
-    hold one value, or one per column: rank <= 1, or one element)."""
-    known, small = set(), set()
+    be the same for every row: rank <= 1, a scalar or one value per column (a
+    one-element tensor of higher rank would raise the rank it broadcasts
+    with, and move the sequence axis); the one-element ones of those)."""
+    known, small, scalars = set(), set(), set()
+
+    def note(name: str, dims) -> None:
+        if len(dims) <= 1:
+            small.add(name)
+            if _elements(dims) == 1:
+                scalars.add(name)
+
     for i in graph.initializer:
         known.add(i.name)
-        if len(i.dims) <= 1 or _elements(i.dims) == 1:
-            small.add(i.name)
+        note(i.name, i.dims)
     for n in graph.node:
         if n.op_type == "Constant":
             value = next((a.t for a in n.attribute if a.name == "value"), None)
-            if value is not None and (len(value.dims) <= 1 or _elements(value.dims) == 1):
-                small.add(n.output[0])
+            if value is not None:
+                note(n.output[0], value.dims)
         if all(not t or t in known for t in n.input):
             known.update(n.output)
-    return known, small
+    return known, small, scalars
 
 
 def _elements(dims) -> int:
@@ -141,11 +165,12 @@ class _Mlp:
         self.entry, self.nodes, self.exit = entry, nodes, exit
 
 
-def _mlps(nodes: list, constants: set[str], small: set[str], outputs: set[str]
-          ) -> list[_Mlp]:
+def _mlps(nodes: list, constants: set[str], small: set[str], scalars: set[str],
+          outputs: set[str]) -> list[_Mlp]:
     """Each MLP in graph order (see the module docstring); a node is in one at
-    most. small: the constants with at most one value per column (biases,
-    scalars); outputs: the graph's outputs."""
+    most. small: the constants the same for every row (biases, scalars);
+    scalars: the one-element ones; outputs: the graph's outputs (no tensor
+    inside an MLP may be one: the cut removes it)."""
     producer, single = vision_fusion.links(nodes)
     readers: dict[str, list] = {}
     for n in nodes:
@@ -158,9 +183,15 @@ def _mlps(nodes: list, constants: set[str], small: set[str], outputs: set[str]
             all(not t or t in constants for t in n.input[1:])
 
     def then(x: str, ops):
-        """The one reader of x, if it is one of `ops` taking x first."""
+        """The one reader of x, if it is one of `ops` taking x first (a
+        quantizer with one scale: a per-channel or blocked one along the
+        sequence would not cut)."""
         n = single(x)
-        return n if takes(n, ops, x) else None
+        return n if takes(n, ops, x) and per_tensor(n) else None
+
+    def per_tensor(n) -> bool:
+        return n.op_type not in ("QuantizeLinear", "DequantizeLinear") or \
+            all(not t or t in scalars for t in n.input[1:])
 
     def row_constant(t: str) -> bool:
         """A constant the same for every row: one value, or one per column."""
@@ -203,8 +234,8 @@ def _mlps(nodes: list, constants: set[str], small: set[str], outputs: set[str]
             continue
         region, entry = [], fc1.input[0]
         dq = producer.get(entry)
-        if dq is not None and single(entry) is fc1 and takes(dq, ("DequantizeLinear",),
-                                                               dq.input[0]):
+        if dq is not None and single(entry) is fc1 and per_tensor(dq) and \
+                takes(dq, ("DequantizeLinear",), dq.input[0]):
             region, entry = [dq], dq.input[0]
         region.append(fc1)
         x = fc1.output[0]
@@ -225,7 +256,8 @@ def _mlps(nodes: list, constants: set[str], small: set[str], outputs: set[str]
         if (add := bias(x)) is not None:
             region.append(add)
             x = add.output[0]
-        if any(id(n) in used for n in region):
+        if any(id(n) in used for n in region) or \
+                any(t in outputs for n in region for t in n.output if t != x):
             continue
         used.update(id(n) for n in region)
         out.append(_Mlp(entry, sorted(region, key=lambda n: order[id(n)]), x))
@@ -236,8 +268,9 @@ def _sequence_lengths(path: Path, model, tensors: list[str]
                       ) -> tuple[dict[str, int] | None, str]:
     """(S of each of `tensors` (B, S, D) in one run of the graph on a random
     input of its declared shapes (batch 1), ""), or (None, why not): an input
-    dimension other than the batch is not fixed (S would vary with the
-    image), an input is not a float tensor, or the run fails."""
+    dimension other than the first is not fixed (S would vary with the
+    image), an input is not a float32 tensor, the run fails, or a tensor is
+    not of rank 3."""
     import numpy as np
     onnx, ort = require("onnx", "cutting the vision MLPs"), \
         require("onnxruntime", "cutting the vision MLPs")
@@ -252,8 +285,8 @@ def _sequence_lengths(path: Path, model, tensors: list[str]
         kind = i.type.tensor_type.elem_type
         dims = [d.dim_value if d.HasField("dim_value") else None
                 for d in i.type.tensor_type.shape.dim]
-        if kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            return None, f"its input {i.name} is not a float tensor (no random input to probe)"
+        if kind != onnx.TensorProto.FLOAT:  # as the agreement check's random input
+            return None, f"its input {i.name} is not a float32 tensor"
         if any(d is None for d in dims[1:]):
             return None, f"its sequence length is not fixed (input {i.name}: {dims})"
         feeds[i.name] = rng.standard_normal([1, *dims[1:]]).astype(
@@ -268,9 +301,10 @@ def _sequence_lengths(path: Path, model, tensors: list[str]
             session = ort.InferenceSession(f.name, opts, providers=["CPUExecutionProvider"])
             shapes = [v.shape for v in session.run(wanted, feeds)]
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            return None, f"onnxruntime could not run it ({str(e).splitlines()[0][:120]})"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return None, f"onnxruntime could not run it ({first[:120]})"
     if any(len(shape) != 3 for shape in shapes):
-        return None, "an MLP's input is not (batch, sequence, width)"
+        return None, "an MLP's input or output is not (batch, sequence, width)"
     return {t: int(shape[1]) for t, shape in zip(wanted, shapes)}, ""
 
 
@@ -301,7 +335,7 @@ def _cut(helper, mlp: _Mlp, sizes: list[int], name: str) -> dict:
                 renamed[t] = f"{t}_{name}_{j}"
             copy = helper.make_node(n.op_type, [renamed.get(t, t) for t in n.input],
                                     [renamed[t] for t in n.output],
-                                    name=f"{name}_{n.name or n.op_type}_{j}",
+                                    name=f"{name}_{n.name or n.output[0]}_{j}",
                                     domain=n.domain or None)
             copy.attribute.extend(n.attribute)
             made.append(copy)

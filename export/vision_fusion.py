@@ -507,6 +507,8 @@ def _difference(original: Path, fused: Path) -> tuple[float, float] | None:
     except Exception:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         return None  # the caller keeps the graph as exported and says so
     want, got = outputs
+    if [w.shape for w in want] != [g.shape for g in got]:
+        return None  # a rewrite that changed a shape: not the same graph
     scale = max(float(np.abs(w).max()) for w in want) or 1.0
     rel = max(float(np.abs(w - g).max()) for w, g in zip(want, got)) / scale
     cosines = []

@@ -52,9 +52,14 @@ def both_int4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def both_int4_vint8(tmp_path_factory):
+    """Its ort vision graph's MLPs in pieces of 5 of the demo's 17 patches
+    (export/vision_chunks.py; 256 by default, which the demo is within)."""
+    from vlmedge.export import vision_chunks
     out = tmp_path_factory.mktemp("both4v8") / "demo-both-int4-vint8"
-    return (out, *_export(out, precision="int4", vision_precision="int8", calib="synthetic",
-                          calib_size=8, validate=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vision_chunks, "PIECE_ROWS", 5)
+        return (out, *_export(out, precision="int4", vision_precision="int8",
+                              calib="synthetic", calib_size=8, validate=False))
 
 
 def _ops(path):
@@ -143,7 +148,11 @@ def test_the_fused_vision_graph_follows_the_int8_vision_weights(both_int4_vint8)
     assert "MatMul" not in fused_ops  # every projection of the demo's tower is biased
     assert "vision-fusion (quantized)" in summary["stages"]
     assert any("proof on the fp32 weights" in x for x in lines)
-    ort, port = _session(art), _session(art, decoder_flavour="portable")
+    # the ort graph alone runs its MLPs in pieces; the portable one (TensorRT's) is whole
+    assert any(x.startswith("[vision-pieces] the MLPs of vision_ort.onnx run in pieces: 5 in 4 "
+                            "pieces") for x in lines), lines
+    assert "Split" in fused_ops and "Split" not in _ops(art / "vision.onnx")[0]
+    ort, port = _session(art), _session(art, decoder_flavour="portable")  # hashes verified
     assert ort.vision.path.name == "vision_ort.onnx"
     for seed in (1, 2):
         image = scenes.make_scene(scenes.EVAL_SEED_BASE + seed).image

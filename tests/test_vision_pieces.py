@@ -160,3 +160,74 @@ def test_a_cut_that_changes_the_features_is_not_written(tmp_path, monkeypatch):
     assert not vision_chunks.chunk_mlps(path, lines.append, rows=16)
     assert "kept whole: the cut graph's features differ" in lines[0]
     assert path.read_bytes() == before
+
+
+def _hand_made(path, extra_output=None, scale_shape=(), q_scale_shape=None):
+    """x (1, 40, 8) -> MatMul -> Add -> Mul by a one-element constant of
+    `scale_shape` -> Relu -> [QuantizeLinear -> DequantizeLinear, its scale of
+    `q_scale_shape`] -> MatMul -> Add, no node named (as a hand-written graph
+    may be); `extra_output`: a tensor inside the MLP also made a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    consts = {"w1": rng.standard_normal((8, 16)), "b1": rng.standard_normal(16),
+              "a": np.full(scale_shape, 0.5), "w2": rng.standard_normal((16, 8)),
+              "b2": rng.standard_normal(8)}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+             helper.make_node("Add", ["h1", "b1"], ["h2"]),
+             helper.make_node("Mul", ["h2", "a"], ["h3"]),
+             helper.make_node("Relu", ["h3"], ["h4"])]
+    last = "h4"
+    if q_scale_shape is not None:
+        inits += [numpy_helper.from_array(np.full(q_scale_shape, 0.05, np.float32), "qs"),
+                  numpy_helper.from_array(np.zeros(q_scale_shape, np.uint8), "qz")]
+        nodes += [helper.make_node("QuantizeLinear", ["h4", "qs", "qz"], ["h4q"]),
+                  helper.make_node("DequantizeLinear", ["h4q", "qs", "qz"], ["h4d"])]
+        last = "h4d"
+    nodes += [helper.make_node("MatMul", [last, "w2"], ["h5"]),
+              helper.make_node("Add", ["h5", "b2"], ["y"])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40, 8])]
+    if extra_output:
+        outs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "pixel_values", TensorProto.FLOAT, [1, 40, 8])], outs, initializer=inits)
+    graph.node[0].input[0] = "pixel_values"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return np.random.default_rng(1).standard_normal((1, 40, 8)).astype(np.float32)
+
+
+def test_unnamed_nodes_and_a_second_cut(tmp_path):
+    """Nodes without names get distinct names in every piece, and a graph cut
+    once can be cut again into smaller pieces (new names that collide with
+    none of the first cut's)."""
+    path = tmp_path / "vision.onnx"
+    x = _hand_made(path, q_scale_shape=())
+    want = _run(path, x)
+    lines = []
+    assert vision_chunks.chunk_mlps(path, lines.append, rows=20), lines
+    assert vision_chunks.chunk_mlps(path, lines.append, rows=8), lines
+    assert "pieces: 1 in 2 pieces of <= 20 of their 40 rows (" in lines[0]
+    assert "pieces: 2 in 3 pieces of <= 7 of their 20 rows (" in lines[1]  # each piece's MLP
+    assert _ops(path).count("Split") == 3  # the first cut's 2 pieces, each cut again
+    np.testing.assert_allclose(_run(path, x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["fc1 output", "inside the activation", "fc2 before its bias",
+                                  "rank-4 scalar", "per-channel quantizer"])
+def test_mlps_that_cannot_be_cut_are_not_found(case, tmp_path):
+    """A tensor inside the MLP that is also a graph output (the cut would
+    remove it), a one-element constant of rank 4 (it moves the sequence to
+    axis 2), a quantizer with a scale per channel: no MLP, one line, the file
+    as it was."""
+    path = tmp_path / "vision.onnx"
+    kw = {"fc1 output": {"extra_output": "h1"}, "inside the activation": {"extra_output": "h3"},
+          "fc2 before its bias": {"extra_output": "h5"},
+          "rank-4 scalar": {"scale_shape": (1, 1, 1, 1)},
+          "per-channel quantizer": {"q_scale_shape": (16,)}}[case]
+    _hand_made(path, **kw)
+    before = path.read_bytes()
+    lines = []
+    assert not vision_chunks.chunk_mlps(path, lines.append, rows=16)
+    assert lines == ["[vision-pieces] vision.onnx kept whole: no MLP (fc1, activation, fc2) "
+                     "found"]
+    assert path.read_bytes() == before
