@@ -75,12 +75,14 @@ def chunk_mlps(path: Path, log: Callable[[str], None], quantized: bool = False,
     if lengths is None:
         log(f"[vision-pieces] {path.name} kept whole: {why}")
         return False
-    # an MLP gives as many rows as it takes (its exit (B, S, D) like its entry)
-    long = [(m, lengths[m.entry]) for m in mlps
-            if lengths[m.entry] > rows and lengths[m.exit] == lengths[m.entry]]
+    # (B, S, D) in and out, as many rows out as in
+    sequences = [(m, lengths[m.entry]) for m in mlps
+                 if lengths[m.entry] is not None and lengths[m.exit] == lengths[m.entry]]
+    long = [(m, length) for m, length in sequences if length > rows]
     if not long:
-        log(f"[vision-pieces] {path.name} kept whole: {max(lengths.values())} patches, "
-            f"within {rows}")
+        log(f"[vision-pieces] {path.name} kept whole: " + (
+            f"{max(length for _, length in sequences)} patches, within {rows}" if sequences
+            else "no MLP takes and gives (batch, sequence, width)"))
         return False
     replace, groups = {}, {}
     prefix = _fresh_prefix(nodes, graph)
@@ -267,10 +269,10 @@ def _mlps(nodes: list, constants: set[str], small: set[str], scalars: set[str],
 def _sequence_lengths(path: Path, model, tensors: list[str]
                       ) -> tuple[dict[str, int] | None, str]:
     """(S of each of `tensors` (B, S, D) in one run of the graph on a random
-    input of its declared shapes (batch 1), ""), or (None, why not): an input
-    dimension other than the first is not fixed (S would vary with the
-    image), an input is not a float32 tensor, the run fails, or a tensor is
-    not of rank 3."""
+    input of its declared shapes (batch 1; None for a tensor of another rank),
+    ""), or (None, why not): an input dimension other than the first is not
+    fixed (S would vary with the image), an input is not a float32 tensor, or
+    the run fails."""
     import numpy as np
     onnx, ort = require("onnx", "cutting the vision MLPs"), \
         require("onnxruntime", "cutting the vision MLPs")
@@ -303,9 +305,9 @@ def _sequence_lengths(path: Path, model, tensors: list[str]
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             return None, f"onnxruntime could not run it ({first[:120]})"
-    if any(len(shape) != 3 for shape in shapes):
-        return None, "an MLP's input or output is not (batch, sequence, width)"
-    return {t: int(shape[1]) for t, shape in zip(wanted, shapes)}, ""
+    # S of a (B, S, D) tensor; None for another rank (an MLP on pooled features)
+    return {t: int(shape[1]) if len(shape) == 3 else None
+            for t, shape in zip(wanted, shapes)}, ""
 
 
 def _piece_sizes(length: int, rows: int) -> list[int]:

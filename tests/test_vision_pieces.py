@@ -231,3 +231,40 @@ def test_mlps_that_cannot_be_cut_are_not_found(case, tmp_path):
     assert lines == ["[vision-pieces] vision.onnx kept whole: no MLP (fc1, activation, fc2) "
                      "found"]
     assert path.read_bytes() == before
+
+
+class TowerAndPooledProjector(torch.nn.Module):
+    """A tower layer on every patch, then a projector MLP on the mean of the
+    patches (batch, width): rank 2, not a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = Block("quick")
+        # matmuls of parameters (torch writes a 2-D Linear as Gemm, not MatMul)
+        self.w1, self.w2 = (torch.nn.Parameter(torch.randn(*s) / 4) for s in ((D, WIDE),
+                                                                             (WIDE, D)))
+        self.b1 = torch.nn.Parameter(torch.randn(WIDE))
+
+    def forward(self, x):
+        pooled = self.tower(x).mean(1)
+        return torch.nn.functional.gelu(pooled @ self.w1 + self.b1) @ self.w2
+
+
+def test_an_mlp_on_pooled_features_leaves_the_tower_to_be_cut(tmp_path):
+    """An MLP whose input is not (batch, sequence, width) is left whole; the
+    tower's MLP is still cut (both are found: the pooled one is measured and
+    set aside, not a reason to keep the whole graph)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 40, D)
+    path = tmp_path / "vision.onnx"
+    torch.onnx.export(TowerAndPooledProjector().eval(), (x,), str(path),
+                      input_names=["pixel_values"], dynamo=True, external_data=True,
+                      opset_version=18)
+    want = _run(path, x.numpy())
+    model = onnx.load(str(path), load_external_data=False)
+    assert len(vision_chunks._mlps(list(model.graph.node), *vision_chunks._constants(model.graph),
+                                   {o.name for o in model.graph.output})) == 2
+    lines = []
+    assert vision_chunks.chunk_mlps(path, lines.append, rows=16), lines
+    assert "pieces: 1 in 3 pieces of <= 14 of their 40 rows (" in lines[0]
+    np.testing.assert_array_equal(_run(path, x.numpy()), want)
