@@ -174,7 +174,7 @@ class OrtDecoder:
             out = next((o for o in session.get_outputs() if o.name == "logits"), None)
             fixed = out is not None and len(out.shape) == 3 and out.shape[1] == 1 and \
                 isinstance(out.shape[2], int)
-            dtype = np.float16 if out.type == "tensor(float16)" else np.float32
+            dtype = np.float16 if fixed and out.type == "tensor(float16)" else np.float32
             self._layout = (session, ((1, 1, out.shape[2]), dtype) if fixed else None)
         return self._layout[1]
 

@@ -46,3 +46,24 @@ def test_fixed_shape_graph_holds_no_second_activation_plan(tmp_path):
     growth = float(subprocess.run([sys.executable, "-c", _CHAIN, str(tmp_path / "chain.onnx")],
                                   check=True, capture_output=True, text=True).stdout)
     assert growth < 3 * 16, f"three runs grew the peak RSS by {growth:.0f} MiB"
+
+
+def test_a_decoder_graph_without_one_position_logits_has_no_fixed_layout(tmp_path):
+    """The ort decoder binds the logits into an array of its own only for a
+    graph whose logits are (1, 1, V); a graph with no such output (or none
+    named logits) gets None, the path that asks onnxruntime for the output,
+    not an AttributeError."""
+    import onnx
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from vlmedge.runtime.decoders import OrtDecoder
+    for name, shape in (("y", [1, 1, 8]), ("logits", [1, "seq", 8])):
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", name)]
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], [name])],
+                                                      "g", io[:1], io[1:]),
+                                    opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert OrtDecoder(None, np.float32, 16, "cpu")._logits_layout(session) is None
